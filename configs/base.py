@@ -1,0 +1,158 @@
+"""The paper's ImageNet recipe (Simonyan & Zisserman 2015, section 3): every hyperparameter,
+cadence and constant of training and evaluation lives here, and each net's config changes
+only what the paper changes.
+
+Not a runnable config on its own: use configs/vgg_a.py ... configs/vgg_e.py.
+"""
+
+import ml_collections
+
+# Mean RGB of the ILSVRC-2012 training images, 0-255 scale (the only preprocessing, 3.1).
+IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)
+# Principal components of ImageNet pixel RGB values (0-1 scale) used by AlexNet's colour
+# augmentation, which the paper adopts: eigenvalues and their eigenvectors as columns.
+IMAGENET_PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGENVECTORS = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the shared recipe; net configs override `model.version` and friends."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # --- The network (Table 1) ------------------------------------------------------------
+    config.model = ml_collections.ConfigDict()
+    config.model.version = "A"
+    config.model.num_classes = 1000
+    config.model.width_divisor = 1
+    config.model.fc_features = 4096
+    config.model.dropout_rate = 0.5
+    # "glorot_uniform" (paper footnote; trains deep nets from scratch) or "normal"
+    # (zero mean, variance 1e-2, the paper's random init).
+    config.model.initializer = "glorot_uniform"
+    config.model.normal_init_stddev = 0.1
+    # "auto": bfloat16 on GPU/TPU, float32 on CPU. Parameters are always float32.
+    config.model.compute_dtype = "auto"
+
+    # --- Data (3.1 training, 3.2 testing) -------------------------------------------------
+    config.data = ml_collections.ConfigDict()
+    # "tfds": a prepared TFDS data set (array_record) named `name` under `data_dir`.
+    # "folder": `data_dir`/train/<class>/<image> and `data_dir`/val/<class>/<image>.
+    # "digits": scikit-learn's handwritten digits, written once as such a folder.
+    config.data.source = "tfds"
+    config.data.name = "imagenet2012"
+    config.data.data_dir = ml_collections.config_dict.placeholder(str)
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    # Crop side fed to the net (224 in the paper).
+    config.data.image_size = 224
+    # Training scale S: the shortest side after isotropic rescaling, drawn uniformly per
+    # image from [train_scale_min, train_scale_max] (equal bounds: single-scale training).
+    config.data.train_scale_min = 256
+    config.data.train_scale_max = 256
+    # Test scale Q of the single-crop validation run during training (Q = S, 3.2).
+    config.data.eval_scale = 256
+    config.data.random_flip = True
+    # Standard deviation of AlexNet's PCA colour shift; 0 disables it.
+    config.data.colour_shift_std = 0.1
+    config.data.pca_eigenvalues = IMAGENET_PCA_EIGENVALUES
+    config.data.pca_eigenvectors = IMAGENET_PCA_EIGENVECTORS
+    config.data.mean_rgb = IMAGENET_MEAN_RGB
+    # JPEG quality of the images written for source "digits".
+    config.data.jpeg_quality = 95
+    # Fraction of the digits held out as the validation split.
+    config.data.val_fraction = 0.2
+    # grain: worker processes decoding images (0 = in the main process) and prefetching.
+    config.data.num_workers = 8
+    config.data.prefetch_buffer_size = 2
+    # Where source "digits" writes its image folder (~ is expanded).
+    config.data.cache_dir = "~/.cache/vgg_jax"
+
+    # --- Optimisation (3.1) ---------------------------------------------------------------
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 256  # global, over all devices of all hosts
+    config.train.num_epochs = 74
+    config.train.learning_rate = 1e-2
+    config.train.momentum = 0.9
+    config.train.weight_decay = 5e-4
+    config.train.decay_biases = True
+    # Gradient accumulation: each optimiser step averages this many micro-batches of
+    # batch_size / grad_accum_steps images (the original project ran 64 x 4).
+    config.train.grad_accum_steps = 1
+    # Global-norm gradient clipping; 0 disables it.
+    config.train.grad_clip_norm = 0.0
+    # Learning-rate plateau schedule (the paper cut the rate by 10 when validation accuracy
+    # stopped improving, 3 times): multiply by `plateau_factor` when the monitored metric
+    # has not improved by a relative `plateau_threshold` for `plateau_patience` evaluations
+    # in a row, at most `plateau_max_reductions` times; stop when it stalls after the last cut.
+    config.train.plateau_factor = 0.1
+    config.train.plateau_patience = 2
+    config.train.plateau_threshold = 1e-3
+    config.train.plateau_max_reductions = 3
+    config.train.plateau_monitor = "val/top1_error"
+    # Cadences.
+    config.train.log_every_steps = 100
+    config.train.eval_every_epochs = 1
+    config.train.checkpoint_every_steps = 2000
+    config.train.eval_batch_size = 256
+
+    # --- Checkpoints ----------------------------------------------------------------------
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.max_to_keep = 3
+    config.checkpoint.keep_best = 1
+    # Initialise from another run's checkpoint (a workdir or a step directory); "" = none.
+    config.init_from = ""
+
+    # --- Logging --------------------------------------------------------------------------
+    config.wandb = ml_collections.ConfigDict()
+    # "online", "offline" or "disabled"; "auto" = online when logged in, else offline.
+    config.wandb.mode = "auto"
+    config.wandb.project = "vgg-jax"
+    config.wandb.name = ""
+    config.wandb.tags = ()
+    config.progress_bar = True
+
+    # --- Evaluation (3.2) -----------------------------------------------------------------
+    config.eval = ml_collections.ConfigDict()
+    # "single_crop", "dense", "multi_crop" or "dense+multi_crop".
+    config.eval.protocol = "single_crop"
+    # Test scales Q; () = Q equal to S (fixed S) or 384 (jittered S), as in the paper.
+    config.eval.scales = ()
+    # Side of the grid of crops per scale in multi-crop evaluation (5 x 5 x 2 flips = 50).
+    config.eval.multi_crop_grid = 5
+    # Other workdirs whose nets are averaged with this one at the softmax.
+    config.eval.ensemble = ()
+    return config
+
+
+def set_train_scale(config: ml_collections.ConfigDict, scale: str) -> ml_collections.ConfigDict:
+    """Applies one of the paper's training-scale settings (3.1) to a config.
+
+    Args:
+      config: a config from `get_config`.
+      scale: "256" or "384" (single-scale S) or "256-512" (scale jittering,
+        S uniform in [256, 512]). The paper trained S=384 from the S=256 net with a
+        learning rate of 1e-3, and the jittered nets from the S=384 net: pass the
+        starting checkpoint as --config.init_from.
+
+    Returns:
+      The same config, changed in place.
+    """
+    if scale == "256":
+        return config
+    if scale == "384":
+        config.data.train_scale_min = config.data.train_scale_max = 384
+        config.data.eval_scale = 384
+        config.train.learning_rate = 1e-3
+        return config
+    if scale == "256-512":
+        config.data.train_scale_min, config.data.train_scale_max = 256, 512
+        # Single-scale testing of jittered nets uses Q = 384 (3.2).
+        config.data.eval_scale = 384
+        config.train.learning_rate = 1e-3
+        return config
+    raise ValueError(f"Unknown training scale {scale!r}; use '256', '384' or '256-512'.")

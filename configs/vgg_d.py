@@ -1,0 +1,26 @@
+"""ConvNet configuration D of the paper's Table 1: 16 weight layers, all 3x3 (VGG-16).
+
+Train on ImageNet (a TFDS imagenet2012 build, or an image folder with train/ and val/):
+  python main.py --config=configs/vgg_d.py --workdir=runs/vgg_d \
+      --config.data.data_dir=/path/to/tensorflow_datasets
+  python main.py --config=configs/vgg_d.py --workdir=runs/vgg_d \
+      --config.data.source=folder --config.data.data_dir=/path/to/imagenet
+Training scale variants (paper 3.1): configs/vgg_d.py:384 and configs/vgg_d.py:256-512.
+
+The paper initialised this net from a trained net A (first four conv layers and the three
+FC layers); Glorot initialisation, the default here, trains it from scratch as well:
+  --config.init_from=runs/vgg_a
+
+Expected result on the ILSVRC-2012 validation set, from the paper:
+  single crop top-1 / top-5 (Table 3): S=256 27.0% / 8.8%; S=384 26.8% / 8.7%; S in [256,512], Q=384 25.6% / 8.1%.
+With multi-scale dense + multi-crop testing of the jittered net: 24.4% / 7.2% (Table 5).
+"""
+
+from configs import base
+
+
+def get_config(train_scale: str = "256"):
+    """Returns the recipe for net D; `train_scale` is "256", "384" or "256-512"."""
+    config = base.set_train_scale(base.get_config(), train_scale)
+    config.model.version = "D"
+    return config

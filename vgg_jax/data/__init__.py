@@ -1,0 +1,1 @@
+"""Input pipeline: sources, per-image transforms and the grain datasets built from them."""

@@ -1,0 +1,285 @@
+"""The six ConvNet configurations of the paper's Table 1 (A, A-LRN, B, C, D, E).
+
+One module, `VGG`, builds every configuration. The classifier head is written as
+convolutions: FC6 is a convolution whose window covers the whole final feature map
+(7x7 for a 224x224 input) and FC7/FC8 are 1x1 convolutions. On an input of the training
+size this is exactly the paper's flatten + fully-connected head (the NHWC flatten of a
+7x7x512 map times a 25088x4096 matrix is a VALID 7x7 convolution), with the same number
+of parameters. On a larger input the very same parameters slide over the image and give
+the class score map of the paper's dense evaluation (section 3.2), with no second copy
+of the weights to keep in sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# A layer is (output channels, kernel size); a block is the layers before one max-pool.
+LayerSpec = tuple[int, int]
+BlockSpec = tuple[LayerSpec, ...]
+
+
+def _convs(channels: int, count: int, kernel: int = 3) -> BlockSpec:
+    return tuple((channels, kernel) for _ in range(count))
+
+
+# Table 1 of the paper. Every block ends with a 2x2 max-pool of stride 2.
+ARCHITECTURES: dict[str, tuple[BlockSpec, ...]] = {
+    "A": (_convs(64, 1), _convs(128, 1), _convs(256, 2), _convs(512, 2), _convs(512, 2)),
+    "A_LRN": (_convs(64, 1), _convs(128, 1), _convs(256, 2), _convs(512, 2), _convs(512, 2)),
+    "B": (_convs(64, 2), _convs(128, 2), _convs(256, 2), _convs(512, 2), _convs(512, 2)),
+    "C": (
+        _convs(64, 2),
+        _convs(128, 2),
+        _convs(256, 2) + _convs(256, 1, kernel=1),
+        _convs(512, 2) + _convs(512, 1, kernel=1),
+        _convs(512, 2) + _convs(512, 1, kernel=1),
+    ),
+    "D": (_convs(64, 2), _convs(128, 2), _convs(256, 3), _convs(512, 3), _convs(512, 3)),
+    "E": (_convs(64, 2), _convs(128, 2), _convs(256, 4), _convs(512, 4), _convs(512, 4)),
+}
+VERSIONS = tuple(ARCHITECTURES)
+# Configurations whose first convolution is followed by local response normalisation.
+LRN_VERSIONS = frozenset({"A_LRN"})
+
+# Five 2x2 pools of stride 2 divide the spatial size by 2**5.
+TOTAL_STRIDE = 32
+
+
+def canonical_version(version: str) -> str:
+    """Normalises a configuration name ("a-lrn", "A_LRN", "d", ...) to a key of ARCHITECTURES.
+
+    Args:
+      version: the configuration name, case-insensitive; "-" and "_" are interchangeable.
+
+    Returns:
+      One of VERSIONS.
+
+    Raises:
+      ValueError: if the name is not one of the paper's configurations.
+    """
+    key = str(version).strip().upper().replace("-", "_")
+    if key not in ARCHITECTURES:
+        raise ValueError(
+            f"Unknown VGG version {version!r}; valid versions are {', '.join(VERSIONS)} "
+            "(case-insensitive, 'A-LRN' also accepted)."
+        )
+    return key
+
+
+def local_response_norm(
+    x: jax.Array, size: int, alpha: float, beta: float, k: float
+) -> jax.Array:
+    """AlexNet's cross-channel local response normalisation (Krizhevsky et al., 2012).
+
+    b_c = a_c / (k + alpha * sum_{c' in window(c)} a_{c'}^2) ** beta, where the window holds
+    `size` neighbouring channels centred on c, clipped at the first and last channel. Alpha
+    multiplies the plain sum, as in the AlexNet paper that VGG cites.
+
+    Args:
+      x: activations, channels last.
+      size: number of channels in the window (odd).
+      alpha: scale of the sum of squares.
+      beta: exponent.
+      k: additive constant.
+
+    Returns:
+      The normalised activations, same shape and dtype as `x`.
+    """
+    squares = jnp.square(x.astype(jnp.float32))
+    half = size // 2
+    pad = [(0, 0)] * (x.ndim - 1) + [(half, size - 1 - half)]
+    window_sums = jax.lax.reduce_window(
+        squares, 0.0, jax.lax.add, (1,) * (x.ndim - 1) + (size,), (1,) * x.ndim, pad
+    )
+    return (x.astype(jnp.float32) / (k + alpha * window_sums) ** beta).astype(x.dtype)
+
+
+def kernel_initializer(name: str, normal_stddev: float, in_axis=-2, out_axis=-1):
+    """Returns the weight initialiser named in the config.
+
+    Args:
+      name: "glorot_uniform" (Glorot & Bengio 2010, the paper's footnote) or "normal"
+        (the paper's zero-mean normal).
+      normal_stddev: standard deviation of "normal" (the paper's variance 1e-2 is 0.1).
+      in_axis: kernel axes that make up the fan-in.
+      out_axis: kernel axis that makes up the fan-out.
+
+    Returns:
+      A jax.nn.initializers function.
+    """
+    if name == "glorot_uniform":
+        return jax.nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis
+        )
+    if name == "normal":
+        return jax.nn.initializers.normal(stddev=normal_stddev)
+    raise ValueError(f"Unknown init {name!r}; use 'glorot_uniform' or 'normal'.")
+
+
+class VGG(nn.Module):
+    """A VGG network (paper Table 1), optionally narrowed for small data and tests.
+
+    Attributes:
+      architecture: the conv blocks, one tuple of (channels, kernel size) per block.
+      num_classes: width of the last layer.
+      image_size: the training input size (a multiple of 32); FC6 covers its final
+        feature map of image_size/32 x image_size/32.
+      width_divisor: every conv's channel count is divided by this (1 = the paper).
+      fc_features: width of FC6 and FC7 (4096 in the paper).
+      dropout_rate: dropout after FC6 and FC7, in training only.
+      use_lrn: local response normalisation after the first convolution (A-LRN).
+      lrn_size, lrn_alpha, lrn_beta, lrn_k: AlexNet's LRN constants, as used by the paper.
+      initializer: "glorot_uniform" or "normal"; biases always start at zero.
+      normal_init_stddev: standard deviation of the "normal" initialiser.
+      dtype: the compute dtype (bfloat16 on accelerators); parameters stay `param_dtype`.
+      param_dtype: the parameter dtype.
+    """
+
+    architecture: Sequence[BlockSpec]
+    num_classes: int = 1000
+    image_size: int = 224
+    width_divisor: int = 1
+    fc_features: int = 4096
+    dropout_rate: float = 0.5
+    use_lrn: bool = False
+    lrn_size: int = 5
+    lrn_alpha: float = 1e-4
+    lrn_beta: float = 0.75
+    lrn_k: float = 2.0
+    initializer: str = "glorot_uniform"
+    normal_init_stddev: float = 0.1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def head_window(self) -> int:
+        """Side of the final feature map for a training-size input, FC6's window."""
+        return self.image_size // TOTAL_STRIDE
+
+    def _conv(self, features, kernel, name, *, padding="SAME", fc=False):
+        # A fully-connected layer written as a convolution keeps the fan-in/fan-out of the
+        # dense layer it stands for: all of the window is fan-in, only outputs are fan-out.
+        in_axis = (0, 1, 2) if fc else -2
+        return nn.Conv(
+            features,
+            (kernel, kernel),
+            padding=padding,
+            kernel_init=kernel_initializer(
+                self.initializer, self.normal_init_stddev, in_axis=in_axis, out_axis=-1
+            ),
+            bias_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The convolutional trunk: conv blocks, each ending in a 2x2 max-pool."""
+        x = x.astype(self.dtype)
+        for block_index, block in enumerate(self.architecture, start=1):
+            for layer_index, (channels, kernel) in enumerate(block, start=1):
+                x = self._conv(
+                    max(channels // self.width_divisor, 1),
+                    kernel,
+                    name=f"conv{block_index}_{layer_index}",
+                )(x)
+                x = nn.relu(x)
+                if self.use_lrn and block_index == 1 and layer_index == 1:
+                    x = local_response_norm(
+                        x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k
+                    )
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        return x
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False, dense: bool = False):
+        """Computes class logits.
+
+        Args:
+          images: float images, NHWC. Without `dense` they must be image_size x image_size;
+            with `dense` any size whose sides are at least image_size.
+          train: enables dropout.
+          dense: the paper's dense evaluation: return the class score map of the
+            fully-convolutional net, (H/32 - head_window + 1) x (W/32 - head_window + 1).
+
+        Returns:
+          Logits in float32: [N, num_classes], or [N, h, w, num_classes] when `dense`.
+        """
+        if not dense and images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"Expected {self.image_size}x{self.image_size} images, got "
+                f"{images.shape[1]}x{images.shape[2]}; pass dense=True for whole images."
+            )
+        x = self.features(images)
+        window = self.head_window
+        x = self._conv(self.fc_features, window, "fc6", padding="VALID", fc=True)(x)
+        x = nn.relu(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = self._conv(self.fc_features, 1, "fc7", fc=True)(x)
+        x = nn.relu(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = self._conv(self.num_classes, 1, "fc8", fc=True)(x)
+        x = x.astype(jnp.float32)
+        if dense:
+            return x
+        return x.reshape(x.shape[0], self.num_classes)
+
+
+def create_model(version: str, num_classes: int = 1000, **variant: Any) -> VGG:
+    """Builds one of the paper's configurations.
+
+    Args:
+      version: "A", "A_LRN" (or "A-LRN"), "B", "C", "D" or "E", case-insensitive.
+      num_classes: number of output classes.
+      **variant: any other VGG attribute: image_size, width_divisor, fc_features,
+        dropout_rate, initializer, normal_init_stddev, dtype, param_dtype, LRN constants.
+
+    Returns:
+      The flax module; `model.apply(variables, images, train=False)` gives logits.
+
+    Raises:
+      ValueError: for an unknown version, an unknown attribute, or an image size that is
+        not a positive multiple of 32.
+    """
+    key = canonical_version(version)
+    known = {field.name for field in dataclasses.fields(VGG)} - {
+        "architecture", "num_classes", "use_lrn", "parent", "name"}
+    unknown = sorted(set(variant) - known)
+    if unknown:
+        raise ValueError(f"Unknown VGG option(s) {unknown}; valid options are {sorted(known)}.")
+    image_size = variant.get("image_size", VGG.image_size)
+    if image_size <= 0 or image_size % TOTAL_STRIDE:
+        raise ValueError(
+            f"image_size={image_size} must be a positive multiple of {TOTAL_STRIDE} "
+            "(five 2x2 max-pools)."
+        )
+    return VGG(
+        architecture=ARCHITECTURES[key],
+        num_classes=num_classes,
+        use_lrn=key in LRN_VERSIONS,
+        **variant,
+    )
+
+
+def count_parameters(model: VGG, batch_size: int = 1) -> int:
+    """Counts parameters without allocating them (through jax.eval_shape).
+
+    Args:
+      model: the module.
+      batch_size: batch of the dummy input used to trace the shapes.
+
+    Returns:
+      The number of scalar parameters.
+    """
+    images = jax.ShapeDtypeStruct(
+        (batch_size, model.image_size, model.image_size, 3), jnp.float32
+    )
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    return sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
