@@ -62,10 +62,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.pca_eigenvalues = IMAGENET_PCA_EIGENVALUES
     config.data.pca_eigenvectors = IMAGENET_PCA_EIGENVECTORS
     config.data.mean_rgb = IMAGENET_MEAN_RGB
-    # JPEG quality of the images written for source "digits".
+    # Per-channel divisor applied after mean subtraction (1 = the paper; imported
+    # torchvision weights need ImageNet's standard deviation, 0-255 scale).
+    config.data.std_rgb = (1.0, 1.0, 1.0)
+    # Source "digits": each 8x8 digit is upscaled to digits_image_size and written as a
+    # JPEG of this quality.
+    config.data.digits_image_size = 32
     config.data.jpeg_quality = 95
-    # Fraction of the digits held out as the validation split.
+    # Fraction of the digits held out as the validation split, and the seed of that split.
     config.data.val_fraction = 0.2
+    config.data.split_seed = 0
     # grain: worker processes decoding images (0 = in the main process) and prefetching.
     config.data.num_workers = 8
     config.data.prefetch_buffer_size = 2
@@ -104,8 +110,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.max_to_keep = 3
     config.checkpoint.keep_best = 1
-    # Initialise from another run's checkpoint (a workdir or a step directory); "" = none.
+    # Initialise from another run's checkpoint (a workdir or weight file); "" = none.
+    # The layers copied: () = every layer both nets share with equal shapes (fine-tuning
+    # the same net, e.g. S=256 -> S=384). The paper's transfer from net A to a deeper net
+    # copies A's first four conv layers and the three FC layers:
+    # ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8").
     config.init_from = ""
+    config.init_from_layers = ()
 
     # --- Logging --------------------------------------------------------------------------
     config.wandb = ml_collections.ConfigDict()

@@ -1,0 +1,277 @@
+"""Checkpoints: orbax CheckpointManager holding everything a resume needs.
+
+A checkpoint is a step directory under `<workdir>/checkpoints/` with up to four items:
+
+  params  the network parameters (all that evaluation, prediction and transfer read);
+  train   optimiser state, step counter, RNG key and learning-rate plateau state;
+  data    the grain iterator's position (one file per process), so the data stream resumes
+          exactly where it stopped;
+  meta    JSON: the run's config, the epoch, and the metrics of the last evaluation.
+
+Weight files converted from other frameworks hold only `params` and `meta`, and load the
+same way. Retention keeps the newest `max_to_keep` checkpoints and the `keep_best` ones with
+the lowest validation top-1 error; the newest is never deleted (orbax's `max_to_keep` with
+`best_fn` alone can drop it and make a resume go back in time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+# The metric that ranks checkpoints (lower is better).
+BEST_METRIC = "val/top1_error"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+PARAMS, TRAIN, DATA, META = "params", "train", "data", "meta"
+
+
+def checkpoint_dir(path: str) -> str:
+    """The directory of step checkpoints for a workdir (or that directory itself)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    sub = os.path.join(path, CHECKPOINT_SUBDIR)
+    return sub if os.path.isdir(sub) else path
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    # Imported here so that reading parameters (evaluation, conversion) never needs grain.
+    import grain
+
+    return {
+        PARAMS: ocp.StandardCheckpointHandler(),
+        TRAIN: ocp.StandardCheckpointHandler(),
+        DATA: grain.checkpoint.CheckpointHandler(),
+        META: ocp.JsonCheckpointHandler(),
+    }
+
+
+def create_manager(
+    path: str, *, max_to_keep: int = 3, keep_best: int = 1, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """Opens (or creates) the checkpoint manager of a workdir.
+
+    Args:
+      path: the workdir (checkpoints live in its `checkpoints/` subdirectory) or a
+        directory of step checkpoints.
+      max_to_keep: how many of the newest checkpoints to keep.
+      keep_best: how many checkpoints with the lowest validation top-1 error to keep.
+      read_only: open without creating or deleting anything.
+
+    Returns:
+      An orbax CheckpointManager.
+    """
+    directory = (
+        checkpoint_dir(path) if read_only
+        else os.path.join(os.path.abspath(os.path.expanduser(path)), CHECKPOINT_SUBDIR)
+    )
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=max_to_keep),
+        checkpoint_managers.BestN(
+            get_metric_fn=lambda metrics: -metrics[BEST_METRIC],
+            n=keep_best,
+            keep_checkpoints_without_metrics=False,
+        ),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        read_only=read_only,
+        create=not read_only,
+        # Saves run in a background thread; the step loop does not wait for the disk.
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-safe dict of a config (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    *,
+    params: Any,
+    train: Any | None = None,
+    data_iterator: Any | None = None,
+    meta: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+) -> None:
+    """Starts an asynchronous save of one step (all processes must call it together).
+
+    Args:
+      manager: from `create_manager`.
+      step: the step number, the directory name.
+      params: parameters pytree.
+      train: optimiser state, step, RNG and plateau state (omitted for weight files).
+      data_iterator: the grain iterator whose position to save (omitted for weight files).
+      meta: JSON-safe metadata; must hold "config".
+      metrics: evaluation metrics of this step; checkpoints with `BEST_METRIC` compete
+        for the best-checkpoint slots.
+    """
+    items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(dict(meta))}
+    if train is not None:
+        items[TRAIN] = ocp.args.StandardSave(train)
+    if data_iterator is not None:
+        import grain
+
+        items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    manager.save(
+        step,
+        args=ocp.args.Composite(**items),
+        metrics=dict(metrics) if metrics and BEST_METRIC in metrics else None,
+        force=True,
+    )
+
+
+def restore_training(
+    manager: ocp.CheckpointManager,
+    step: int,
+    *,
+    params_target: Any,
+    train_target: Any,
+    data_iterator: Any,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Restores everything a resume needs, with the shardings and dtypes of the targets.
+
+    Args:
+      manager: from `create_manager`.
+      step: the step to restore.
+      params_target: a pytree of arrays (or ShapeDtypeStructs) shaped like the params.
+      train_target: the same for the train item.
+      data_iterator: a fresh grain iterator; its position is restored in place.
+
+    Returns:
+      (params, train, meta).
+    """
+    import grain
+
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardRestore(abstract(params_target)),
+            TRAIN: ocp.args.StandardRestore(abstract(train_target)),
+            DATA: grain.checkpoint.CheckpointRestore(data_iterator),
+            META: ocp.args.JsonRestore(),
+        }),
+    )
+    return restored[PARAMS], restored[TRAIN], restored[META]
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """Reads the JSON metadata of one step."""
+    restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+    return restored[META]
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+    """The step with the lowest validation top-1 error, or None if none was evaluated."""
+    scored = []
+    for step in manager.all_steps():
+        metrics = read_meta(manager, step).get("metrics") or {}
+        if BEST_METRIC in metrics:
+            scored.append((metrics[BEST_METRIC], -step))
+    return -min(scored)[1] if scored else None
+
+
+def resolve_step(manager: ocp.CheckpointManager, step: int | str | None) -> int:
+    """Turns None / "best" / "latest" / a number into an existing step.
+
+    Raises:
+      ValueError: if there is no checkpoint, or not the one asked for.
+    """
+    steps = manager.all_steps()
+    if not steps:
+        raise ValueError(f"No checkpoint found in {manager.directory}; train first or check the path.")
+    if step in (None, "best"):
+        found = best_step(manager)
+        if found is not None:
+            return found
+        if step == "best":
+            raise ValueError(f"No evaluated checkpoint in {manager.directory}; use a step number or 'latest'.")
+        return max(steps)
+    if step == "latest":
+        return max(steps)
+    if int(step) not in steps:
+        raise ValueError(f"Step {step} is not in {manager.directory}; available steps: {sorted(steps)}.")
+    return int(step)
+
+
+def load_variables(
+    path: str, step: int | str | None = None
+) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
+    """Loads a checkpoint's parameters and the config of the run that wrote it.
+
+    Args:
+      path: a workdir, or a directory of step checkpoints.
+      step: a step number, "latest", "best", or None (best if any was evaluated, else latest).
+
+    Returns:
+      ({"params": params} as host arrays, the run's config).
+
+    Raises:
+      ValueError: if the path holds no checkpoint (or not the step asked for).
+    """
+    directory = checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise ValueError(f"Checkpoint path {path} does not exist; pass a workdir with checkpoints/.")
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={
+            PARAMS: ocp.StandardCheckpointHandler(),
+            META: ocp.JsonCheckpointHandler(),
+        },
+    )
+    chosen = resolve_step(manager, step)
+    restored = manager.restore(
+        chosen,
+        args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardRestore(),
+            META: ocp.args.JsonRestore(),
+        }),
+    )
+    manager.close()
+    config = ml_collections.ConfigDict(restored[META]["config"])
+    return {"params": restored[PARAMS]}, config
+
+
+def save_variables(directory: str, variables: Mapping[str, Any], config, step: int = 0) -> str:
+    """Writes a weights-only checkpoint (params + meta) that `load_variables` reads.
+
+    Args:
+      directory: the workdir to write into (created; its checkpoints/ holds the step).
+      variables: {"params": ...}.
+      config: the config describing the net and its preprocessing.
+      step: the step number to record.
+
+    Returns:
+      The workdir path.
+    """
+    manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(os.path.expanduser(directory)), CHECKPOINT_SUBDIR),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        item_handlers={
+            PARAMS: ocp.StandardCheckpointHandler(),
+            META: ocp.JsonCheckpointHandler(),
+        },
+    )
+    manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(variables["params"]),
+            META: ocp.args.JsonSave({"config": config_to_json(config), "metrics": {}}),
+        }),
+        force=True,
+    )
+    manager.wait_until_finished()
+    manager.close()
+    return directory

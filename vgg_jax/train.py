@@ -1,0 +1,432 @@
+"""Training: the train state, the jit'd data-parallel step, validation and the loop.
+
+The loop follows the paper's recipe (3.1): mini-batch SGD with momentum and weight decay,
+dropout on FC6/FC7, the learning rate divided by 10 when validation top-1 error stalls.
+Everything a resume needs (parameters, optimiser and plateau state, step, RNG, the data
+iterator's position) is checkpointed together, so a killed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from vgg_jax import checkpoint, optim, parallel, writers
+from vgg_jax.data import pipeline
+from vgg_jax.models import VGG, create_model
+from vgg_jax.preprocess import normalize_images
+
+# Top-k error reported besides top-1 (the paper reports top-1 and top-5).
+TOP_K = 5
+
+
+class TrainState(train_state.TrainState):
+    """Flax's train state plus the raw RNG key that seeds dropout at every step."""
+
+    rng: jax.Array
+
+
+def compute_dtype(name: str):
+    """Resolves config.model.compute_dtype ("auto": bfloat16 on GPU/TPU, else float32)."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
+    return jnp.dtype(name)
+
+
+def create_model_from_config(config: ml_collections.ConfigDict) -> VGG:
+    """Builds the net described by config.model at the crop size config.data.image_size.
+
+    Args:
+      config: a full run config.
+
+    Returns:
+      The flax module.
+    """
+    m = config.model
+    return create_model(
+        m.version,
+        num_classes=m.num_classes,
+        image_size=config.data.image_size,
+        width_divisor=m.width_divisor,
+        fc_features=m.fc_features,
+        dropout_rate=m.dropout_rate,
+        initializer=m.initializer,
+        normal_init_stddev=m.normal_init_stddev,
+        dtype=compute_dtype(m.compute_dtype),
+    )
+
+
+def classification_sums(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array
+) -> dict[str, jax.Array]:
+    """Weighted sums of loss and top-1/top-k errors (sums, so shards and batches add up).
+
+    Args:
+      logits: [N, classes] float32.
+      labels: [N] integer class indices.
+      weights: [N] float32; 0 for padding and undecodable images.
+
+    Returns:
+      {"loss": sum of cross-entropy, "top1_errors", "top5_errors", "count"}.
+    """
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    k = min(TOP_K, logits.shape[-1])
+    _, top_k = jax.lax.top_k(logits, k)
+    in_top_k = jnp.any(top_k == labels[:, None], axis=-1)
+    top1_wrong = top_k[:, 0] != labels
+    return {
+        "loss": jnp.sum(losses * weights),
+        "top1_errors": jnp.sum(top1_wrong * weights),
+        "top5_errors": jnp.sum(~in_top_k * weights),
+        "count": jnp.sum(weights),
+    }
+
+
+def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
+    """Returns the un-jitted train step: (state, batch) -> (new state, metric sums).
+
+    The loss is the mean over the valid examples of the global batch; under jit with the
+    batch sharded over devices XLA turns the gradient into an all-reduce.
+    """
+    mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        weights = batch["mask"].astype(jnp.float32)
+        images = normalize_images(batch["image"], mean_rgb, std_rgb, batch["rgb_shift"], model.dtype)
+
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params}, images, train=True, rngs={"dropout": dropout_key}
+            )
+            sums = classification_sums(logits, batch["label"], weights)
+            return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+
+        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        new_state = state.apply_gradients(grads=grads)
+        metrics = dict(
+            sums,
+            skipped=jnp.sum(1.0 - weights),
+            grad_norm=grad_norm,
+            finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: VGG, data_config: ml_collections.ConfigDict):
+    """Returns the un-jitted eval step: (params, batch) -> metric sums over valid examples."""
+    mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
+
+    def eval_step(params, batch: Mapping[str, jax.Array]):
+        images = normalize_images(batch["image"], mean_rgb, std_rgb, None, model.dtype)
+        logits = model.apply({"params": params}, images, train=False)
+        return classification_sums(logits, batch["label"], batch["mask"].astype(jnp.float32))
+
+    return eval_step
+
+
+def create_train_state(
+    model: VGG, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
+) -> TrainState:
+    """Initialises parameters and optimiser state directly replicated over the mesh.
+
+    Args:
+      model: the net.
+      tx: the optimiser.
+      seed: seeds parameter initialisation and dropout.
+      mesh: the data mesh.
+
+    Returns:
+      The initial TrainState (step 0).
+    """
+    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+
+    def init(key):
+        params = model.init(key, images, train=False)["params"]
+        return TrainState.create(
+            apply_fn=model.apply, params=params, tx=tx, rng=jax.random.key_data(dropout_key)
+        )
+
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))(init_key)
+
+
+def evaluate(
+    eval_step, params, batches: Iterable[Mapping[str, np.ndarray]], mesh
+) -> dict[str, float]:
+    """Runs the eval step over a whole split and turns the sums into mean metrics.
+
+    Args:
+      eval_step: the jitted eval step.
+      params: replicated parameters.
+      batches: per-process batches with "image", "label", "mask" (padding masked out).
+      mesh: the data mesh.
+
+    Returns:
+      {"loss", "top1_error", "top5_error", "count"} over the valid examples.
+    """
+    pending = [eval_step(params, parallel.shard_batch(batch, mesh)) for batch in batches]
+    return summarize(pending)
+
+
+def summarize(sums_list: list[Mapping[str, jax.Array]]) -> dict[str, float]:
+    """Adds up per-step metric sums on the host and divides by the example count."""
+    if not sums_list:
+        return {}
+    totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(sums_list))
+    count = max(totals["count"], 1.0)
+    return {
+        "loss": totals["loss"] / count,
+        "top1_error": totals["top1_errors"] / count,
+        "top5_error": totals["top5_errors"] / count,
+        "count": totals["count"],
+    }
+
+
+def transfer_parameters(params, source_params, layers: Iterable[str]):
+    """Copies named layers from another net's parameters (the paper's initialisation).
+
+    Args:
+      params: this net's freshly initialised parameters.
+      source_params: parameters of the source net (e.g. a trained net A).
+      layers: the layer names to copy; empty = every layer present in both with equal shapes.
+
+    Returns:
+      (new params, list of copied layer names).
+
+    Raises:
+      ValueError: if a named layer is missing from either net or its shapes differ.
+    """
+    layers = list(layers) or [name for name in params if name in source_params and all(
+        np.shape(a) == np.shape(b) for a, b in zip(
+            jax.tree.leaves(params[name]), jax.tree.leaves(source_params[name])))]
+    new_params = dict(params)
+    for name in layers:
+        if name not in params or name not in source_params:
+            raise ValueError(
+                f"config.init_from_layers names {name!r}, which is not a layer of both nets; "
+                f"layers: {sorted(params)}."
+            )
+        shapes = jax.tree.map(np.shape, params[name])
+        if jax.tree.map(np.shape, source_params[name]) != shapes:
+            raise ValueError(
+                f"Layer {name!r} has shapes {jax.tree.map(np.shape, source_params[name])} in "
+                f"config.init_from but {shapes} here; remove it from config.init_from_layers."
+            )
+        new_params[name] = jax.tree.map(
+            lambda new, old: jnp.asarray(old, new.dtype), params[name], source_params[name]
+        )
+    return new_params, layers
+
+
+class _StopSignal:
+    """Remembers a SIGTERM (preemption) so the loop can finish its step and save."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.received = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains with periodic validation and checkpoints; resumes from the workdir if possible.
+
+    Args:
+      config: a validated run config.
+      workdir: where checkpoints, metrics.jsonl and wandb files go.
+
+    Returns:
+      The metrics of the last validation.
+    """
+    mesh = parallel.create_mesh()
+    process_index, process_count = jax.process_index(), jax.process_count()
+    tc = config.train
+    accum = tc.grad_accum_steps
+    micro_batch = tc.batch_size // accum
+
+    model = create_model_from_config(config)
+    tx = optim.create_optimizer(tc)
+    state = create_train_state(model, tx, config.seed, mesh)
+    plateau = optim.plateau_init(tc)
+
+    train_ds = pipeline.train_dataset(
+        config.data, global_batch_size=micro_batch, seed=config.seed,
+        process_index=process_index, process_count=process_count,
+    )
+    train_iter = iter(train_ds)
+    num_train = pipeline.num_examples(config.data, config.data.train_split)
+    # One epoch = every training image once, in whole optimiser steps.
+    steps_per_epoch = (num_train // tc.batch_size) * accum
+    total_steps = steps_per_epoch * tc.num_epochs
+
+    manager = checkpoint.create_manager(
+        workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
+    )
+    start_step, last_eval = 0, {}
+    if manager.latest_step() is not None:
+        start_step = manager.latest_step()
+        params, train, meta = checkpoint.restore_training(
+            manager, start_step, params_target=state.params,
+            train_target=_train_item(state, plateau), data_iterator=train_iter,
+        )
+        state = state.replace(params=params, step=train["step"], opt_state=train["opt_state"],
+                              rng=train["rng"])
+        plateau = jax.tree.map(np.asarray, train["plateau"])
+        last_eval = meta.get("metrics") or {}
+        logging.info("Resumed from step %d of %s.", start_step, manager.directory)
+    elif config.init_from:
+        source, _ = checkpoint.load_variables(config.init_from)
+        params, copied = transfer_parameters(
+            jax.device_get(state.params), source["params"], config.init_from_layers)
+        state = state.replace(params=parallel.replicate(params, mesh))
+        logging.info("Initialised %s from %s.", ", ".join(copied), config.init_from)
+    # The learning rate lives in the optimiser state, set from the plateau schedule.
+    state = state.replace(opt_state=optim.set_learning_rate(
+        state.opt_state, tc.learning_rate * _lr_scale(plateau)))
+
+    train_step = jax.jit(make_train_step(model, config.data), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(model, config.data))
+
+    writer = writers.create_writer(
+        config, workdir, is_main_process=process_index == 0,
+        total_steps=total_steps, initial_step=start_step,
+    )
+    stop_signal = _StopSignal()
+    pending: list[Mapping[str, jax.Array]] = []
+    last_saved = start_step
+    log_start = time.perf_counter()
+    step = start_step
+    try:
+        while step < total_steps:
+            batch = parallel.shard_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            step += 1
+            writer.advance(step)
+            epoch_end = step % steps_per_epoch == 0
+            epoch = step // steps_per_epoch
+
+            if step % tc.log_every_steps == 0 or epoch_end:
+                _check_finite(pending, step, last_saved)
+                elapsed = time.perf_counter() - log_start
+                scalars = _train_scalars(pending, micro_batch, elapsed)
+                scalars.update(lr=float(optim.get_learning_rate(state.opt_state)),
+                               epoch=step / steps_per_epoch)
+                writer.write_scalars(step, scalars)
+                pending, log_start = [], time.perf_counter()
+
+            stop = False
+            if epoch_end and epoch % tc.eval_every_epochs == 0:
+                last_eval = _validate(eval_step, state.params, config, mesh)
+                writer.write_scalars(step, dict(last_eval, epoch=epoch))
+                writer.log_text(_epoch_line(epoch, scalars, last_eval))
+                plateau, decision = optim.plateau_update(
+                    plateau, last_eval[tc.plateau_monitor], tc)
+                if decision.cut:
+                    writer.log_text(f"Validation stalled: learning rate cut to "
+                                    f"{tc.learning_rate * decision.lr_scale:.2e}.")
+                state = state.replace(opt_state=optim.set_learning_rate(
+                    state.opt_state, tc.learning_rate * decision.lr_scale))
+                stop = decision.should_stop
+                _save(manager, step, state, plateau, train_iter, config, epoch, last_eval)
+                last_saved = step
+            elif step % tc.checkpoint_every_steps == 0 or stop_signal.received:
+                _check_finite(pending, step, last_saved)
+                _save(manager, step, state, plateau, train_iter, config, epoch, last_eval)
+                last_saved = step
+            if stop:
+                writer.log_text(f"Stopping at step {step}: validation stalled after the last "
+                                "learning-rate cut.")
+                break
+            if stop_signal.received:
+                writer.log_text(f"SIGTERM: saved step {step}; rerun the same command to resume.")
+                break
+        if step == total_steps and last_saved != step:
+            _save(manager, step, state, plateau, train_iter, config, step // steps_per_epoch,
+                  last_eval)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        stop_signal.restore()
+    return last_eval
+
+
+def _lr_scale(plateau) -> float:
+    return float(optim.plateau_lr_scale(plateau))
+
+
+def _train_item(state: TrainState, plateau) -> dict[str, Any]:
+    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+            "plateau": plateau}
+
+
+def _save(manager, step, state, plateau, train_iter, config, epoch, metrics):
+    checkpoint.save(
+        manager, step, params=state.params, train=_train_item(state, plateau),
+        data_iterator=train_iter,
+        meta={"config": checkpoint.config_to_json(config), "epoch": epoch,
+              "metrics": dict(metrics)},
+        metrics=metrics,
+    )
+
+
+def _check_finite(pending, step: int, last_saved: int) -> None:
+    """Stops training on a non-finite loss or gradient, before anything bad is saved."""
+    if pending and not all(bool(m) for m in jax.device_get([p["finite"] for p in pending])):
+        raise FloatingPointError(
+            f"Non-finite loss or gradient norm before step {step}; training stopped. "
+            f"The last good checkpoint is step {last_saved}; lower config.train.learning_rate "
+            "or set config.train.grad_clip_norm, then resume."
+        )
+
+
+def _train_scalars(pending, micro_batch: int, elapsed: float) -> dict[str, float]:
+    host = jax.device_get(pending)
+    summary = summarize(pending)
+    return {
+        "train/loss": summary["loss"],
+        "train/top1_error": summary["top1_error"],
+        "train/top5_error": summary["top5_error"],
+        "train/grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+        "train/skipped_images": float(np.sum([m["skipped"] for m in host])),
+        "train/images_per_sec": len(pending) * micro_batch / max(elapsed, 1e-9),
+    }
+
+
+def _validate(eval_step, params, config, mesh) -> dict[str, float]:
+    dataset = pipeline.eval_dataset(
+        config.data, batch_size=config.train.eval_batch_size, scale=config.data.eval_scale,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    summary = evaluate(eval_step, params, dataset, mesh)
+    return {"val/loss": summary["loss"], "val/top1_error": summary["top1_error"],
+            "val/top5_error": summary["top5_error"], "val/count": summary["count"]}
+
+
+def _epoch_line(epoch: int, train: Mapping[str, float], val: Mapping[str, float]) -> str:
+    return (
+        f"epoch {epoch}: train loss {train['train/loss']:.4f} top-1 err "
+        f"{100 * train['train/top1_error']:.2f}% top-5 err {100 * train['train/top5_error']:.2f}%"
+        f" | val loss {val['val/loss']:.4f} top-1 err {100 * val['val/top1_error']:.2f}% "
+        f"top-5 err {100 * val['val/top5_error']:.2f}%"
+    )
