@@ -58,10 +58,18 @@ def initialize_distributed(
     )
 
 
-def create_mesh() -> Mesh:
-    """A one-axis mesh named "data" over all devices of all processes."""
+def create_mesh(devices=None) -> Mesh:
+    """A one-axis mesh named "data".
+
+    Args:
+      devices: the devices to use; default every device of every process.
+
+    Returns:
+      The mesh.
+    """
+    devices = jax.devices() if devices is None else list(devices)
     return jax.make_mesh(
-        (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+        (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
 
 

@@ -113,7 +113,7 @@ def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
             return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         new_state = state.apply_gradients(grads=grads)
         metrics = dict(
             sums,
@@ -290,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         state = state.replace(params=params, step=train["step"], opt_state=train["opt_state"],
                               rng=train["rng"])
-        plateau = jax.tree.map(np.asarray, train["plateau"])
+        plateau = train["plateau"]
         last_eval = meta.get("metrics") or {}
         logging.info("Resumed from step %d of %s.", start_step, manager.directory)
     elif config.init_from:
@@ -301,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("Initialised %s from %s.", ", ".join(copied), config.init_from)
     # The learning rate lives in the optimiser state, set from the plateau schedule.
     state = state.replace(opt_state=optim.set_learning_rate(
-        state.opt_state, tc.learning_rate * _lr_scale(plateau)))
+        state.opt_state, tc.learning_rate * optim.plateau_lr_scale(plateau, tc)))
 
     train_step = jax.jit(make_train_step(model, config.data), donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(model, config.data))
@@ -341,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.log_text(_epoch_line(epoch, scalars, last_eval))
                 plateau, decision = optim.plateau_update(
                     plateau, last_eval[tc.plateau_monitor], tc)
-                if decision.cut:
+                if decision.reduced:
                     writer.log_text(f"Validation stalled: learning rate cut to "
                                     f"{tc.learning_rate * decision.lr_scale:.2e}.")
                 state = state.replace(opt_state=optim.set_learning_rate(
@@ -371,13 +371,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return last_eval
 
 
-def _lr_scale(plateau) -> float:
-    return float(optim.plateau_lr_scale(plateau))
-
-
 def _train_item(state: TrainState, plateau) -> dict[str, Any]:
+    # The plateau state is tiny and host-side: numpy, so every process holds the same copy.
     return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-            "plateau": plateau}
+            "plateau": jax.device_get(plateau)}
 
 
 def _save(manager, step, state, plateau, train_iter, config, epoch, metrics):

@@ -1,0 +1,98 @@
+"""Bad configs fail before any work, with one sentence naming the field and the fix."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import base, quickstart, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
+from vgg_jax.config_checks import ConfigError, validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _check(config, device_count=4, process_count=1):
+    validate_config(config, device_count=device_count, process_count=process_count,
+                    check_data=False)
+
+
+@pytest.mark.parametrize("module", [vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e])
+def test_paper_configs_hold_the_paper_recipe(module):
+    config = module.get_config()
+    config.data.data_dir = "/data"
+    _check(config, device_count=8)
+    assert config.train.batch_size == 256
+    assert config.train.momentum == 0.9
+    assert config.train.weight_decay == 5e-4
+    assert config.train.learning_rate == 1e-2
+    assert config.model.dropout_rate == 0.5
+    assert config.train.num_epochs == 74
+    assert config.data.image_size == 224
+    assert config.data.train_scale_min == config.data.train_scale_max == 256
+    assert config.model.version == module.__name__.split("vgg_")[-1].upper()
+
+
+def test_training_scale_variants():
+    jittered = vgg_d.get_config("256-512")
+    assert (jittered.data.train_scale_min, jittered.data.train_scale_max) == (256, 512)
+    assert jittered.data.eval_scale == 384
+    fixed = vgg_d.get_config("384")
+    assert fixed.data.train_scale_min == fixed.data.train_scale_max == 384
+    assert fixed.train.learning_rate == 1e-3
+    with pytest.raises(ValueError, match="'256', '384' or '256-512'"):
+        vgg_d.get_config("300")
+
+
+def test_quickstart_config_is_valid():
+    _check(quickstart.get_config())
+
+
+def _broken(**changes):
+    config = base.get_config()
+    config.data.data_dir = "/data"
+    for path, value in changes.items():
+        section, field = path.split("__")
+        config[section][field] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"model__version": "F"}, r"config\.model\.version='F' is not a VGG configuration"),
+        ({"train__batch_size": 250}, r"config\.train\.batch_size=250 .* not divisible by the 4 devices"),
+        ({"train__grad_accum_steps": 3}, r"config\.train\.batch_size=256 is not divisible by config\.train\.grad_accum_steps=3"),
+        ({"data__train_scale_min": 200}, r"config\.data\.train_scale_min=200 is smaller than the crop"),
+        ({"data__image_size": 200}, r"config\.data\.image_size=200 must be a positive multiple of 32"),
+        ({"data__eval_scale": 128}, r"config\.data\.eval_scale=128 is smaller than the crop"),
+        ({"data__data_dir": None}, r"config\.data\.data_dir is not set for source 'tfds'"),
+        ({"data__source": "csv"}, r"config\.data\.source='csv' is unknown"),
+        ({"model__initializer": "he"}, r"config\.model\.initializer='he' is unknown"),
+        ({"wandb__mode": "loud"}, r"config\.wandb\.mode='loud' is unknown"),
+        ({"train__learning_rate": 0.0}, r"config\.train\.learning_rate=0\.0 must be positive"),
+    ],
+)
+def test_bad_fields_are_named(changes, expected):
+    with pytest.raises(ConfigError, match=expected):
+        _check(_broken(**changes))
+
+
+def test_missing_data_directory_is_reported(tmp_path):
+    config = _broken(data__source="folder", data__data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="nowhere"):
+        validate_config(config, device_count=1)
+
+
+def test_main_fails_fast_with_one_sentence(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/vgg_d.py",
+         f"--workdir={tmp_path}", "--config.model.version=Z",
+         "--config.data.data_dir=/data"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert result.returncode != 0
+    assert "Config error: config.model.version='Z' is not a VGG configuration" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.listdir(tmp_path)

@@ -1,0 +1,185 @@
+"""The train step, evaluation sums, data parallelism and checkpoints, on small shapes."""
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from vgg_jax import checkpoint, optim, parallel, train
+
+NUM_CLASSES = 10
+
+
+def _config():
+    config = quickstart.get_config()
+    config.model.width_divisor = 16
+    config.model.fc_features = 32
+    config.model.num_classes = NUM_CLASSES
+    config.train.learning_rate = 0.01
+    return config
+
+
+def _batch(size=8, seed=0, image_size=32):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (size, image_size, image_size, 3), dtype=np.uint8),
+        "label": rng.integers(0, NUM_CLASSES, size).astype(np.int32),
+        "rgb_shift": rng.normal(size=(size, 3)).astype(np.float32),
+        "mask": np.ones(size, bool),
+    }
+
+
+def _setup(config, mesh):
+    model = train.create_model_from_config(config)
+    tx = optim.create_optimizer(config.train)
+    state = train.create_train_state(model, tx, config.seed, mesh)
+    state = state.replace(opt_state=optim.set_learning_rate(
+        state.opt_state, config.train.learning_rate))
+    step = jax.jit(train.make_train_step(model, config.data), donate_argnums=(0,))
+    return model, state, step
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+    config = _config()
+    mesh = parallel.create_mesh()
+    _, state, step = _setup(config, mesh)
+    batch = parallel.shard_batch(_batch(), mesh)
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"] / metrics["count"]))
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_sharded_step_equals_single_device_step():
+    config = _config()
+    config.model.dropout_rate = 0.5  # the dropout key must not depend on the sharding
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:4]):
+        mesh = parallel.create_mesh(devices)
+        _, state, step = _setup(config, mesh)
+        for seed in range(2):
+            state, metrics = step(state, parallel.shard_batch(_batch(seed=seed), mesh))
+        results.append((jax.device_get(state.params), float(metrics["loss"])))
+    (params_1, loss_1), (params_4, loss_4) = results
+    assert len(jax.devices()) >= 4
+    np.testing.assert_allclose(loss_1, loss_4, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_no_recompilation_after_the_first_step():
+    config = _config()
+    mesh = parallel.create_mesh()
+    _, state, step = _setup(config, mesh)
+    for seed in range(3):
+        state, _ = step(state, parallel.shard_batch(_batch(seed=seed), mesh))
+        # A learning-rate cut from the host between steps must not retrace either.
+        state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, 1e-3 / (seed + 1)))
+    assert step._cache_size() == 1
+
+
+def test_masked_examples_do_not_count():
+    config = _config()
+    model = train.create_model_from_config(config)
+    params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    eval_step = jax.jit(train.make_eval_step(model, config.data))
+    full = _batch(size=8)
+    half = {key: value[:4] for key, value in full.items()}
+    masked = dict(full, mask=np.array([True] * 4 + [False] * 4))
+    mesh = parallel.create_mesh()
+    sums_half = train.summarize([eval_step(params, parallel.shard_batch(half, mesh))])
+    sums_masked = train.summarize([eval_step(params, parallel.shard_batch(masked, mesh))])
+    assert sums_masked["count"] == 4
+    for key in ("loss", "top1_error", "top5_error"):
+        np.testing.assert_allclose(sums_masked[key], sums_half[key], rtol=1e-5)
+
+
+def test_classification_sums_count_top1_and_top5():
+    logits = np.array([[9.0, 8, 7, 6, 5, 4, 3], [1.0, 2, 3, 4, 5, 6, 7]], np.float32)
+    labels = np.array([0, 0])
+    sums = train.classification_sums(logits, labels, np.ones(2, np.float32))
+    assert float(sums["top1_errors"]) == 1.0  # the second example is wrong at top-1
+    assert float(sums["top5_errors"]) == 1.0  # and class 0 is its lowest score
+    assert float(sums["count"]) == 2.0
+
+
+def test_transfer_copies_exactly_the_named_layers():
+    config = _config()
+    source = train.create_model_from_config(config)  # net A
+    config.model.version = "D"
+    target = train.create_model_from_config(config)
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    source_params = source.init(jax.random.key(1), images)["params"]
+    target_params = target.init(jax.random.key(2), images)["params"]
+    layers = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+    new, copied = train.transfer_parameters(target_params, source_params, layers)
+    assert tuple(copied) == layers
+    for name in target_params:
+        same = name in layers
+        expected = source_params[name] if same else target_params[name]
+        for a, b in zip(jax.tree.leaves(new[name]), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="conv1_2"):
+        train.transfer_parameters(target_params, source_params, ("conv1_2",))
+
+
+def _grain_iterator():
+    dataset = grain.MapDataset.range(100).shuffle(seed=0).to_iter_dataset()
+    return iter(dataset)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = _config()
+    mesh = parallel.create_mesh()
+    _, state, step = _setup(config, mesh)
+    state, _ = step(state, parallel.shard_batch(_batch(), mesh))
+    plateau = optim.plateau_init(config.train)
+    iterator = _grain_iterator()
+    consumed = [next(iterator) for _ in range(5)]
+    manager = checkpoint.create_manager(str(tmp_path))
+    train_item = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+                  "plateau": jax.device_get(plateau)}
+    checkpoint.save(manager, 1, params=state.params, train=train_item, data_iterator=iterator,
+                    meta={"config": checkpoint.config_to_json(config), "metrics": {}})
+    manager.wait_until_finished()
+    expected_next = [next(iterator) for _ in range(3)]
+
+    fresh_model, fresh, _ = _setup(config, mesh)
+    fresh_iterator = _grain_iterator()
+    params, restored_train, meta = checkpoint.restore_training(
+        manager, 1, params_target=fresh.params,
+        train_target={"step": fresh.step, "opt_state": fresh.opt_state, "rng": fresh.rng,
+                      "plateau": jax.device_get(plateau)},
+        data_iterator=fresh_iterator)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(restored_train["opt_state"]), jax.tree.leaves(state.opt_state)):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(restored_train["opt_state"]) == jax.tree.structure(state.opt_state)
+    assert int(restored_train["step"]) == 1
+    assert [next(fresh_iterator) for _ in range(3)] == expected_next
+    assert consumed and meta["config"]["model"]["version"] == "A"
+
+    variables, loaded_config = checkpoint.load_variables(str(tmp_path))
+    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    assert loaded_config.model.width_divisor == 16
+    manager.close()
+
+
+def test_retention_keeps_the_newest_and_the_best(tmp_path):
+    manager = checkpoint.create_manager(str(tmp_path), max_to_keep=2, keep_best=1)
+    params = {"w": np.zeros(3, np.float32)}
+    errors = {2: 0.5, 4: 0.2, 6: 0.4, 8: 0.45}
+    for step in range(1, 9):
+        metrics = {"val/top1_error": errors[step]} if step in errors else {}
+        checkpoint.save(manager, step, params=params, meta={"config": {}, "metrics": metrics},
+                        metrics=metrics)
+        manager.wait_until_finished()
+    assert sorted(manager.all_steps()) == [4, 7, 8]
+    assert checkpoint.best_step(manager) == 4
+    assert checkpoint.resolve_step(manager, "latest") == 8
+    manager.close()
