@@ -9,6 +9,7 @@
 Every config field can be overridden with --config.<section>.<field>=<value>.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -42,9 +43,21 @@ def _default_workdir() -> str:
     return os.path.join("runs", stem)
 
 
+# Libraries whose INFO logs (one line per checkpoint phase) would bury the progress output.
+_CHATTY_LIBRARIES = ("/orbax/", "/grain/")
+
+
+def _quiet_library_info(record) -> bool:
+    """Keeps warnings from everyone but INFO lines only from our own code (at -v 0)."""
+    if record.levelno >= std_logging.WARNING or logging.get_verbosity() > logging.INFO:
+        return True
+    return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_quiet_library_info)
     # Imported after flag parsing so that `--help` and config errors stay fast.
     import jax
 

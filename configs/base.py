@@ -137,6 +137,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.multi_crop_grid = 5
     # Other workdirs whose nets are averaged with this one at the softmax.
     config.eval.ensemble = ()
+    # With `scales` empty: the paper's multi-scale set instead of the single scale, i.e.
+    # {S-32, S, S+32} for fixed S and {256, 384, 512} for jittered S in [256, 512].
+    config.eval.multi_scale = False
+    # Average each view with its horizontal flip in dense and multi-crop evaluation (3.2).
+    config.eval.flip = True
+    # Per global batch, the number of image_size x image_size net inputs (a multi-crop image
+    # counts 2 * grid^2, a dense image 2 x its area in crops): bounds memory in every protocol.
+    config.eval.batch_size = 128
+    # Dense evaluation crops each rescaled image to multiples of this many pixels, so the
+    # images fall into a bounded number of shapes (one compilation each).
+    config.eval.dense_size_step = 32
     return config
 
 

@@ -33,13 +33,14 @@ def get_config():
     # A mirrored digit is another symbol.
     config.data.random_flip = False
     # Mean RGB of the digits' training split (python -m vgg_jax.data.mean_rgb).
-    config.data.mean_rgb = (30.0, 30.0, 30.0)
+    config.data.mean_rgb = (79.01, 79.01, 79.01)
     config.data.num_workers = 1
 
     config.train.batch_size = 64
     config.train.eval_batch_size = 128
-    config.train.num_epochs = 15
-    config.train.learning_rate = 0.05
+    config.train.num_epochs = 30
+    config.train.learning_rate = 0.01
+    config.train.plateau_patience = 3
     config.train.log_every_steps = 10
     config.train.checkpoint_every_steps = 1000
     config.checkpoint.max_to_keep = 2

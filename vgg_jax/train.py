@@ -367,6 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager.wait_until_finished()
         manager.close()
         writer.close()
+        train_iter.close()  # Stops grain's worker processes and frees their shared memory.
         stop_signal.restore()
     return last_eval
 

@@ -1,0 +1,230 @@
+"""Each training and evaluation transform on its own (vgg_jax/data/transforms.py)."""
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vgg_jax.data import testing, transforms
+
+
+def _record(data, label=3, name="img.jpg"):
+    return {"image": data, "label": label, "name": name}
+
+
+def _jpeg(rng, height=48, width=64, **kwargs):
+    # Large images get proportionally larger detail, like photos (a fixed 8-pixel detail
+    # would sit at the Nyquist limit once shrunk 4x, where any two filters disagree).
+    cell = max(8, min(height, width) // 12)
+    pixels = testing.smooth_image(rng, height, width, cell)
+    return testing.encode(pixels, "JPEG", quality=95, **kwargs)
+
+
+def _reference_crop(data, scale, left, top, crop):
+    """Plain rescale-then-crop, the definition the fast path must match."""
+    image = Image.open(__import__("io").BytesIO(data)).convert("RGB")
+    size = transforms.rescaled_size(*image.size, scale)
+    full = np.asarray(image.resize(size, transforms.RESAMPLE))
+    return full[top : top + crop, left : left + crop]
+
+
+def test_rescaled_size_keeps_aspect_and_shortest_side():
+    assert transforms.rescaled_size(64, 48, 40) == (53, 40)
+    assert transforms.rescaled_size(48, 64, 40) == (40, 53)
+    assert transforms.rescaled_size(500, 375, 256) == (341, 256)
+
+
+def test_sample_scale_fixed_and_uniform_over_the_whole_range():
+    rng = np.random.default_rng(0)
+    assert {transforms.sample_scale(rng, 256, 256) for _ in range(10)} == {256}
+    draws = np.array([transforms.sample_scale(rng, 256, 512) for _ in range(4000)])
+    assert draws.min() == 256 and draws.max() == 512
+    assert abs(draws.mean() - 384) < 4
+
+
+def test_train_transform_shapes_dtypes_and_scale_range():
+    rng = np.random.default_rng(0)
+    config = testing.data_config(train_scale_min=32, train_scale_max=48)
+    out = transforms.TrainTransform(config).random_map(_record(_jpeg(rng)), np.random.default_rng(1))
+    assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.uint8
+    assert out["label"].dtype == np.int32 and out["label"] == 3
+    assert out["rgb_shift"].shape == (3,) and out["rgb_shift"].dtype == np.float32
+    assert out["mask"].dtype == np.bool_ and bool(out["mask"])
+
+
+@pytest.mark.parametrize("width,height,scale", [(64, 48, 32), (48, 64, 48), (500, 375, 256)])
+def test_crop_corners_stay_inside_the_rescaled_image(width, height, scale):
+    rng = np.random.default_rng(0)
+    crop = 32 if scale < 256 else 224
+    rw, rh = transforms.rescaled_size(width, height, scale)
+    corners = np.array(
+        [transforms.sample_crop_corner(rng, width, height, scale, crop) for _ in range(2000)]
+    )
+    assert corners.min() == 0
+    assert corners[:, 0].max() == rw - crop and corners[:, 1].max() == rh - crop
+    for left, top in corners[:50]:
+        box = transforms.source_box(width, height, scale, left, top, crop)
+        assert 0 <= box[0] < box[2] <= width + 1e-9 and 0 <= box[1] < box[3] <= height + 1e-9
+
+
+def test_random_flip_mirrors_about_half_of_the_images():
+    data = _jpeg(np.random.default_rng(0))
+    flip_on = transforms.TrainTransform(testing.data_config(random_flip=True))
+    flip_off = transforms.TrainTransform(testing.data_config(random_flip=False))
+    flipped = 0
+    for seed in range(100):
+        a = flip_on.random_map(_record(data), np.random.default_rng(seed))["image"]
+        b = flip_off.random_map(_record(data), np.random.default_rng(seed))["image"]
+        if np.array_equal(a, b):
+            continue
+        np.testing.assert_array_equal(a, b[:, ::-1])
+        flipped += 1
+    assert 30 <= flipped <= 70
+
+
+def test_pca_colour_shift_statistics():
+    config = testing.data_config()
+    rng = np.random.default_rng(0)
+    shifts = np.stack(
+        [
+            transforms.pca_colour_shift(
+                rng, 0.1, config.pca_eigenvalues, config.pca_eigenvectors
+            )
+            for _ in range(20000)
+        ]
+    )
+    assert shifts.dtype == np.float32
+    np.testing.assert_allclose(shifts.mean(0), 0, atol=0.3)
+    # Projected on the eigenvectors, the shift is alpha * lambda * 255, alpha ~ N(0, 0.1).
+    vectors = np.asarray(config.pca_eigenvectors)
+    alpha = (np.linalg.solve(vectors, shifts.T.astype(np.float64)).T / 255) / np.asarray(
+        config.pca_eigenvalues
+    )
+    np.testing.assert_allclose(alpha.std(0), 0.1, rtol=0.05)
+    off = transforms.pca_colour_shift(rng, 0.0, config.pca_eigenvalues, config.pca_eigenvectors)
+    np.testing.assert_array_equal(off, np.zeros(3, np.float32))
+    out = transforms.TrainTransform(testing.data_config(colour_shift_std=0.0)).random_map(
+        _record(_jpeg(rng)), rng
+    )
+    np.testing.assert_array_equal(out["rgb_shift"], np.zeros(3))
+
+
+def test_mean_subtraction_semantics_of_the_train_step():
+    images = np.full((2, 4, 4, 3), 200, np.uint8)
+    shift = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], np.float32)
+    out = transforms.subtract_mean(images, (100.0, 50.0, 0.0), shift)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[0, 1, 2], [101.0, 152.0, 203.0])
+    np.testing.assert_allclose(out[1, 3, 3], [100.0, 150.0, 200.0])
+
+
+@pytest.mark.parametrize(
+    "height,width,scale,crop,max_diff",
+    [
+        (48, 64, 40, 32, 1.0),  # upscaling, no draft
+        (48, 64, 32, 32, 1.0),  # crop spans the whole short side
+        (375, 500, 80, 64, 3.0),  # 4x bigger than needed: decoded by draft at 1/4 scale
+    ],
+)
+def test_fast_path_matches_rescale_then_crop(height, width, scale, crop, max_diff):
+    rng = np.random.default_rng(0)
+    data = _jpeg(rng, height, width)
+    diffs = []
+    for _ in range(5):
+        image = transforms.open_image(data)
+        left, top = transforms.sample_crop_corner(rng, width, height, scale, crop)
+        fast = np.asarray(transforms.resample_crop(image, scale, left, top, crop).convert("RGB"))
+        reference = _reference_crop(data, scale, left, top, crop)
+        assert fast.shape == reference.shape == (crop, crop, 3)
+        diffs.append(np.abs(fast.astype(float) - reference).mean())
+    assert max(diffs) < max_diff, diffs
+
+
+def test_draft_is_used_only_when_the_jpeg_is_twice_the_needed_size():
+    data = _jpeg(np.random.default_rng(0), 375, 500)
+    big = transforms.open_image(data)
+    transforms.resample_crop(big, 80, 0, 0, 64)
+    assert big.size == (125, 94)  # decoded at 1/4 scale
+    small = transforms.open_image(data)
+    transforms.resample_crop(small, 256, 0, 0, 224)
+    assert small.size == (500, 375)
+
+
+def test_quirky_files_decode_to_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = testing.smooth_image(rng, 48, 64)
+    cmyk = testing.encode(
+        np.asarray(Image.fromarray(pixels).convert("CMYK")), "JPEG", mode="CMYK", quality=95
+    )
+    grey = testing.encode(pixels[..., 0], "JPEG", quality=95)
+    png = testing.encode(pixels, "PNG")
+    palette = testing.encode(
+        np.asarray(Image.fromarray(pixels).convert("P")), "PNG", mode="P"
+    )
+    transform = transforms.TrainTransform(testing.data_config())
+    evaluate = transforms.EvalTransform(32, 40)
+    for data, name in ((cmyk, "cmyk.JPEG"), (grey, "grey.JPEG"), (png, "png.JPEG"), (palette, "p.JPEG")):
+        assert transforms.decode_image(data).shape == (48, 64, 3)
+        for out in (
+            transform.random_map(_record(data, name=name), np.random.default_rng(0)),
+            evaluate.map(_record(data, name=name)),
+        ):
+            assert out["image"].shape == (32, 32, 3) and bool(out["mask"]), name
+    # The grey JPEG becomes three equal channels; the CMYK one keeps its colours.
+    grey_out = evaluate.map(_record(grey))["image"].astype(int)
+    np.testing.assert_array_equal(grey_out[..., 0], grey_out[..., 2])
+    cmyk_crop = evaluate.map(_record(cmyk))["image"].astype(float)
+    rgb_crop = evaluate.map(_record(png))["image"].astype(float)
+    assert np.abs(cmyk_crop - rgb_crop).mean() < 8
+
+
+def test_truncated_file_gives_masked_zero_image_and_a_warning(caplog):
+    data = _jpeg(np.random.default_rng(0), 375, 500)
+    truncated = data[: len(data) // 3]
+    transform = transforms.TrainTransform(testing.data_config())
+    with caplog.at_level(logging.WARNING):
+        out = transform.random_map(_record(truncated, name="/x/broken.JPEG"), np.random.default_rng(0))
+        garbage = transforms.EvalTransform(32, 40).map(_record(b"not an image", name="junk.JPEG"))
+    for o in (out, garbage):
+        assert not o["mask"] and o["image"].shape == (32, 32, 3) and not o["image"].any()
+        np.testing.assert_array_equal(o["rgb_shift"], np.zeros(3))
+    assert out["label"] == 3
+    assert "/x/broken.JPEG" in caplog.text and "junk.JPEG" in caplog.text
+
+
+def test_eval_transform_centre_crop_and_padding():
+    data = _jpeg(np.random.default_rng(0))
+    out = transforms.EvalTransform(32, 40).map(_record(data))
+    reference = transforms.centre_crop(transforms.rescale_shorter_side(transforms.decode_image(data), 40), 32)
+    assert np.abs(out["image"].astype(float) - reference).mean() < 1
+    pad = transforms.EvalTransform(32, 40).map({"image": None, "label": 0, "name": "<padding>"})
+    assert not pad["mask"] and not pad["image"].any()
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        transforms.EvalTransform(32, 31)
+
+
+def test_rescale_shorter_side_and_multi_crop_grid():
+    image = testing.smooth_image(np.random.default_rng(0), 48, 64)
+    rescaled = transforms.rescale_shorter_side(image, 40)
+    assert rescaled.shape == (40, 53, 3) and rescaled.dtype == np.uint8
+    assert transforms.rescale_shorter_side(image, 48) is not None
+    views = transforms.multi_crop_views(image, 40, 32, 5)
+    assert views.shape == (50, 32, 32, 3) and views.dtype == np.uint8
+    np.testing.assert_array_equal(views[0], rescaled[:32, :32])  # top-left
+    np.testing.assert_array_equal(views[24], rescaled[-32:, -32:])  # bottom-right
+    np.testing.assert_array_equal(views[25:], views[:25, :, ::-1])  # flips follow
+    np.testing.assert_array_equal(transforms.grid_offsets(53, 32, 5), [0, 5, 10, 16, 21])
+
+
+def test_decode_rescaled_matches_decode_then_rescale():
+    data = _jpeg(np.random.default_rng(0), 375, 500)
+    fast = transforms.decode_rescaled(data, 80)
+    reference = transforms.rescale_shorter_side(transforms.decode_image(data), 80)
+    assert fast.shape == reference.shape == (80, 107, 3)
+    assert np.abs(fast.astype(float) - reference).mean() < 3
+
+
+def test_train_transform_rejects_a_crop_larger_than_s():
+    with pytest.raises(ValueError, match="image_size <= train_scale_min"):
+        transforms.TrainTransform(testing.data_config(image_size=48, train_scale_min=40))

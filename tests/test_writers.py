@@ -1,0 +1,184 @@
+"""Tests of the metrics writers (vgg_jax/writers.py): real files, wandb in offline mode."""
+
+import glob
+import io
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from vgg_jax import writers
+
+
+def make_config(wandb_mode="disabled", progress_bar=True):
+    config = base.get_config()
+    config.wandb.mode = wandb_mode
+    config.wandb.name = "test-run"
+    config.wandb.tags = ("test",)
+    config.progress_bar = progress_bar
+    return config
+
+
+TRAIN = {
+    writers.TRAIN_LOSS: 2.5,
+    writers.TRAIN_TOP1_ERROR: 0.75,
+    writers.TRAIN_TOP5_ERROR: 0.5,
+    writers.TRAIN_IMAGES_PER_SEC: 123.4,
+    writers.TRAIN_GRAD_NORM: 1.5,
+    writers.LEARNING_RATE: 0.01,
+    writers.EPOCH: 0.5,
+}
+VAL = {writers.VAL_LOSS: 2.25, writers.VAL_TOP1_ERROR: 0.625, writers.VAL_TOP5_ERROR: 0.375}
+
+
+def test_json_lines_hold_every_metric_written(tmp_path):
+    workdir = str(tmp_path / "run")
+    with writers.create_writer(
+        make_config(), workdir, is_main_process=True, total_steps=20, initial_step=0
+    ) as writer:
+        for step in range(1, 21):
+            writer.advance(step)
+            if step % 10 == 0:
+                # Device scalars and numpy scalars are fetched and written as numbers.
+                writer.write_scalars(
+                    step, {**TRAIN, writers.TRAIN_LOSS: jnp.float32(2.5), "lr": np.float32(0.01)}
+                )
+        writer.write_scalars(20, VAL)
+    records = writers.read_metrics(os.path.join(workdir, writers.METRICS_FILENAME))
+    assert [r["step"] for r in records] == [10, 20, 20]
+    for record in records[:2]:
+        assert set(record) == {"step", *TRAIN}
+        for name, value in TRAIN.items():
+            assert record[name] == pytest.approx(value, rel=1e-6)
+    assert records[2] == {"step": 20, **VAL}
+
+
+def test_json_lines_append_on_resume_and_repair_a_cut_last_line(tmp_path):
+    workdir = str(tmp_path)
+    config = make_config()
+    with writers.create_writer(
+        config, workdir, is_main_process=True, total_steps=10, initial_step=0
+    ) as writer:
+        writer.write_scalars(5, {"train/loss": 1.0})
+    path = os.path.join(workdir, writers.METRICS_FILENAME)
+    with open(path, "a") as f:
+        f.write('{"step": 6, "train/lo')  # a job killed in the middle of a write
+    with writers.create_writer(
+        config, workdir, is_main_process=True, total_steps=10, initial_step=5
+    ) as writer:
+        writer.write_scalars(6, {"train/loss": 0.5})
+    assert writers.read_metrics(path) == [
+        {"step": 5, "train/loss": 1.0},
+        {"step": 6, "train/loss": 0.5},
+    ]
+
+
+def test_non_scalar_metric_is_rejected(tmp_path):
+    with (
+        writers.create_writer(
+            make_config(), str(tmp_path), is_main_process=True, total_steps=1, initial_step=0
+        ) as writer,
+        pytest.raises(ValueError, match="train/loss"),
+    ):
+        writer.write_scalars(1, {"train/loss": np.ones(3)})
+
+
+def test_wandb_offline_writes_under_the_workdir_and_resumes_the_run(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = make_config("offline")
+    for initial_step in (0, 10):
+        with writers.create_writer(
+            config, workdir, is_main_process=True, total_steps=20, initial_step=initial_step
+        ) as writer:
+            writer.write_scalars(initial_step + 10, {**TRAIN, **VAL})
+    runs = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*")))
+    assert len(runs) == 2
+    with open(os.path.join(workdir, writers.WANDB_RUN_ID_FILENAME)) as f:
+        run_id = f.read().strip()
+    # The restarted job logged into the same run id.
+    assert all(run.endswith("-" + run_id) for run in runs)
+    for run in runs:
+        assert os.path.getsize(os.path.join(run, f"run-{run_id}.wandb")) > 0
+
+
+def test_wandb_disabled_writes_nothing(tmp_path):
+    workdir = str(tmp_path)
+    with writers.create_writer(
+        make_config("disabled"), workdir, is_main_process=True, total_steps=5, initial_step=0
+    ) as writer:
+        writer.write_scalars(1, TRAIN)
+    assert sorted(os.listdir(workdir)) == [writers.METRICS_FILENAME]
+
+
+def test_non_main_process_writes_nothing(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    writer = writers.create_writer(
+        make_config("offline"), workdir, is_main_process=False, total_steps=5, initial_step=0
+    )
+    assert isinstance(writer, writers.NoOpWriter)
+    for step in range(1, 6):
+        writer.advance(step)
+        writer.write_scalars(step, {**TRAIN, **VAL})
+    writer.log_text("hello")
+    writer.close()
+    assert not os.path.exists(workdir)
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == ""
+
+
+def test_console_prints_one_line_per_evaluation():
+    stream = io.StringIO()
+    console = writers.ConsoleWriter(
+        total_steps=100, initial_step=0, show_progress=True, images_per_step=32, stream=stream
+    )
+    for step in range(1, 101):
+        console.advance(step)
+        if step % 50 == 0:
+            console.write_scalars(step, TRAIN)
+    console.write_scalars(100, VAL)
+    console.log_text("checkpoint saved")
+    console.close()
+    lines = [line for line in stream.getvalue().replace("\r", "\n").split("\n") if line.strip()]
+    summaries = [line for line in lines if line.startswith("step 100 |")]
+    assert len(summaries) == 1
+    assert summaries[0] == (
+        "step 100 | epoch 0.50 | train loss 2.5000 top1 0.7500 top5 0.5000 "
+        "| val loss 2.2500 top1 0.6250 top5 0.3750 | lr 0.01"
+    )
+    assert "checkpoint saved" in lines
+    assert any("100/100" in line and "img/s=123.4" in line for line in lines)
+
+
+def test_console_without_progress_bar_prints_every_write():
+    stream = io.StringIO()
+    console = writers.ConsoleWriter(
+        total_steps=10, initial_step=0, show_progress=False, stream=stream
+    )
+    console.write_scalars(5, {"train/loss": 2.0})
+    console.write_scalars(10, VAL)
+    lines = stream.getvalue().strip().split("\n")
+    assert lines == [
+        "step 5 | train/loss=2.0000",
+        "step 10 | train loss 2.0000 | val loss 2.2500 top1 0.6250 top5 0.3750",
+    ]
+
+
+def test_wandb_mode_resolution(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc_path = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc_path))
+    assert writers.resolve_wandb_mode("auto") == "offline"  # no key anywhere
+    netrc_path.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    netrc_path.chmod(0o600)
+    assert writers.resolve_wandb_mode("auto") == "online"
+    netrc_path.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "abc123")
+    assert writers.resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert writers.resolve_wandb_mode("auto") == "disabled"
+    assert writers.resolve_wandb_mode("offline") == "offline"
+    with pytest.raises(ValueError, match="config.wandb.mode"):
+        writers.resolve_wandb_mode("onlien")

@@ -1,0 +1,210 @@
+"""The grain datasets of training and validation, built from `sources` and `transforms`.
+
+Training stream (per process):
+
+  source -> shuffle (global, reshuffled every epoch) -> repeat forever
+         -> random_map(TrainTransform)  (per-element RNG from seed and global position)
+         -> [process_index::process_count] -> batch -> workers (mp_prefetch)
+
+Everything before the batch is a random-access `MapDataset`, so element i of the stream
+is a pure function of (seed, i): the stream is deterministic, the same for any worker
+count (each worker computes whole batches, and mp_prefetch interleaves them back in
+order), and its iterator state is just a position, which orbax saves with
+`grain.checkpoint.CheckpointSave(iterator)`. Processes take interleaved positions of one
+global stream, so within every epoch they read disjoint examples that together cover
+the split exactly once, and the augmentation of an element does not depend on how many
+processes there are.
+
+Validation: each process takes positions process_index, process_index + process_count,
+... of the split and pads its share with masked examples up to the same number of
+batches on every process, so collectives never wait on a process that ran out, and every
+real example is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grain
+import numpy as np
+
+from vgg_jax.data import sources as sources_lib
+from vgg_jax.data import transforms
+
+# Number of independent seeds derived from the user's seed (shuffle, augmentation).
+_NUM_DERIVED_SEEDS = 2
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; mark them parsed outside `absl.app.run`
+    (tests, notebooks, the benchmark) so that starting workers does not raise."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _per_process(batch_size: int, process_count: int, what: str) -> int:
+    if process_count < 1 or batch_size % process_count or batch_size < process_count:
+        raise ValueError(
+            f"{what}={batch_size} must be a positive multiple of the process count "
+            f"{process_count}, so every process gets an equal share."
+        )
+    return batch_size // process_count
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} must be in [0, process_count={process_count})."
+        )
+
+
+def _to_iter_dataset(
+    ds: grain.MapDataset, data_config: Any, *, worker_processes: bool = True
+) -> grain.IterDataset:
+    """Batched MapDataset -> IterDataset with the configured workers and prefetching.
+
+    With `worker_processes` False the workers are threads of this process instead: they
+    start instantly, which suits a pass made many times (validation every epoch), and
+    decoding still runs in parallel since PIL releases the GIL while it decodes and resizes.
+    """
+    buffer = int(data_config.prefetch_buffer_size)
+    num_workers = int(data_config.num_workers)
+    # Each thread produces whole batches; one per process: grain's default (16 threads,
+    # 500 elements) would hold hundreds of batches of images in memory per worker.
+    num_threads = 1 if worker_processes else max(1, num_workers)
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer)
+    it = ds.to_iter_dataset(read_options)
+    if num_workers > 0 and worker_processes:
+        _ensure_absl_flags_parsed()
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
+        )
+    return it
+
+
+def train_dataset(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """The endless, shuffled, augmented training stream of this process.
+
+    Args:
+      data_config: config.data.
+      global_batch_size: the batch over all processes (config.train.batch_size).
+      seed: the data seed; the stream is a function of it alone (not of the workers).
+      process_index: this process (jax.process_index()).
+      process_count: the number of processes (jax.process_count()).
+
+    Returns:
+      An IterDataset of per-process batches of global_batch_size // process_count:
+      {"image": uint8 [b, S, S, 3], "label": int32 [b], "rgb_shift": float32 [b, 3],
+      "mask": bool [b]}, S = config.data.image_size. Its iterator is checkpointable.
+    """
+    _check_process(process_index, process_count)
+    per_process = _per_process(global_batch_size, process_count, "global_batch_size")
+    source = sources_lib.make_source(data_config, str(data_config.train_split))
+    shuffle_seed, augment_seed = (
+        int(s) for s in np.random.SeedSequence(seed).generate_state(_NUM_DERIVED_SEEDS)
+    )
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
+    # Endless; every epoch is a fresh permutation (the shuffle sees the epoch number).
+    ds = ds.repeat(None)
+    ds = ds.random_map(transforms.TrainTransform(data_config), seed=augment_seed)
+    ds = ds[process_index::process_count]
+    # Batches straddle epoch boundaries, so no example is ever dropped.
+    ds = ds.batch(per_process, drop_remainder=True)
+    return _to_iter_dataset(ds, data_config)
+
+
+class PaddedShard:
+    """Process `process_index`'s share of an eval source, padded to `length` records.
+
+    Position i holds source record process_index + i * process_count while that exists,
+    then a padding record ({"image": None, ...}, turned into a masked example).
+
+    Args:
+      source: the split's random-access source.
+      process_index, process_count: this process and the number of processes.
+      length: the padded length (equal on every process).
+    """
+
+    def __init__(self, source: Any, process_index: int, process_count: int, length: int):
+        self.source = source
+        self.process_index = process_index
+        self.process_count = process_count
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        position = self.process_index + int(index) * self.process_count
+        if position < len(self.source):
+            return self.source[position]
+        # Not None: grain treats None as a filtered-out element.
+        return {"image": None, "label": 0, "name": "<padding>"}
+
+    def __repr__(self) -> str:
+        return (
+            f"PaddedShard(source={self.source!r}, process_index={self.process_index}, "
+            f"process_count={self.process_count}, length={self.length})"
+        )
+
+
+def eval_batches_per_process(num_examples_: int, per_process: int, process_count: int) -> int:
+    """Batches every process yields so that all examples fit (the same on all processes)."""
+    return max(1, math.ceil(math.ceil(num_examples_ / process_count) / per_process))
+
+
+def eval_dataset(
+    data_config: Any,
+    *,
+    batch_size: int,
+    scale: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """One pass over config.data.eval_split: centre image_size crops at test scale Q.
+
+    Args:
+      data_config: config.data.
+      batch_size: the global eval batch (config.train.eval_batch_size).
+      scale: the test scale Q (the shortest side before the centre crop).
+      process_index: this process (jax.process_index()).
+      process_count: the number of processes (jax.process_count()).
+
+    Returns:
+      An IterDataset of per-process batches of batch_size // process_count with the keys
+      of `train_dataset` (rgb_shift zeros). Every process yields the same number of batches;
+      padding examples have mask False; each real example appears once over all processes.
+    """
+    _check_process(process_index, process_count)
+    per_process = _per_process(batch_size, process_count, "batch_size")
+    source = sources_lib.make_source(data_config, str(data_config.eval_split))
+    num_batches = eval_batches_per_process(len(source), per_process, process_count)
+    shard = PaddedShard(source, process_index, process_count, num_batches * per_process)
+    ds = grain.MapDataset.source(shard).map(
+        transforms.EvalTransform(int(data_config.image_size), int(scale))
+    )
+    ds = ds.batch(per_process, drop_remainder=True)
+    return _to_iter_dataset(ds, data_config, worker_processes=False)
+
+
+def num_examples(data_config: Any, split: str) -> int:
+    """The number of examples of a split (a directory listing or TFDS metadata; no decoding).
+
+    Args:
+      data_config: config.data.
+      split: the split name, e.g. config.data.train_split.
+
+    Returns:
+      The example count.
+    """
+    return len(sources_lib.make_source(data_config, split))

@@ -1,0 +1,91 @@
+"""Small fake data for tests: encoded images and ImageNet-style folders in a temp dir."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from configs import base
+
+# Test images of identity-encoding folders are flat grey levels this far apart, so an
+# example is recognisable from any crop of it even after JPEG rounding.
+GREY_STEP = 8
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs: Any) -> bytes:
+    """Encodes a uint8 [H, W] or [H, W, 3] array (or CMYK [H, W, 4] with mode='CMYK')."""
+    mode = kwargs.pop("mode", None)
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def smooth_image(rng: np.random.Generator, height: int, width: int, cell: int = 8) -> np.ndarray:
+    """A photo-like smooth random RGB image: bicubic upsampling of a random grid whose
+    cells are `cell` pixels wide."""
+    grid = (max(2, height // cell), max(2, width // cell), 3)
+    coarse = rng.integers(0, 256, grid, dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def write_folder(
+    root: str,
+    splits: dict[str, int],
+    classes: tuple[str, ...] = ("cat", "dog"),
+    size: tuple[int, int] = (48, 64),
+    grey_ids: bool = False,
+    seed: int = 0,
+) -> dict[str, list[int]]:
+    """Writes root/<split>/<class>/<i>.png (or .jpg) image folders.
+
+    Args:
+      root: the folder root.
+      splits: images per class of each split, e.g. {"train": 7, "val": 3}.
+      classes: the class folder names.
+      size: (height, width) of every image.
+      grey_ids: if True, image k of a split is a flat lossless PNG of grey level
+        k * GREY_STEP (an id readable from any crop); else smooth random JPEGs.
+      seed: the random seed of the images.
+
+    Returns:
+      For each split, the grey id of every image (in the folder source's order).
+    """
+    rng = np.random.default_rng(seed)
+    ids: dict[str, list[int]] = {}
+    for split, per_class in splits.items():
+        ids[split] = []
+        k = 0
+        for cls in classes:
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for i in range(per_class):
+                if grey_ids:
+                    pixels = np.full((*size, 3), k * GREY_STEP, np.uint8)
+                    Image.fromarray(pixels).save(os.path.join(root, split, cls, f"{i:03d}.png"))
+                else:
+                    pixels = smooth_image(rng, *size)
+                    Image.fromarray(pixels).save(os.path.join(root, split, cls, f"{i:03d}.jpg"), quality=95)
+                ids[split].append(k)
+                k += 1
+    return ids
+
+
+def grey_id(image: np.ndarray) -> int:
+    """The id of a crop of a `write_folder(grey_ids=True)` image."""
+    return int(round(float(image.mean()) / GREY_STEP))
+
+
+def data_config(**overrides: Any) -> Any:
+    """config.data of the base config shrunk for tests (32x32 crops, no workers)."""
+    config = base.get_config().data
+    config.image_size = 32
+    config.train_scale_min = config.train_scale_max = 40
+    config.eval_scale = 40
+    config.num_workers = 0
+    config.prefetch_buffer_size = 1
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config

@@ -1,0 +1,470 @@
+"""The paper's optimiser (section 3.1) and its learning-rate plateau schedule.
+
+Optimiser: mini-batch SGD with momentum 0.9 and an L2 penalty of 5e-4, the penalty
+coupled to the gradient (its gradient `weight_decay * w` is added before the momentum,
+as an L2 term in the loss would be), optionally with global-norm clipping and gradient
+accumulation. The learning rate lives in the optimiser state
+(`optax.inject_hyperparams`), so the host can change it between steps without the
+jit-compiled train step being traced again.
+
+Schedule: the paper divided the learning rate by 10 when the validation accuracy stopped
+improving, three times in total. `plateau_init` / `plateau_update` run that state machine
+on the host once per evaluation, on top of optax's own `optax.contrib.reduce_on_plateau`;
+the host then pushes the new rate into the optimiser state with `set_learning_rate`.
+
+Typical use in a training loop:
+
+    tx = create_optimizer(config.train)
+    opt_state = tx.init(params)
+    plateau = plateau_init(config.train)       # store it in the checkpoint
+    ...
+    # after each evaluation:
+    plateau, decision = plateau_update(plateau, val_metrics[config.train.plateau_monitor],
+                                       config.train)
+    if decision.reduced:
+        opt_state = set_learning_rate(opt_state,
+                                      config.train.learning_rate * decision.lr_scale)
+    if decision.should_stop:
+        ...  # the paper's stopping point: save and end training
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+# Name of the hyperparameter that `optax.inject_hyperparams` keeps in the optimiser state.
+_LEARNING_RATE = "learning_rate"
+# The plateau state machine works in float32 whatever the parameters' dtype, so its
+# state has the same structure and dtypes in every run (and in every checkpoint).
+_PLATEAU_DTYPE = jnp.float32
+# Suffixes of metric names that training wants to be small; the plateau logic minimises.
+_MINIMISED_SUFFIXES = ("error", "loss")
+
+
+# --------------------------------------------------------------------------------------
+# Optimiser
+# --------------------------------------------------------------------------------------
+
+
+def decay_mask(params: Any) -> Any:
+    """Marks the parameters the L2 penalty applies to when biases are exempt.
+
+    Flax layers name their parameters {'kernel', 'bias'}; every leaf whose own name is
+    'bias' is excluded, everything else is decayed.
+
+    Args:
+      params: a parameter pytree (nested dicts as made by flax, or any pytree).
+
+    Returns:
+      A pytree of Python bools with the structure of `params`: True = decayed.
+    """
+
+    def is_decayed(path, _leaf) -> bool:
+        last = path[-1] if path else None
+        name = getattr(last, "key", getattr(last, "name", None))
+        return name != "bias"
+
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def _check_train_config(train_config: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the config field, on values the optimiser cannot use."""
+    if train_config.learning_rate <= 0:
+        raise ValueError(
+            f"config.train.learning_rate must be positive, got {train_config.learning_rate}."
+        )
+    if not 0 <= train_config.momentum < 1:
+        raise ValueError(f"config.train.momentum must be in [0, 1), got {train_config.momentum}.")
+    if train_config.weight_decay < 0:
+        raise ValueError(
+            f"config.train.weight_decay must be >= 0, got {train_config.weight_decay}."
+        )
+    if train_config.grad_clip_norm < 0:
+        raise ValueError(
+            f"config.train.grad_clip_norm must be >= 0 (0 disables clipping), got "
+            f"{train_config.grad_clip_norm}."
+        )
+    accum = train_config.grad_accum_steps
+    if int(accum) != accum or accum < 1:
+        raise ValueError(f"config.train.grad_accum_steps must be an integer >= 1, got {accum}.")
+
+
+def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Builds the paper's optimiser from `config.train`.
+
+    The chain applied to the (mean) gradient of each optimiser step is:
+      1. global-norm clipping to `grad_clip_norm` (only if > 0), on the loss gradient
+         alone, so the clip never fights the weight decay;
+      2. + `weight_decay` * params (the paper's L2 penalty; biases included or not by
+         `decay_biases`);
+      3. SGD with heavy-ball momentum `momentum` (PyTorch/Caffe form: v = m*v + g,
+         update = -lr * v) at `learning_rate`, the latter held in the optimiser state.
+
+    With `grad_accum_steps` = k > 1 the chain is wrapped in `optax.MultiSteps`: the train
+    step is then called with micro-batches of batch_size / k images, the gradients of k
+    consecutive calls are averaged, and the parameters change only on every k-th call
+    (the other calls return zero updates). With a loss that is a batch mean, k calls
+    equal one step on the whole batch (dropout aside).
+
+    Args:
+      train_config: `config.train`; reads learning_rate, momentum, weight_decay,
+        decay_biases, grad_clip_norm and grad_accum_steps.
+
+    Returns:
+      An optax.GradientTransformation; `get_learning_rate` / `set_learning_rate` read and
+      change the learning rate in its state.
+
+    Raises:
+      ValueError: for a field out of range, naming it.
+    """
+    _check_train_config(train_config)
+    momentum = float(train_config.momentum)
+    weight_decay = float(train_config.weight_decay)
+    clip_norm = float(train_config.grad_clip_norm)
+    mask = None if train_config.decay_biases else decay_mask
+
+    def paper_sgd(learning_rate):
+        transforms = []
+        if clip_norm > 0:
+            transforms.append(optax.clip_by_global_norm(clip_norm))
+        if weight_decay > 0:
+            transforms.append(optax.add_decayed_weights(weight_decay, mask=mask))
+        # momentum=None (not 0) when disabled keeps optax from allocating a trace buffer.
+        transforms.append(optax.sgd(learning_rate, momentum=momentum or None))
+        return optax.chain(*transforms)
+
+    # Only the learning rate becomes state; float32 so that the state's dtypes never
+    # depend on the parameters' dtype (a bfloat16 lr would round 1e-2 to 0.010009765625).
+    tx = optax.inject_hyperparams(paper_sgd, hyperparam_dtype=jnp.float32)(
+        learning_rate=float(train_config.learning_rate)
+    )
+    accum_steps = int(train_config.grad_accum_steps)
+    if accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accum_steps).gradient_transformation()
+    return tx
+
+
+# optax.inject_hyperparams states: InjectStatefulHyperparamsState in recent optax,
+# InjectHyperparamsState in older releases.
+_INJECT_STATE_TYPES = tuple(
+    {
+        getattr(optax, name)
+        for name in ("InjectHyperparamsState", "InjectStatefulHyperparamsState")
+        if hasattr(optax, name)
+    }
+)
+
+
+def _is_hyperparams_state(node: Any) -> bool:
+    return isinstance(node, _INJECT_STATE_TYPES) and _LEARNING_RATE in node.hyperparams
+
+
+def _hyperparams_states(opt_state: Any) -> list[optax.InjectHyperparamsState]:
+    found = []
+
+    def collect(node):
+        if _is_hyperparams_state(node):
+            found.append(node)
+        return node
+
+    jax.tree.map(collect, opt_state, is_leaf=_is_hyperparams_state)
+    if len(found) != 1:
+        raise ValueError(
+            f"Expected exactly one optax.inject_hyperparams state holding a learning rate in "
+            f"the optimiser state, found {len(found)}; build the optimiser with "
+            "vgg_jax.optim.create_optimizer."
+        )
+    return found
+
+
+def get_learning_rate(opt_state: Any) -> jax.Array:
+    """Reads the learning rate the next optimiser step will use.
+
+    Args:
+      opt_state: the state of `create_optimizer(...)`, with or without gradient
+        accumulation (MultiSteps), possibly nested inside a larger pytree.
+
+    Returns:
+      The learning rate, a float32 scalar array (on device: `float()` it to log it).
+    """
+    (state,) = _hyperparams_states(opt_state)
+    return state.hyperparams[_LEARNING_RATE]
+
+
+def _like(reference: Any, value: float) -> Any:
+    """`value` as an array with the dtype, weak type and sharding of `reference`.
+
+    Keeping all three identical keeps the jit cache key of the train step unchanged, so
+    the step is not traced or compiled again.
+    """
+    if not isinstance(reference, jax.Array):
+        return np.asarray(value, dtype=np.asarray(reference).dtype)
+    host = np.asarray(value, dtype=reference.dtype)
+    # make_array_from_callback works for any sharding, also one spanning several hosts
+    # (each host fills only its own devices; every host passes the same value).
+    # (create_optimizer's learning rate is a strongly typed float32, so the new array's
+    # weak_type, always False, matches too.)
+    return jax.make_array_from_callback(reference.shape, reference.sharding, lambda idx: host[idx])
+
+
+def set_learning_rate(opt_state: Any, learning_rate: float) -> Any:
+    """Returns `opt_state` with a new learning rate for the following steps.
+
+    Call it on the host between train steps (e.g. after a plateau cut). The returned
+    state has the same tree structure, shapes, dtypes and shardings as `opt_state`, so a
+    jit-compiled step that takes it is neither retraced nor recompiled. With gradient
+    accumulation the new rate applies from the next *optimiser* update (the k-th
+    micro-step), whatever micro-step the state is at.
+
+    Args:
+      opt_state: the state of `create_optimizer(...)`, with or without MultiSteps,
+        possibly nested inside a larger pytree (e.g. a TrainState's opt_state).
+      learning_rate: the new absolute learning rate (not a factor).
+
+    Returns:
+      A new optimiser state; `opt_state` itself is not modified.
+    """
+    if not np.isfinite(learning_rate) or learning_rate < 0:
+        raise ValueError(f"The learning rate must be finite and >= 0, got {learning_rate}.")
+    _hyperparams_states(opt_state)  # exactly one, or a clear error
+
+    def replace(node):
+        if not _is_hyperparams_state(node):
+            return node
+        old = node.hyperparams[_LEARNING_RATE]
+        return node._replace(
+            hyperparams={**node.hyperparams, _LEARNING_RATE: _like(old, learning_rate)}
+        )
+
+    return jax.tree.map(replace, opt_state, is_leaf=_is_hyperparams_state)
+
+
+# --------------------------------------------------------------------------------------
+# Plateau schedule
+# --------------------------------------------------------------------------------------
+
+
+class PlateauState(NamedTuple):
+    """The plateau schedule's state: a pytree of arrays, to be saved in checkpoints.
+
+    Attributes:
+      plateau: optax's `ReduceLROnPlateauState`, the state machine proper.
+      num_reductions: int32 scalar, cuts applied so far (at most plateau_max_reductions).
+      should_stop: bool scalar, set once the metric stalled after the last allowed cut.
+    """
+
+    plateau: optax.contrib.ReduceLROnPlateauState
+    num_reductions: jax.Array
+    should_stop: jax.Array
+
+
+class PlateauDecision(NamedTuple):
+    """What one evaluation means for the learning rate (plain Python values).
+
+    Attributes:
+      lr_scale: multiply config.train.learning_rate by this from now on
+        (plateau_factor ** num_reductions).
+      reduced: True if this evaluation caused a cut (call `set_learning_rate`).
+      num_reductions: cuts so far, this one included.
+      should_stop: True once the metric has gone `plateau_patience` evaluations without
+        improvement after the last allowed cut: the paper's end of training.
+      best_metric: the best monitored value so far (the reference for improvement).
+    """
+
+    lr_scale: float
+    reduced: bool
+    num_reductions: int
+    should_stop: bool
+    best_metric: float
+
+
+def _check_plateau_config(train_config: ml_collections.ConfigDict) -> None:
+    patience = train_config.plateau_patience
+    if isinstance(patience, bool) or int(patience) != patience or patience < 1:
+        # optax cuts when its plateau count *equals* patience and resets the count on
+        # improvement first, so patience=0 cuts on every evaluation, improvement or not.
+        raise ValueError(
+            "config.train.plateau_patience must be an integer >= 1 (the number of "
+            "consecutive evaluations without improvement before the learning rate is cut); "
+            f"got {patience!r}. 0 would cut at every evaluation, even after an improvement."
+        )
+    if not 0 < train_config.plateau_factor < 1:
+        raise ValueError(
+            f"config.train.plateau_factor must be in (0, 1), got {train_config.plateau_factor}."
+        )
+    if not 0 < train_config.plateau_threshold <= 1:
+        raise ValueError(
+            "config.train.plateau_threshold (relative improvement needed) must be in (0, 1], "
+            f"got {train_config.plateau_threshold}."
+        )
+    max_reductions = train_config.plateau_max_reductions
+    if int(max_reductions) != max_reductions or max_reductions < 0:
+        raise ValueError(
+            f"config.train.plateau_max_reductions must be an integer >= 0, got {max_reductions!r}."
+        )
+    if not str(train_config.plateau_monitor).endswith(_MINIMISED_SUFFIXES):
+        raise ValueError(
+            f"config.train.plateau_monitor={train_config.plateau_monitor!r} must name a metric "
+            "to minimise (ending in 'error' or 'loss', e.g. 'val/top1_error'): the plateau "
+            "schedule cuts when it stops decreasing."
+        )
+
+
+def _reduce_on_plateau(factor: float, patience: int, threshold: float):
+    # optax's `patience` is exactly our promise: its plateau count is reset by an
+    # improvement, incremented otherwise, and the scale is cut when the count *reaches*
+    # `patience` (then reset to 0). So optax patience=N cuts after N consecutive
+    # evaluations without improvement (PyTorch's ReduceLROnPlateau would need N-1).
+    # No cooldown and no min_scale: our wrapper counts the cuts and turns the cut after
+    # the last allowed one into "stop".
+    return optax.contrib.reduce_on_plateau(
+        factor=factor,
+        patience=patience,
+        rtol=threshold,
+        atol=0.0,
+        cooldown=0,
+        accumulation_size=1,
+    )
+
+
+def _plateau_args(train_config: ml_collections.ConfigDict) -> tuple[float, int, float]:
+    return (
+        float(train_config.plateau_factor),
+        int(train_config.plateau_patience),
+        float(train_config.plateau_threshold),
+    )
+
+
+@functools.cache
+def _plateau_step(factor: float, patience: int, threshold: float):
+    """A compiled optax plateau update, cached per setting (eager lax.cond recompiles)."""
+    transform = _reduce_on_plateau(factor, patience, threshold)
+
+    @jax.jit
+    def step(plateau, value):
+        # reduce_on_plateau is an optax transform: the "updates" it scales are irrelevant
+        # here, only its state and the `value` it is given matter.
+        _, new_plateau = transform.update(jnp.zeros((), _PLATEAU_DTYPE), plateau, value=value)
+        return new_plateau
+
+    return step
+
+
+def plateau_init(train_config: ml_collections.ConfigDict) -> PlateauState:
+    """Creates the plateau schedule's state for a fresh run.
+
+    Args:
+      train_config: `config.train`; reads the plateau_* fields.
+
+    Returns:
+      A PlateauState (a pytree of scalar arrays, to be checkpointed with the train state).
+
+    Raises:
+      ValueError: for a plateau_* field out of range (patience < 1 included), naming it.
+    """
+    _check_plateau_config(train_config)
+    # The state's dtypes follow the "params" passed to init: a float32 scalar.
+    plateau = _reduce_on_plateau(*_plateau_args(train_config)).init(jnp.zeros((), _PLATEAU_DTYPE))
+    return PlateauState(
+        plateau=plateau,
+        num_reductions=jnp.zeros((), jnp.int32),
+        should_stop=jnp.zeros((), jnp.bool_),
+    )
+
+
+def plateau_lr_scale(state: PlateauState, train_config: ml_collections.ConfigDict) -> float:
+    """The learning-rate multiplier implied by `state` (e.g. after restoring a checkpoint).
+
+    Args:
+      state: a PlateauState.
+      train_config: `config.train`; reads plateau_factor.
+
+    Returns:
+      plateau_factor ** (cuts so far).
+    """
+    return float(train_config.plateau_factor) ** int(state.num_reductions)
+
+
+def plateau_update(
+    state: PlateauState, metric: float, train_config: ml_collections.ConfigDict
+) -> tuple[PlateauState, PlateauDecision]:
+    """Feeds one evaluation's monitored metric to the plateau schedule (on the host).
+
+    Semantics (the metric is minimised, e.g. val/top1_error):
+      * the evaluation *improves* if metric < (1 - plateau_threshold) * best, where best is
+        the lowest value seen so far (the first evaluation always improves; a NaN never
+        does). An improvement resets the count of stalled evaluations;
+      * after `plateau_patience` consecutive evaluations without improvement, the learning
+        rate is cut by `plateau_factor` and the count restarts from 0 (best is kept);
+      * at most `plateau_max_reductions` cuts; the next time the count reaches patience
+        after the last cut, `should_stop` becomes True (and stays True), with no cut.
+
+    With patience=2, threshold=1e-3, errors 0.50, 0.40, 0.40, 0.40 cut at the 4th
+    evaluation: the 3rd and 4th did not beat 0.40 * 0.999.
+
+    Args:
+      state: the current PlateauState (from `plateau_init` or a checkpoint).
+      metric: the monitored value of this evaluation (config.train.plateau_monitor).
+      train_config: `config.train`; the same plateau_* fields as at `plateau_init`.
+
+    Returns:
+      (new state, PlateauDecision). When `decision.reduced`, set the learning rate to
+      config.train.learning_rate * decision.lr_scale with `set_learning_rate`.
+    """
+    _check_plateau_config(train_config)
+    if bool(state.should_stop):
+        return state, _decision(state, train_config, reduced=False)
+    step = _plateau_step(*_plateau_args(train_config))
+    plateau = step(state.plateau, jnp.asarray(metric, _PLATEAU_DTYPE))
+    # With cooldown=0 and no min_scale, optax's scale drops exactly when it cuts.
+    optax_cut = bool(plateau.scale < state.plateau.scale)
+    num_reductions = int(state.num_reductions)
+    max_reductions = int(train_config.plateau_max_reductions)
+    reduced = optax_cut and num_reductions < max_reductions
+    should_stop = optax_cut and not reduced
+    new_state = PlateauState(
+        plateau=plateau,
+        num_reductions=jnp.asarray(num_reductions + int(reduced), jnp.int32),
+        should_stop=jnp.asarray(should_stop, jnp.bool_),
+    )
+    return new_state, _decision(new_state, train_config, reduced=reduced)
+
+
+def _decision(state: PlateauState, train_config, *, reduced: bool) -> PlateauDecision:
+    return PlateauDecision(
+        lr_scale=plateau_lr_scale(state, train_config),
+        reduced=reduced,
+        num_reductions=int(state.num_reductions),
+        should_stop=bool(state.should_stop),
+        best_metric=float(state.plateau.best_value),
+    )
+
+
+def monitored_metric(metrics: Mapping[str, Any], train_config: ml_collections.ConfigDict) -> float:
+    """Picks the plateau schedule's metric out of an evaluation's metrics.
+
+    Args:
+      metrics: evaluation results keyed by metric name (e.g. 'val/top1_error').
+      train_config: `config.train`; reads plateau_monitor.
+
+    Returns:
+      The monitored value as a Python float.
+
+    Raises:
+      KeyError: if the evaluation did not produce the monitored metric.
+    """
+    name = train_config.plateau_monitor
+    if name not in metrics:
+        raise KeyError(
+            f"config.train.plateau_monitor={name!r} is not among the evaluation metrics "
+            f"{sorted(metrics)}; set it to one of them."
+        )
+    return float(metrics[name])

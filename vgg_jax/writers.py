@@ -1,0 +1,445 @@
+"""One metrics interface for training, with three backends.
+
+* console: a tqdm progress bar over optimiser steps (rate, ETA, and the latest loss,
+  learning rate and images/s), plus one printed line per evaluation with the train and
+  validation loss and top-1/top-5 error;
+* JSON lines: `<workdir>/metrics.jsonl`, one object per `write_scalars` call holding
+  "step" and every scalar written (read back by `vgg_jax.plot`);
+* Weights & Biases: mode from `config.wandb.mode`, files under `<workdir>/wandb/`, the
+  same run resumed when training restarts in the same workdir.
+
+Only the main process (JAX process 0) writes: `create_writer(..., is_main_process=False)`
+returns a writer that does nothing, so the training loop needs no `if` around logging.
+
+Usage:
+
+    with create_writer(config, workdir, is_main_process=jax.process_index() == 0,
+                       total_steps=total, initial_step=step) as writer:
+        for step in range(step + 1, total + 1):
+            ...
+            writer.advance(step)                       # every step: cheap, no device sync
+            if step % config.train.log_every_steps == 0:
+                writer.write_scalars(step, {TRAIN_LOSS: loss, LEARNING_RATE: lr, ...})
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import math
+import netrc
+import os
+import sys
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, Self
+
+import ml_collections
+import numpy as np
+import tqdm
+
+# Metric names, shared with the training loop and vgg_jax.plot (names of the original
+# PyTorch project, with a split prefix).
+TRAIN_LOSS = "train/loss"
+TRAIN_TOP1_ERROR = "train/top1_error"
+TRAIN_TOP5_ERROR = "train/top5_error"
+TRAIN_IMAGES_PER_SEC = "train/images_per_sec"
+TRAIN_GRAD_NORM = "train/grad_norm"
+VAL_LOSS = "val/loss"
+VAL_TOP1_ERROR = "val/top1_error"
+VAL_TOP5_ERROR = "val/top5_error"
+LEARNING_RATE = "lr"
+EPOCH = "epoch"
+# The x-axis key of every record (JSON lines) and of every wandb chart.
+STEP = "step"
+
+METRICS_FILENAME = "metrics.jsonl"
+# Remembers the wandb run id, so a restarted job resumes the same run.
+WANDB_RUN_ID_FILENAME = "wandb_run_id.txt"
+WANDB_MODES = ("online", "offline", "disabled", "auto")
+_WANDB_DEFAULT_HOST = "https://api.wandb.ai"
+
+# Which metrics the end-of-evaluation console line shows, and how it labels them.
+_SUMMARY_FIELDS = (("loss", "loss"), ("top1", "top1_error"), ("top5", "top5_error"))
+
+
+class MetricWriter(abc.ABC):
+    """Where training reports its metrics. Every method is a no-op on non-main processes.
+
+    Usable as a context manager (closes on exit).
+    """
+
+    @abc.abstractmethod
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Records scalar metrics at an optimiser step.
+
+        Args:
+          step: the optimiser step the values belong to (the x axis).
+          scalars: metric name -> value; Python/numpy numbers or scalar jax arrays
+            (fetched from the device here, so call it only every few steps).
+        """
+
+    def advance(self, step: int) -> None:
+        """Tells the writer training reached `step` (moves the progress bar).
+
+        Cheap and free of device synchronisation: call it every step.
+        """
+
+    def log_text(self, message: str) -> None:
+        """Prints an informational message (without breaking the progress bar)."""
+
+    def close(self) -> None:
+        """Flushes and releases everything; the writer must not be used afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class NoOpWriter(MetricWriter):
+    """Writes nothing: for processes other than the main one."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        del step, scalars
+
+
+def _to_python(name: str, value: Any) -> float | int | bool:
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(
+            f"Metric {name!r} must be a scalar, got an array of shape {array.shape}; "
+            "reduce it (e.g. mean) before writing."
+        )
+    return array.reshape(()).item()
+
+
+def _format_value(value: float) -> str:
+    if isinstance(value, float) and (value == 0 or 1e-3 <= abs(value) < 1e4 or math.isnan(value)):
+        return f"{value:.4f}"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class ConsoleWriter(MetricWriter):
+    """A progress bar over steps and a printed line per evaluation.
+
+    The bar's postfix shows the latest loss, learning rate and images/s; an evaluation (a
+    write that holds any "val/" metric) prints a line with the latest train and the new
+    validation loss and errors. Without a bar, every write prints a line.
+    """
+
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        initial_step: int,
+        show_progress: bool,
+        images_per_step: int | None = None,
+        stream=None,
+    ):
+        """Args:
+        total_steps: the last step of training (the bar's total).
+        initial_step: the step training starts from (non-zero on resume).
+        show_progress: draw the tqdm bar; False prints every write instead.
+        images_per_step: global batch size, to show images/s from the bar's own rate
+          until a train/images_per_sec value is written.
+        stream: where to write (default sys.stderr, like tqdm).
+        """
+        self._stream = stream if stream is not None else sys.stderr
+        self._images_per_step = images_per_step
+        self._latest: dict[str, float] = {}
+        self._bar = None
+        if show_progress:
+            self._bar = tqdm.tqdm(
+                total=total_steps,
+                initial=initial_step,
+                unit="step",
+                dynamic_ncols=True,
+                file=self._stream,
+            )
+
+    def _print(self, line: str) -> None:
+        # tqdm.write keeps the bar intact below the printed line.
+        tqdm.tqdm.write(line, file=self._stream)
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self._latest.update(scalars)
+        is_eval = any(name.startswith("val/") for name in scalars)
+        if self._bar is None:
+            if is_eval:
+                self._print(self._summary_line(step))
+            else:
+                items = " ".join(f"{k}={_format_value(v)}" for k, v in scalars.items())
+                self._print(f"step {step} | {items}")
+            return
+        self.advance(step)
+        postfix = {}
+        if TRAIN_LOSS in self._latest:
+            postfix["loss"] = f"{self._latest[TRAIN_LOSS]:.4f}"
+        if LEARNING_RATE in self._latest:
+            postfix["lr"] = f"{self._latest[LEARNING_RATE]:.2g}"
+        images_per_sec = self._latest.get(TRAIN_IMAGES_PER_SEC)
+        rate = self._bar.format_dict.get("rate")
+        if images_per_sec is None and rate and self._images_per_step:
+            images_per_sec = rate * self._images_per_step
+        if images_per_sec is not None:
+            postfix["img/s"] = f"{images_per_sec:.1f}"
+        self._bar.set_postfix(postfix, refresh=False)
+        if is_eval:
+            self._print(self._summary_line(step))
+
+    def _summary_line(self, step: int) -> str:
+        parts = [f"step {step}"]
+        if EPOCH in self._latest:
+            parts.append(f"epoch {self._latest[EPOCH]:.2f}")
+        for split in ("train", "val"):
+            fields = [
+                f"{label} {_format_value(self._latest[f'{split}/{key}'])}"
+                for label, key in _SUMMARY_FIELDS
+                if f"{split}/{key}" in self._latest
+            ]
+            if fields:
+                parts.append(f"{split} " + " ".join(fields))
+        if LEARNING_RATE in self._latest:
+            parts.append(f"lr {self._latest[LEARNING_RATE]:.3g}")
+        return " | ".join(parts)
+
+    def log_text(self, message: str) -> None:
+        self._print(message)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Reads a metrics.jsonl file: one dict per line, blank lines skipped.
+
+    A final line cut short (a job killed mid-write) is ignored; any other bad line raises.
+
+    Args:
+      path: the file.
+
+    Returns:
+      The records in file order.
+    """
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {index + 1}: not valid JSON: {line[:80]!r}") from None
+    return records
+
+
+class JsonLinesWriter(MetricWriter):
+    """Appends one JSON object per write to `<workdir>/metrics.jsonl`.
+
+    Each object is {"step": step, name: value, ...}; NaN and infinities are written as
+    NaN/Infinity (Python's json reads them back). A restarted run appends to the file, so
+    steps between the restored checkpoint and the interruption appear twice, the later
+    record being the one of the resumed run (`vgg_jax.plot` keeps the last one).
+    """
+
+    def __init__(self, workdir: str):
+        """Args:
+        workdir: the run's directory (created if needed).
+        """
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, METRICS_FILENAME)
+        self._drop_partial_last_line()
+        # Held open for the whole run (closed in close()), not per write.
+        self._file = open(self.path, "a")  # noqa: SIM115
+
+    def _drop_partial_last_line(self) -> None:
+        # A job killed mid-write leaves a line without its newline; appending after it
+        # would glue two records into one unreadable line.
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        record = {STEP: int(step), **scalars}
+        self._file.write(json.dumps(record) + "\n")
+        # Flushed every write: the file is read live (plots) and must survive a crash.
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def _wandb_api_key_configured() -> bool:
+    """True if wandb has an API key: WANDB_API_KEY, or a netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", _WANDB_DEFAULT_HOST)).hostname
+    netrc_path = os.environ.get("NETRC", os.path.join(os.path.expanduser("~"), ".netrc"))
+    try:
+        return netrc.netrc(netrc_path).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, PermissionError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """Turns config.wandb.mode into the mode handed to wandb.init.
+
+    Args:
+      mode: "online", "offline", "disabled", or "auto": the WANDB_MODE environment
+        variable if set, else "online" when an API key is configured (WANDB_API_KEY or a
+        netrc entry, as written by `wandb login`), else "offline".
+
+    Returns:
+      "online", "offline" or "disabled".
+
+    Raises:
+      ValueError: for an unknown mode.
+    """
+    if mode not in WANDB_MODES:
+        raise ValueError(f"config.wandb.mode={mode!r} is not one of {', '.join(WANDB_MODES)}.")
+    if mode != "auto":
+        return mode
+    from_env = os.environ.get("WANDB_MODE", "")
+    if from_env in ("online", "offline", "disabled"):
+        return from_env
+    if from_env == "dryrun":  # wandb's old name for offline
+        return "offline"
+    return "online" if _wandb_api_key_configured() else "offline"
+
+
+class WandbWriter(MetricWriter):
+    """Logs to a Weights & Biases run whose files live in `<workdir>/wandb/`.
+
+    The run id is kept in `<workdir>/wandb_run_id.txt`, so a job restarted in the same
+    workdir continues the same run (resume="allow"). Every metric is charted against our
+    own "step" (define_metric), not wandb's internal step, so values re-logged after a
+    resume from an earlier checkpoint are kept instead of dropped as out of order.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, mode: str):
+        """Args:
+        config: the full config; reads config.wandb and logs the whole config to the run.
+        workdir: the run's directory.
+        mode: "online" or "offline" (resolved, see resolve_wandb_mode).
+        """
+        import wandb  # only imported when used: it is slow to import
+
+        os.makedirs(workdir, exist_ok=True)
+        id_path = os.path.join(workdir, WANDB_RUN_ID_FILENAME)
+        run_id = None
+        if os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip() or None
+        wandb_config = config.wandb
+        self._run = wandb.init(
+            project=wandb_config.project or None,
+            name=wandb_config.name or None,
+            tags=list(wandb_config.tags) or None,
+            dir=workdir,
+            mode=mode,
+            id=run_id,
+            resume="allow",
+            config=config.to_dict(),
+            # Several writers (tests, or one per stage) may live in one process.
+            reinit="create_new",
+        )
+        if run_id is None:
+            with open(id_path, "w") as f:
+                f.write(self._run.id)
+        self._defined: set[str] = set()
+
+    @property
+    def run(self):
+        """The wandb Run (e.g. for its directory or id)."""
+        return self._run
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for name in scalars:
+            if name not in self._defined and name != STEP:
+                self._run.define_metric(name, step_metric=STEP)
+                self._defined.add(name)
+        self._run.log({STEP: int(step), **scalars})
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+class MultiWriter(MetricWriter):
+    """Fans every call out to several writers; fetches device values once per write."""
+
+    def __init__(self, writers: list[MetricWriter]):
+        self.writers = list(writers)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        values = {name: _to_python(name, value) for name, value in scalars.items()}
+        for writer in self.writers:
+            writer.write_scalars(step, values)
+
+    def advance(self, step: int) -> None:
+        for writer in self.writers:
+            writer.advance(step)
+
+    def log_text(self, message: str) -> None:
+        for writer in self.writers:
+            writer.log_text(message)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def create_writer(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    is_main_process: bool,
+    total_steps: int,
+    initial_step: int = 0,
+) -> MetricWriter:
+    """Builds the metrics writer of a training run.
+
+    Args:
+      config: the full config; reads config.progress_bar, config.train.batch_size and
+        config.wandb (mode, project, name, tags).
+      workdir: the run's directory: metrics.jsonl and wandb/ are written inside.
+      is_main_process: True on JAX process 0 only; other processes get a NoOpWriter.
+      total_steps: the last optimiser step of training (progress bar and ETA).
+      initial_step: the step training starts from (the restored step on resume).
+
+    Returns:
+      A MetricWriter: console + JSON lines (+ wandb unless its mode is "disabled"), or a
+      NoOpWriter.
+
+    Raises:
+      ValueError: for an unknown config.wandb.mode.
+    """
+    mode = resolve_wandb_mode(config.wandb.mode)  # fail on a typo on every process
+    if not is_main_process:
+        return NoOpWriter()
+    writers: list[MetricWriter] = [
+        ConsoleWriter(
+            total_steps=total_steps,
+            initial_step=initial_step,
+            show_progress=bool(config.get("progress_bar", True)),
+            images_per_step=config.train.batch_size,
+        ),
+        JsonLinesWriter(workdir),
+    ]
+    if mode != "disabled":
+        writers.append(WandbWriter(config, workdir, mode=mode))
+    return MultiWriter(writers)
