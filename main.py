@@ -79,7 +79,10 @@ def main(argv):
     if _MODE.value == "train":
         from vgg_jax import train
 
-        train.train_and_evaluate(config, workdir)
+        try:
+            train.train_and_evaluate(config, workdir)
+        except FloatingPointError as error:
+            sys.exit(f"Training stopped: {error}")
     else:
         from vgg_jax import evaluate
 

@@ -363,6 +363,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step == total_steps and last_saved != step:
             _save(manager, step, state, plateau, train_iter, config, step // steps_per_epoch,
                   last_eval)
+        if last_eval:
+            writer.log_text(
+                f"Finished at step {step}: validation top-1 error "
+                f"{100 * last_eval['val/top1_error']:.2f}% (accuracy "
+                f"{100 * (1 - last_eval['val/top1_error']):.2f}%), top-5 error "
+                f"{100 * last_eval['val/top5_error']:.2f}%. Checkpoints: {manager.directory}")
     finally:
         manager.wait_until_finished()
         manager.close()
