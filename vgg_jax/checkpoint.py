@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -232,10 +233,14 @@ def load_variables(
         },
     )
     chosen = resolve_step(manager, step)
+    # Host numpy targets: the checkpoint may come from another device layout (e.g. a
+    # multi-host run), which a restore without targets would try to rebuild.
+    shapes = manager.item_metadata(chosen)[PARAMS]
+    target = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
     restored = manager.restore(
         chosen,
         args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardRestore(),
+            PARAMS: ocp.args.StandardRestore(target),
             META: ocp.args.JsonRestore(),
         }),
     )

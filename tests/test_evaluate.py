@@ -1,0 +1,245 @@
+"""The test protocols of paper 3.2 on tiny nets: views, dense maps, flips, exact counting."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from vgg_jax import checkpoint, evaluate
+from vgg_jax.data import testing, transforms
+from vgg_jax.models import create_model
+
+NUM_CLASSES = 10
+MEAN = (120.0, 115.0, 100.0)
+STD = (60.0, 55.0, 50.0)
+
+
+def tiny_model(image_size=32, version="A"):
+    return create_model(version, num_classes=NUM_CLASSES, image_size=image_size,
+                        width_divisor=16, fc_features=32)
+
+
+def random_params(model, seed=0):
+    """He-scaled random parameters from the shapes alone (model.init takes ~10 s to compile)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, model.image_size, model.image_size, 3)))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(s):
+        fan_in = int(np.prod(s.shape[:-1])) or 1
+        return (rng.standard_normal(s.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    return jax.tree.map(draw, shapes)
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = tiny_model()
+    return evaluate.EvalNet("A", model, random_params(model), MEAN, STD, (32, 32))
+
+
+def random_images(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [testing.smooth_image(rng, h, w, cell=4) for h, w in sizes]
+
+
+def run(nets, images, labels=None, **kwargs):
+    labels = labels if labels is not None else np.arange(len(images)) % NUM_CLASSES
+    kwargs.setdefault("scales", (32,))
+    kwargs.setdefault("batch_size", 8)
+    kwargs.setdefault("num_threads", 0)
+    kwargs.setdefault("progress_bar", False)
+    return evaluate.evaluate_nets(nets, evaluate.ArrayImages(images, labels),
+                                  return_probabilities=True, **kwargs)
+
+
+def by_index(result):
+    order = np.argsort(result["indices"])
+    return result["probabilities"][order]
+
+
+def test_test_scales_follow_the_paper():
+    assert evaluate.test_scales((), 256, 256) == (256,)
+    assert evaluate.test_scales((), 256, 256, multi_scale=True) == (224, 256, 288)
+    assert evaluate.test_scales((), 256, 512) == (384,)
+    assert evaluate.test_scales((), 256, 512, multi_scale=True) == (256, 384, 512)
+    assert evaluate.test_scales((300, 400), 256, 256, multi_scale=True) == (300, 400)
+    assert evaluate.test_scales("256,384,512", 256, 256) == (256, 384, 512)
+
+
+def test_unknown_protocol_is_a_clear_error(net):
+    with pytest.raises(ValueError, match="config.eval.protocol"):
+        evaluate.protocol_components("ten_crop")
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        run([net], random_images([(32, 32)]), scales=(16,))
+
+
+@pytest.mark.parametrize("image_size,height,width", [(32, 64, 96), (64, 96, 160), (64, 64, 64)])
+def test_dense_score_map_shape(image_size, height, width):
+    model = tiny_model(image_size)
+    params = {"params": random_params(model)}
+    scores = jax.eval_shape(
+        lambda x: model.apply(params, x, dense=True), jnp.zeros((2, height, width, 3)))
+    window = image_size // 32
+    assert scores.shape == (2, height // 32 - window + 1, width // 32 - window + 1, NUM_CLASSES)
+
+
+def test_dense_equals_single_crop_when_rescaled_to_image_size(net):
+    # Square images of any size rescale to exactly 32 x 32 at Q = 32.
+    images = random_images([(32, 32), (48, 48), (64, 64), (40, 40), (32, 32)])
+    single = run([net], images, protocol="single_crop")
+    dense = run([net], images, protocol="dense", flip=False)
+    np.testing.assert_allclose(by_index(dense), by_index(single), rtol=1e-6, atol=1e-7)
+    # And the on-device core agrees with a plain forward pass.
+    view = jnp.asarray(images[0])[None]
+    x = (view.astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    expected = jax.nn.softmax(net.model.apply({"params": net.params}, x))
+    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.params, view[:, None])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_flip_averaging_is_symmetric(net):
+    image = random_images([(64, 96)])[0]
+    views = jnp.asarray(np.stack([image, image[:, ::-1]]))[:, None]
+    probs = evaluate.class_probabilities(net.model, MEAN, STD, True, net.params, views)
+    np.testing.assert_allclose(probs[0], probs[1], rtol=1e-5, atol=1e-7)
+    # Whole protocols on mirrored images (sizes whose crops and grids are mirror-symmetric).
+    images = random_images([(64, 96), (32, 64), (96, 64)], seed=1)
+    mirrored = [np.ascontiguousarray(x[:, ::-1]) for x in images]
+    for protocol in ("dense", "multi_crop"):
+        a = run([net], images, protocol=protocol, multi_crop_grid=3, scales=(32, 64))
+        b = run([net], mirrored, protocol=protocol, multi_crop_grid=3, scales=(32, 64))
+        np.testing.assert_allclose(by_index(a), by_index(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("grid", [1, 3, 5])
+def test_multi_crop_makes_grid_squared_times_two_crops(grid):
+    image = random_images([(40, 56)])[0]
+    views = evaluate.protocol_views(image, "multi_crop", 32, grid)
+    assert views.shape == (2 * grid * grid, 32, 32, 3)
+    assert len(evaluate.protocol_views(image, "multi_crop", 32, grid, flip=False)) == grid**2
+    np.testing.assert_array_equal(views[grid * grid:], views[: grid * grid, :, ::-1])
+    if grid > 1:  # The grid spans the image: first crop top-left, last bottom-right.
+        np.testing.assert_array_equal(views[0], image[:32, :32])
+        np.testing.assert_array_equal(views[grid * grid - 1], image[-32:, -32:])
+
+
+def test_multi_crop_feeds_every_crop_to_the_net(net):
+    images = random_images([(40, 56), (48, 48)])
+    maker = evaluate._ViewMaker(evaluate.ArrayImages(images, [0, 1]), np.arange(2),
+                                "multi_crop", 40, 32, 5, True, (32, 32))
+    example = maker(0)
+    assert example["views"].shape == (50, 32, 32, 3)
+    views = jnp.asarray(example["views"])[None]
+    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.params, views)
+    per_crop = [evaluate.class_probabilities(net.model, MEAN, STD, False, net.params,
+                                             views[:, i : i + 1]) for i in range(50)]
+    np.testing.assert_allclose(got, np.mean(per_crop, axis=0), rtol=1e-5, atol=1e-7)
+
+
+def test_odd_split_is_counted_exactly_once(net):
+    # 13 images on 4 devices with 8-image batches, mixed sizes (several dense buckets).
+    sizes = [(32 + 8 * (i % 5), 32 + 16 * (i % 3)) for i in range(13)]
+    images = random_images(sizes)
+    labels = np.random.default_rng(3).integers(0, NUM_CLASSES, 13)
+    assert jax.device_count() == 4
+    for protocol in evaluate.PROTOCOLS:
+        result = run([net], images, labels, protocol=protocol, multi_crop_grid=2,
+                     scales=(32, 48))
+        assert sorted(result["indices"].tolist()) == list(range(13))
+        assert all(row["images"] == 13 for row in result["rows"]), result["rows"]
+    # The errors equal a reference computed one image at a time.
+    result = run([net], images, labels, protocol="single_crop", scales=(40,))
+    probs = []
+    for image in images:
+        view = transforms.centre_crop(transforms.rescale_shorter_side(image, 40), 32)
+        probs.append(evaluate.class_probabilities(
+            net.model, MEAN, STD, False, net.params, jnp.asarray(view)[None, None])[0])
+    probs = np.stack(probs)
+    np.testing.assert_allclose(by_index(result), probs, rtol=1e-5, atol=1e-7)
+    top1, top5 = evaluate.top_k_correct(probs, labels)
+    row = result["rows"][0]
+    assert row["top1_error"] == pytest.approx(100 * (1 - top1 / 13))
+    assert row["top5_error"] == pytest.approx(100 * (1 - top5 / 13))
+
+
+def test_undecodable_images_are_reported_not_counted(net):
+    images = random_images([(32, 32)] * 3)
+    source = evaluate.ArrayImages(images + [b"not an image"], [0, 1, 2, 3])
+    result = evaluate.evaluate_nets([net], source, scales=(32,), batch_size=4, num_threads=0,
+                                    progress_bar=False, protocol="dense")
+    assert result["undecodable"] == 1
+    assert result["rows"][0]["images"] == 3
+
+
+def test_plan_gives_every_process_the_same_batches():
+    # Three processes with unequal shares of three shapes.
+    rng = np.random.default_rng(0)
+    shapes = np.array([(32, 32), (32, 64), (64, 32)])
+    total, process_count = 23, 3
+    per_process = [len(range(p, total, process_count)) for p in range(process_count)]
+    keys = np.full((process_count, max(per_process), 2), -1)
+    for p, n in enumerate(per_process):
+        keys[p, :n] = shapes[rng.integers(0, 3, n)]
+    costs = {tuple(s): int(s[0] * s[1] // 1024) for s in shapes}
+    plans = [evaluate.plan_buckets(keys, costs, 6, 3, process_count, p)
+             for p in range(process_count)]
+    for p, plan in enumerate(plans):
+        assert [(b.shape, b.num_batches, b.local_batch) for b in plan] == \
+               [(b.shape, b.num_batches, b.local_batch) for b in plans[0]]
+        rows = np.concatenate([b.rows for b in plan])
+        assert sorted(rows[rows >= 0].tolist()) == list(range(per_process[p]))
+        for b in plan:
+            assert all(tuple(keys[p, r]) == b.shape for r in b.rows[b.rows >= 0])
+
+
+def test_dense_buckets_compile_once_per_shape(net):
+    # Rescaled at Q=32: 32x32 (3 images), 32x64 (5), 64x32 (4) -> three shapes, each spread
+    # over several padded batches.
+    sizes = [(32, 32)] * 3 + [(40, 80)] * 5 + [(64, 32)] * 4
+    result = run([net], random_images(sizes), protocol="dense", batch_size=8)
+    assert result["buckets"] == {"dense@32": 3}
+    assert result["compilations"] == 3
+    # A second scale adds only its new shapes (64x64, 64x128, 128x64).
+    result = run([net], random_images(sizes), protocol="dense", batch_size=8, scales=(32, 64))
+    assert result["compilations"] == 6
+
+
+def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
+    config = base.get_config()
+    config.model.num_classes = NUM_CLASSES
+    config.model.width_divisor, config.model.fc_features = 16, 32
+    config.model.compute_dtype = "float32"
+    config.data = testing.data_config(source="folder", data_dir=str(tmp_path / "data"),
+                                      eval_split="val", mean_rgb=MEAN, std_rgb=STD)
+    config.eval.batch_size = 8
+    config.progress_bar = False
+    testing.write_folder(str(tmp_path / "data"), {"train": 1, "val": 1}, size=(40, 56),
+                         classes=tuple(f"c{i}" for i in range(NUM_CLASSES)))
+    workdir = str(tmp_path / "run")
+    checkpoint.save_variables(workdir, {"params": net.params}, config)
+
+    config.eval.protocol = "dense+multi_crop"
+    config.eval.multi_crop_grid = 2
+    alone = evaluate.run_evaluation(config, workdir)
+    with open(os.path.join(workdir, "eval_results.json")) as f:
+        saved = json.load(f)
+    assert saved["rows"] == alone
+    assert "| net | train S | test Q |" in open(os.path.join(workdir, "eval_results.md")).read()
+    assert [r["protocol"] for r in alone] == ["dense", "multi_crop", "dense+multi_crop"]
+    assert all(r["images"] == 10 and r["test_Q"] == "40" for r in alone)
+
+    config.eval.ensemble = (workdir,)
+    ensemble = evaluate.run_evaluation(config, workdir)
+    assert len(ensemble) == 2 * len(alone) + 3
+    for row in ensemble[-3:]:
+        match = next(r for r in alone if r["protocol"] == row["protocol"])
+        assert row["top1_error"] == match["top1_error"]
+        assert row["top5_error"] == match["top5_error"]
+    # The same module and preprocessing share one compiled function.
+    with open(os.path.join(workdir, "eval_results.json")) as f:
+        assert json.load(f)["compilations"] == saved["compilations"]

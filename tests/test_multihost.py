@@ -1,0 +1,73 @@
+"""Two real processes on localhost (jax.distributed, CPU collectives) train like one."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from vgg_jax import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = [
+    sys.executable, "main.py", "--config=configs/quickstart.py",
+    "--config.model.width_divisor=16", "--config.model.fc_features=32",
+    # Dropout draws its mask per position of the global batch, and two processes order
+    # the batch differently (process 0's share first), so compare without it.
+    "--config.model.dropout_rate=0.0",
+    # Five large steps: float summation order differs between the layouts, and early
+    # training amplifies rounding, so a long run would drift apart by more than rounding.
+    "--config.train.num_epochs=1", "--config.train.batch_size=256",
+    "--config.train.eval_batch_size=64", "--config.train.log_every_steps=1",
+    "--config.data.num_workers=0", "--config.progress_bar=False",
+]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return dict(env, JAX_PLATFORMS="cpu", WANDB_MODE="offline", WANDB_SILENT="true")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    cache = f"--config.data.cache_dir={tmp_path / 'cache'}"
+    single = subprocess.run(RUN + [cache, f"--workdir={tmp_path / 'single'}"], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    port = _free_port()
+    workers = [
+        subprocess.Popen(
+            RUN + [cache, f"--workdir={tmp_path / 'multi'}",
+                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={index}"],
+            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for index in range(2)
+    ]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    assert "process 1 of 2" in outputs[1][1]
+
+    single_vars, _ = checkpoint.load_variables(str(tmp_path / "single"), "latest")
+    multi_vars, _ = checkpoint.load_variables(str(tmp_path / "multi"), "latest")
+    for a, b in zip(jax.tree.leaves(single_vars["params"]), jax.tree.leaves(multi_vars["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Only process 0 writes metrics; the same losses, and every validation image once.
+    single_log, multi_log = (
+        [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        for name in ("single", "multi"))
+    assert [r["step"] for r in multi_log] == [r["step"] for r in single_log]
+    for a, b in zip(single_log, multi_log):
+        for key in ("train/loss", "val/loss", "val/top1_error"):
+            if key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
+    assert multi_log[-1]["val/count"] == 360

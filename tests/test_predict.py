@@ -1,0 +1,98 @@
+"""Prediction from a checkpoint on image files, with ImageNet class names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from vgg_jax import checkpoint, imagenet_classes, predict
+from vgg_jax.data import testing, transforms
+from vgg_jax.models import create_model
+
+MEAN, STD = (120.0, 115.0, 100.0), (60.0, 55.0, 50.0)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny 1000-class net saved as a weights-only checkpoint."""
+    config = base.get_config()
+    config.model.width_divisor, config.model.fc_features = 16, 32
+    config.model.compute_dtype = "float32"
+    config.data = testing.data_config(mean_rgb=MEAN, std_rgb=STD)  # 32x32 crops, Q = 40
+    model = create_model("A", num_classes=1000, image_size=32, width_divisor=16, fc_features=32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32),
+        shapes)
+    path = str(tmp_path_factory.mktemp("predict") / "run")
+    checkpoint.save_variables(path, {"params": params}, config)
+    return path, model, params
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    paths = []
+    for name, size, fmt in (("a.jpg", (48, 64), "JPEG"), ("b.png", (40, 40), "PNG")):
+        path = folder / name
+        path.write_bytes(testing.encode(testing.smooth_image(rng, *size), fmt))
+        paths.append(str(path))
+    broken = folder / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    return paths, str(broken)
+
+
+def test_imagenet_class_names_are_read_from_tfds():
+    names = imagenet_classes.class_names()
+    if names is None:
+        pytest.skip("tensorflow-datasets' label files are not installed")
+    assert len(names) == 1000 and len(set(names)) == 1000
+    assert imagenet_classes.short_name(names[0]) == "tench"
+    assert names[281].startswith("tabby")
+    assert imagenet_classes.wordnet_ids()[0] == "n01440764"
+
+
+def test_predict_single_crop_matches_the_model(workdir, images):
+    path, model, params = workdir
+    paths, broken = images
+    results = predict.predict(path, paths + [broken], top_k=5)
+    assert [r["path"] for r in results] == paths + [broken]
+    assert "error" in results[-1]
+    for result, image_path in zip(results[:2], paths):
+        predictions = result["predictions"]
+        assert len(predictions) == 5
+        probs = [p["probability"] for p in predictions]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        with open(image_path, "rb") as f:
+            view = transforms.centre_crop(transforms.decode_rescaled(f.read(), 40), 32)
+        x = (jnp.asarray(view, jnp.float32)[None] - jnp.asarray(MEAN)) / jnp.asarray(STD)
+        expected = np.asarray(jax.nn.softmax(model.apply({"params": params}, x)))[0]
+        top = np.argsort(-expected)[:5]
+        assert [p["class"] for p in predictions] == top.tolist()
+        np.testing.assert_allclose(probs, expected[top], rtol=1e-5)
+        if imagenet_classes.class_names():
+            assert predictions[0]["name"] == imagenet_classes.class_names()[top[0]]
+
+
+@pytest.mark.parametrize("protocol", ["dense", "multi_crop"])
+def test_predict_other_protocols(workdir, images, protocol):
+    results = predict.predict(workdir[0], images[0], top_k=3, protocol=protocol, scale=64)
+    assert all(len(r["predictions"]) == 3 for r in results)
+
+
+def test_cli_prints_top_classes(workdir, images, capsys):
+    predict.main(["--checkpoint", workdir[0], "--top_k", "2", images[0][0]])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == images[0][0]
+    assert len(out) == 3 and out[1].lstrip().startswith("1.") and "%" in out[1]
+
+
+def test_class_names_for_small_data_sets():
+    config = base.get_config()
+    config.data.source = "digits"
+    assert predict.class_names_for(config, 10) == [str(i) for i in range(10)]
+    config.data.source = "tfds"
+    assert predict.class_names_for(config, 3) == ["class 0", "class 1", "class 2"]

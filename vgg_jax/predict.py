@@ -1,0 +1,154 @@
+"""Classifies image files with a trained (or converted) checkpoint.
+
+  python -m vgg_jax.predict --checkpoint runs/vgg_d cat.jpg dog.png
+  python -m vgg_jax.predict --checkpoint runs/torchvision_vgg16 --protocol dense cat.jpg
+
+The image is rescaled to the checkpoint's test scale (config.data.eval_scale, e.g. 256)
+and classified with one of the paper's protocols (default: the centre crop); the top-k
+classes are printed with their probabilities, named with ImageNet's class names for a
+1000-class net, the class folder names for a net trained on an image folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from vgg_jax import evaluate, models
+from vgg_jax.data import transforms
+
+PREDICT_PROTOCOLS = (evaluate.SINGLE_CROP, evaluate.DENSE, evaluate.MULTI_CROP)
+
+
+def class_names_for(run_config, num_classes: int) -> list[str]:
+    """Human-readable class names of a net, or "class <i>" where none are known."""
+    names: Sequence[str] | None = None
+    data = run_config.get("data", {})
+    source = str(data.get("source", ""))
+    if num_classes == 1000 and source != "folder":
+        from vgg_jax import imagenet_classes
+
+        names = imagenet_classes.class_names()
+    elif source == "digits" and num_classes == 10:
+        names = [str(i) for i in range(10)]
+    elif source == "folder" and data.get("data_dir"):
+        try:
+            from vgg_jax.data import sources
+
+            names = sources.folder_class_names(data.data_dir, str(data.train_split))
+        except (ImportError, ValueError, OSError):
+            names = None
+    if names is None or len(names) != num_classes:
+        return [f"class {i}" for i in range(num_classes)]
+    return list(names)
+
+
+def _views(data: bytes, protocol: str, q: int, image_size: int, grid: int) -> np.ndarray:
+    image = transforms.decode_rescaled(data, q)
+    # The dense view is cropped to a multiple of the net's stride, as in evaluation.
+    h, w = image.shape[:2]
+    shape = (max(image_size, h // models.TOTAL_STRIDE * models.TOTAL_STRIDE),
+             max(image_size, w // models.TOTAL_STRIDE * models.TOTAL_STRIDE))
+    return evaluate.protocol_views(image, protocol, image_size, grid, flip=True, shape=shape)
+
+
+def predict(
+    checkpoint_path: str,
+    image_paths: Sequence[str],
+    top_k: int = 5,
+    *,
+    step: int | str | None = None,
+    protocol: str = evaluate.SINGLE_CROP,
+    scale: int | None = None,
+    multi_crop_grid: int = 5,
+) -> list[dict[str, Any]]:
+    """Top-k classes of each image.
+
+    Args:
+      checkpoint_path: a workdir or weight directory (vgg_jax.checkpoint.load_variables).
+      image_paths: image files (JPEG, PNG, ... ; grayscale and CMYK are converted to RGB).
+      top_k: how many classes to return per image.
+      step: checkpoint step (None: best if any, else latest).
+      protocol: "single_crop" (default), "dense" (whole image and its flip) or
+        "multi_crop" (grid x grid crops and flips).
+      scale: test scale Q (None: the checkpoint's config.data.eval_scale).
+      multi_crop_grid: side of the multi-crop grid.
+
+    Returns:
+      One dict per image: {"path", "predictions": [{"class", "name", "probability"}, ...]}
+      best first, or {"path", "error"} for a file that cannot be read.
+    """
+    if protocol not in PREDICT_PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; use one of {', '.join(PREDICT_PROTOCOLS)}.")
+    net, run_config = evaluate.load_net(checkpoint_path, step)
+    image_size, num_classes = net.model.image_size, net.model.num_classes
+    q = int(scale or run_config.data.get("eval_scale", net.train_scale[0]))
+    if q < image_size:
+        raise ValueError(f"Test scale {q} is smaller than the net's crop size {image_size}.")
+    names = class_names_for(run_config, num_classes)
+    # Multi-crop views come with their flips; dense flips are made on the device.
+    flip = protocol == evaluate.DENSE
+    # One image at a time: dense views differ in shape, and a handful of images is cheap.
+    fn = jax.jit(lambda params, views: evaluate.class_probabilities(
+        net.model, tuple(net.mean_rgb), tuple(net.std_rgb), flip, params, views))
+    params = jax.device_put(net.params)
+    k = max(1, min(int(top_k), num_classes))
+    results = []
+    for path in image_paths:
+        try:
+            with open(path, "rb") as f:
+                views = _views(f.read(), protocol, q, image_size, multi_crop_grid)
+        except transforms.DECODE_ERRORS as e:
+            results.append({"path": path, "error": f"cannot read image: {e}"})
+            continue
+        probs = np.asarray(fn(params, views[None]))[0]
+        order = np.argsort(-probs, kind="stable")[:k]
+        results.append({"path": path, "predictions": [
+            {"class": int(c), "name": names[c], "probability": float(probs[c])} for c in order
+        ]})
+    return results
+
+
+def format_predictions(results: Sequence[dict[str, Any]]) -> str:
+    """Human-readable lines: each path, then its classes with probabilities."""
+    lines = []
+    for result in results:
+        lines.append(result["path"])
+        if "error" in result:
+            lines.append(f"  error: {result['error']}")
+            continue
+        for rank, p in enumerate(result["predictions"], 1):
+            lines.append(f"  {rank}. {100 * p['probability']:6.2f}%  {p['name']} ({p['class']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vgg_jax.predict", description="Classify images with a vgg-jax checkpoint.")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--checkpoint", required=True, help="workdir or weight directory")
+    parser.add_argument("--step", default=None, help="step number, 'best' or 'latest'")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--protocol", default=evaluate.SINGLE_CROP, choices=PREDICT_PROTOCOLS)
+    parser.add_argument("--scale", type=int, default=None, help="test scale Q (shorter side)")
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.checkpoint):
+        parser.error(f"checkpoint {args.checkpoint} does not exist.")
+    try:
+        results = predict(args.checkpoint, args.images, args.top_k, step=args.step,
+                          protocol=args.protocol, scale=args.scale)
+    except ValueError as e:
+        sys.exit(f"Prediction failed: {e}")
+    print(format_predictions(results))
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
