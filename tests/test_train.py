@@ -1,5 +1,7 @@
 """The train step, evaluation sums, data parallelism and checkpoints, on small shapes."""
 
+import os
+
 import grain
 import jax
 import numpy as np
@@ -183,3 +185,16 @@ def test_retention_keeps_the_newest_and_the_best(tmp_path):
     assert checkpoint.best_step(manager) == 4
     assert checkpoint.resolve_step(manager, "latest") == 8
     manager.close()
+
+
+def test_an_incomplete_step_directory_is_ignored_on_resume(tmp_path):
+    manager = checkpoint.create_manager(str(tmp_path))
+    checkpoint.save(manager, 3, params={"w": np.zeros(2, np.float32)},
+                    meta={"config": {}, "metrics": {}})
+    manager.wait_until_finished()
+    manager.close()
+    # A step-named directory without orbax's completion marker, as a cut-short copy leaves.
+    os.makedirs(tmp_path / "checkpoints" / "7" / "params")
+    reopened = checkpoint.create_manager(str(tmp_path))
+    assert checkpoint.latest_complete_step(reopened) == 3
+    reopened.close()

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -165,6 +166,24 @@ def restore_training(
         }),
     )
     return restored[PARAMS], restored[TRAIN], restored[META]
+
+
+# Written last by orbax when a step's save is complete.
+_COMPLETE_MARKER = "_CHECKPOINT_METADATA"
+
+
+def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
+    """The newest step whose save finished, or None.
+
+    A save killed midway normally leaves a temporary directory that orbax ignores, but a
+    step-named directory without orbax's completion marker (e.g. a copy that was cut
+    short) would be counted and fail to restore; such directories are skipped.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        if os.path.exists(os.path.join(str(manager.directory), str(step), _COMPLETE_MARKER)):
+            return step
+        logging.warning("Ignoring incomplete checkpoint directory %s/%d.", manager.directory, step)
+    return None
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -282,8 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
     )
     start_step, last_eval = 0, {}
-    if manager.latest_step() is not None:
-        start_step = manager.latest_step()
+    resume_step = checkpoint.latest_complete_step(manager)
+    if resume_step is not None:
+        start_step = resume_step
         params, train, meta = checkpoint.restore_training(
             manager, start_step, params_target=state.params,
             train_target=_train_item(state, plateau), data_iterator=train_iter,
