@@ -30,8 +30,9 @@ def get_config():
     config.data.train_scale_min = 32
     config.data.train_scale_max = 40
     config.data.eval_scale = 36
-    # A mirrored digit is another symbol.
+    # A mirrored digit is another symbol: no flips in training or in test-time averaging.
     config.data.random_flip = False
+    config.eval.flip = False
     # Mean RGB of the digits' training split (python -m vgg_jax.data.mean_rgb).
     config.data.mean_rgb = (79.01, 79.01, 79.01)
     config.data.num_workers = 1

@@ -38,7 +38,7 @@ def _setup(config, mesh):
     state = train.create_train_state(model, tx, config.seed, mesh)
     state = state.replace(opt_state=optim.set_learning_rate(
         state.opt_state, config.train.learning_rate))
-    step = jax.jit(train.make_train_step(model, config.data), donate_argnums=(0,))
+    step = train.jit_train_step(model, config.data)
     return model, state, step
 
 
