@@ -44,7 +44,7 @@ def _default_workdir() -> str:
 
 
 # Libraries whose INFO logs (one line per checkpoint phase) would bury the progress output.
-_CHATTY_LIBRARIES = ("/orbax/", "/grain/")
+_CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/jax/")
 
 
 def _quiet_library_info(record) -> bool:

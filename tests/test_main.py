@@ -77,7 +77,8 @@ def test_quickstart_pipeline_end_to_end(reference_run, cache_dir):
     assert sorted(os.listdir(os.path.join(digits, "train"))) == [str(c) for c in range(10)]
     assert sorted(os.listdir(os.path.join(digits, "val"))) == [str(c) for c in range(10)]
     # Per-epoch lines with train/val loss and top-1/top-5 error.
-    assert "epoch 2: train loss" in result.stdout + result.stderr
+    assert "step 44 | epoch 2.00 | train loss" in result.stdout + result.stderr
+    assert "Finished at step 44: validation top-1 error" in result.stdout + result.stderr
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     evaluations = [r for r in records if "val/top1_error" in r]
     assert len(evaluations) == 2

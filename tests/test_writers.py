@@ -145,8 +145,8 @@ def test_console_prints_one_line_per_evaluation():
     summaries = [line for line in lines if line.startswith("step 100 |")]
     assert len(summaries) == 1
     assert summaries[0] == (
-        "step 100 | epoch 0.50 | train loss 2.5000 top1 0.7500 top5 0.5000 "
-        "| val loss 2.2500 top1 0.6250 top5 0.3750 | lr 0.01"
+        "step 100 | epoch 0.50 | train loss 2.5000 top-1 err 75.00% top-5 err 50.00% "
+        "| val loss 2.2500 top-1 err 62.50% top-5 err 37.50% | lr 0.01"
     )
     assert "checkpoint saved" in lines
     assert any("100/100" in line and "img/s=123.4" in line for line in lines)
@@ -162,7 +162,7 @@ def test_console_without_progress_bar_prints_every_write():
     lines = stream.getvalue().strip().split("\n")
     assert lines == [
         "step 5 | train/loss=2.0000",
-        "step 10 | train loss 2.0000 | val loss 2.2500 top1 0.6250 top5 0.3750",
+        "step 10 | train loss 2.0000 | val loss 2.2500 top-1 err 62.50% top-5 err 37.50%",
     ]
 
 

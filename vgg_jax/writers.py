@@ -60,7 +60,10 @@ WANDB_MODES = ("online", "offline", "disabled", "auto")
 _WANDB_DEFAULT_HOST = "https://api.wandb.ai"
 
 # Which metrics the end-of-evaluation console line shows, and how it labels them.
-_SUMMARY_FIELDS = (("loss", "loss"), ("top1", "top1_error"), ("top5", "top5_error"))
+# (label, metric suffix, shown as a percentage) of the per-evaluation console line.
+_SUMMARY_FIELDS = (
+    ("loss", "loss", False), ("top-1 err", "top1_error", True), ("top-5 err", "top5_error", True)
+)
 
 
 class MetricWriter(abc.ABC):
@@ -199,8 +202,9 @@ class ConsoleWriter(MetricWriter):
             parts.append(f"epoch {self._latest[EPOCH]:.2f}")
         for split in ("train", "val"):
             fields = [
-                f"{label} {_format_value(self._latest[f'{split}/{key}'])}"
-                for label, key in _SUMMARY_FIELDS
+                f"{label} {100 * self._latest[f'{split}/{key}']:.2f}%" if percent
+                else f"{label} {_format_value(self._latest[f'{split}/{key}'])}"
+                for label, key, percent in _SUMMARY_FIELDS
                 if f"{split}/{key}" in self._latest
             ]
             if fields:
@@ -355,6 +359,9 @@ class WandbWriter(MetricWriter):
             config=config.to_dict(),
             # Several writers (tests, or one per stage) may live in one process.
             reinit="create_new",
+            # The console writer already reports progress; wandb's run summary at exit
+            # would bury the last lines of training.
+            settings=wandb.Settings(quiet=True),
         )
         if run_id is None:
             with open(id_path, "w") as f:
