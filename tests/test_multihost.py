@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from vgg_jax import checkpoint
 
@@ -37,33 +38,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    cache = f"--config.data.cache_dir={tmp_path / 'cache'}"
-    single = subprocess.run(RUN + [cache, f"--workdir={tmp_path / 'single'}"], cwd=ROOT,
-                            env=_env(), capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-
+def _launch_pair(args, timeout=300):
+    """Runs `args` as processes 0 and 1 of a two-process jax.distributed job."""
     port = _free_port()
     workers = [
         subprocess.Popen(
-            RUN + [cache, f"--workdir={tmp_path / 'multi'}",
-                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                   f"--process_id={index}"],
+            args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={index}"],
             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for index in range(2)
     ]
-    outputs = [worker.communicate(timeout=300) for worker in workers]
+    outputs = [worker.communicate(timeout=timeout) for worker in workers]
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-3000:]
     assert "process 1 of 2" in outputs[1][1]
+    return outputs
 
-    single_vars, _ = checkpoint.load_variables(str(tmp_path / "single"), "latest")
-    multi_vars, _ = checkpoint.load_variables(str(tmp_path / "multi"), "latest")
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """One single-process training run, the reference for both tests."""
+    root = tmp_path_factory.mktemp("multihost")
+    cache = f"--config.data.cache_dir={root / 'cache'}"
+    result = subprocess.run(RUN + [cache, f"--workdir={root / 'single'}"], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, cache
+
+
+def test_two_processes_train_like_one(single_run):
+    root, cache = single_run
+    _launch_pair(RUN + [cache, f"--workdir={root / 'multi'}"])
+
+    single_vars, _ = checkpoint.load_variables(str(root / "single"), "latest")
+    multi_vars, _ = checkpoint.load_variables(str(root / "multi"), "latest")
     for a, b in zip(jax.tree.leaves(single_vars["params"]), jax.tree.leaves(multi_vars["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # Only process 0 writes metrics; the same losses, and every validation image once.
     single_log, multi_log = (
-        [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        [json.loads(line) for line in open(root / name / "metrics.jsonl")]
         for name in ("single", "multi"))
     assert [r["step"] for r in multi_log] == [r["step"] for r in single_log]
     for a, b in zip(single_log, multi_log):
@@ -71,3 +84,23 @@ def test_two_processes_match_one(tmp_path):
             if key in a:
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
     assert multi_log[-1]["val/count"] == 360
+
+
+def test_two_process_evaluation_counts_every_image_once(single_run):
+    root, cache = single_run
+    evaluate = RUN + [cache, f"--workdir={root / 'single'}", "--mode=eval",
+                      "--config.eval.protocol=dense+multi_crop", "--config.eval.scales=(32,40)"]
+    results = root / "single" / "eval_results.json"
+    one = subprocess.run(evaluate, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows_one = json.loads(results.read_text())["rows"]
+    results.unlink()
+    _launch_pair(evaluate)
+    rows_two = json.loads(results.read_text())["rows"]
+    assert len(rows_two) == len(rows_one) >= 3
+    for a, b in zip(rows_one, rows_two):
+        assert a["images"] == b["images"] == 360
+        assert (a["protocol"], a["test_Q"]) == (b["protocol"], b["test_Q"])
+        np.testing.assert_allclose(a["top1_error"], b["top1_error"], atol=1e-6)
+        np.testing.assert_allclose(a["top5_error"], b["top5_error"], atol=1e-6)
