@@ -1,4 +1,6 @@
-"""ConvNet configuration A of the paper's Table 1: 11 weight layers, the shallowest net; trained from random init.
+"""ConvNet configuration A of the paper's Table 1: 11 weight layers, the shallowest net.
+
+The paper trained it from random initialisation and used it to initialise the deeper nets.
 
 Train on ImageNet (a TFDS imagenet2012 build, or an image folder with train/ and val/):
   python main.py --config=configs/vgg_a.py --workdir=runs/vgg_a \

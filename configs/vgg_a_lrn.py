@@ -1,4 +1,5 @@
-"""ConvNet configuration A-LRN of the paper's Table 1: A with local response normalisation after the first conv layer.
+"""ConvNet configuration A-LRN of the paper's Table 1: A with local response normalisation
+after the first conv layer.
 
 Train on ImageNet (a TFDS imagenet2012 build, or an image folder with train/ and val/):
   python main.py --config=configs/vgg_a_lrn.py --workdir=runs/vgg_a_lrn \

@@ -7,12 +7,15 @@ Train on ImageNet (a TFDS imagenet2012 build, or an image folder with train/ and
       --config.data.source=folder --config.data.data_dir=/path/to/imagenet
 Training scale variants (paper 3.1): configs/vgg_c.py:384 and configs/vgg_c.py:256-512.
 
-The paper initialised this net from a trained net A (first four conv layers and the three
-FC layers); Glorot initialisation, the default here, trains it from scratch as well:
-  --config.init_from=runs/vgg_a
+The paper initialised this net from a trained net A (its first four conv layers and its
+three FC layers); Glorot initialisation, the default here, trains it from scratch as well.
+To follow the paper, add:
+  --config.init_from=runs/vgg_a \
+  --config.init_from_layers="('conv1_1','conv2_1','conv3_1','conv3_2','fc6','fc7','fc8')"
 
 Expected result on the ILSVRC-2012 validation set, from the paper:
-  single crop top-1 / top-5 (Table 3): S=256 28.1% / 9.4%; S=384 28.1% / 9.3%; S in [256,512], Q=384 27.3% / 8.8%.
+  single crop top-1 / top-5 (Table 3): S=256 28.1% / 9.4%; S=384 28.1% / 9.3%;
+  S in [256,512], Q=384 27.3% / 8.8%.
 """
 
 from configs import base

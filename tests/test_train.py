@@ -149,7 +149,7 @@ def test_checkpoint_round_trip(tmp_path):
     manager.wait_until_finished()
     expected_next = [next(iterator) for _ in range(3)]
 
-    fresh_model, fresh, _ = _setup(config, mesh)
+    _, fresh, _ = _setup(config, mesh)
     fresh_iterator = _grain_iterator()
     params, restored_train, meta = checkpoint.restore_training(
         manager, 1, params_target=fresh.params,

@@ -24,8 +24,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 # The metric that ranks checkpoints (lower is better).
@@ -155,7 +155,7 @@ def restore_training(
     """
     import grain
 
-    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
     restored = manager.restore(
         step,
         args=ocp.args.Composite(**{
@@ -210,18 +210,21 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | str | None) -> int:
     """
     steps = manager.all_steps()
     if not steps:
-        raise ValueError(f"No checkpoint found in {manager.directory}; train first or check the path.")
+        raise ValueError(
+            f"No checkpoint found in {manager.directory}; train first or check the path.")
     if step in (None, "best"):
         found = best_step(manager)
         if found is not None:
             return found
         if step == "best":
-            raise ValueError(f"No evaluated checkpoint in {manager.directory}; use a step number or 'latest'.")
+            raise ValueError(f"No evaluated checkpoint in {manager.directory}; "
+                             "use a step number or 'latest'.")
         return max(steps)
     if step == "latest":
         return max(steps)
     if int(step) not in steps:
-        raise ValueError(f"Step {step} is not in {manager.directory}; available steps: {sorted(steps)}.")
+        raise ValueError(
+            f"Step {step} is not in {manager.directory}; available steps: {sorted(steps)}.")
     return int(step)
 
 
@@ -242,7 +245,8 @@ def load_variables(
     """
     directory = checkpoint_dir(path)
     if not os.path.isdir(directory):
-        raise ValueError(f"Checkpoint path {path} does not exist; pass a workdir with checkpoints/.")
+        raise ValueError(
+            f"Checkpoint path {path} does not exist; pass a workdir with checkpoints/.")
     manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),

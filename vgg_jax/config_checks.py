@@ -56,7 +56,8 @@ def validate_config(
     _require(m.initializer in INITIALIZERS,
              f"config.model.initializer={m.initializer!r} is unknown; use one of {INITIALIZERS}.")
     _require(m.compute_dtype in COMPUTE_DTYPES,
-             f"config.model.compute_dtype={m.compute_dtype!r} is unknown; use one of {COMPUTE_DTYPES}.")
+             f"config.model.compute_dtype={m.compute_dtype!r} is unknown; "
+             f"use one of {COMPUTE_DTYPES}.")
 
     _require(d.source in SOURCES,
              f"config.data.source={d.source!r} is unknown; use one of {SOURCES}.")
@@ -78,11 +79,12 @@ def validate_config(
              "positive.")
     _require(d.num_workers >= 0, f"config.data.num_workers={d.num_workers} must be 0 or more.")
     if d.source in ("tfds", "folder"):
+        expected = ("tensorflow_datasets" if d.source == "tfds"
+                    else "imagenet (with train/ and val/)")
         _require(bool(d.data_dir),
                  f"config.data.data_dir is not set for source {d.source!r}; pass "
-                 "--config.data.data_dir=/path/to/" +
-                 ("tensorflow_datasets" if d.source == "tfds" else "imagenet (with train/ and val/)")
-                 + ", or use --config=configs/quickstart.py for the offline demo.")
+                 f"--config.data.data_dir=/path/to/{expected}, or use "
+                 "--config=configs/quickstart.py for the offline demo.")
 
     _require(t.batch_size >= 1, f"config.train.batch_size={t.batch_size} must be positive.")
     _require(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,

@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec
 from PIL import Image
 
 from vgg_jax import parallel
+from vgg_jax.config_values import string_list
 from vgg_jax.data import transforms
 from vgg_jax.preprocess import normalize_images
 
@@ -329,7 +330,7 @@ def plan_buckets(
         local_batch = images_per_batch(costs[shape], budget, device_count) // process_count
         in_bucket = (keys[..., 0] == shape[0]) & (keys[..., 1] == shape[1]) & valid
         per_process = in_bucket.sum(axis=1)
-        num_batches = int(math.ceil(per_process.max() / local_batch))
+        num_batches = math.ceil(per_process.max() / local_batch)
         rows = np.full(num_batches * local_batch, -1, np.int64)
         mine = np.flatnonzero(in_bucket[process_index])
         rows[: len(mine)] = mine
@@ -612,7 +613,7 @@ def _gather_dense_keys(
         local = list(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
     else:
         local = [dataset[i] for i in range(len(dataset))]
-    max_local = int(math.ceil(len(source) / process_count))
+    max_local = math.ceil(len(source) / process_count)
     keys = np.full((max_local, 2), -1, np.int64)
     if local:
         keys[: len(local)] = np.stack(local)
@@ -727,7 +728,9 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(workdir: str, result: Mapping[str, Any], extra: Mapping[str, Any]) -> tuple[str, str]:
+def write_results(
+    workdir: str, result: Mapping[str, Any], extra: Mapping[str, Any]
+) -> tuple[str, str]:
     """Writes eval_results.json and eval_results.md into the workdir; returns their paths."""
     os.makedirs(workdir, exist_ok=True)
     json_path = os.path.join(workdir, RESULTS_BASENAME + ".json")
@@ -785,9 +788,11 @@ def run_evaluation(
     from vgg_jax.data import sources
 
     ev = config.eval
-    net, run_config = load_net(workdir, step)
-    nets = [net] + [load_net(path)[0] for path in ev.ensemble]
-    scales = test_scales(ev.scales, *net.train_scale, multi_scale=bool(ev.get("multi_scale", False)))
+    net, _ = load_net(workdir, step)
+    ensemble = string_list(ev.ensemble)
+    nets = [net] + [load_net(path)[0] for path in ensemble]
+    scales = test_scales(
+        ev.scales, *net.train_scale, multi_scale=bool(ev.get("multi_scale", False)))
     source = sources.make_source(config.data, str(config.data.eval_split))
     data_classes = sources.num_classes(config.data)
     for n in nets:
@@ -811,6 +816,6 @@ def run_evaluation(
               f"{result['undecodable']} undecodable images.")
         data_name = config.data.name if config.data.source == "tfds" else config.data.data_dir
         extra = {"split": f"{config.data.source}:{data_name or ''}:{config.data.eval_split}",
-                 "checkpoints": [workdir, *ev.ensemble], "step": step}
+                 "checkpoints": [workdir, *ensemble], "step": step}
         write_results(workdir, result, extra)
     return result["rows"]

@@ -85,7 +85,8 @@ def predict(
       best first, or {"path", "error"} for a file that cannot be read.
     """
     if protocol not in PREDICT_PROTOCOLS:
-        raise ValueError(f"Unknown protocol {protocol!r}; use one of {', '.join(PREDICT_PROTOCOLS)}.")
+        raise ValueError(
+            f"Unknown protocol {protocol!r}; use one of {', '.join(PREDICT_PROTOCOLS)}.")
     net, run_config = evaluate.load_net(checkpoint_path, step)
     image_size, num_classes = net.model.image_size, net.model.num_classes
     q = int(scale or run_config.data.get("eval_scale", net.train_scale[0]))

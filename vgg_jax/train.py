@@ -23,6 +23,7 @@ from absl import logging
 from flax.training import train_state
 
 from vgg_jax import checkpoint, optim, parallel, writers
+from vgg_jax.config_values import string_list
 from vgg_jax.data import pipeline
 from vgg_jax.models import VGG, create_model
 from vgg_jax.preprocess import normalize_images
@@ -40,7 +41,8 @@ class TrainState(train_state.TrainState):
 def compute_dtype(name: str):
     """Resolves config.model.compute_dtype ("auto": bfloat16 on GPU/TPU, else float32)."""
     if name == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
+        accelerated = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+        return jnp.bfloat16 if accelerated else jnp.float32
     return jnp.dtype(name)
 
 
@@ -104,7 +106,8 @@ def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         weights = batch["mask"].astype(jnp.float32)
-        images = normalize_images(batch["image"], mean_rgb, std_rgb, batch["rgb_shift"], model.dtype)
+        images = normalize_images(
+            batch["image"], mean_rgb, std_rgb, batch["rgb_shift"], model.dtype)
 
         def loss_fn(params):
             logits = model.apply(
@@ -312,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     elif config.init_from:
         source, _ = checkpoint.load_variables(config.init_from)
         params, copied = transfer_parameters(
-            jax.device_get(state.params), source["params"], config.init_from_layers)
+            jax.device_get(state.params), source["params"], string_list(config.init_from_layers))
         state = state.replace(params=parallel.replicate(params, mesh))
         logging.info("Initialised %s from %s.", ", ".join(copied), config.init_from)
     # The learning rate lives in the optimiser state, set from the plateau schedule.
@@ -390,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
         # On CPU, jax arrays alias the batches' shared memory; collect them before grain's
         # workers stop, so every shared-memory block is unlinked rather than leaked.
-        batch = None  # noqa: F841
+        batch = None
         gc.collect()
         train_iter.close()
         stop_signal.restore()
