@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from vgg_jax import checkpoint, optim, parallel, writers
 from vgg_jax.config_values import string_list
@@ -250,19 +251,35 @@ def transfer_parameters(params, source_params, layers: Iterable[str]):
     return new_params, layers
 
 
-class _StopSignal:
-    """Remembers a SIGTERM (preemption) so the loop can finish its step and save."""
+class _Preemption:
+    """Notices SIGTERM (preemption) so the loop can finish its step, save and exit.
+
+    One process: a signal handler sets a flag. Several processes: they must stop at the
+    same step, or the collective save would hang; jax's preemption service (started by
+    jax.distributed, which catches SIGTERM itself) propagates the notice to every process
+    and names a common step, without blocking the steps in between.
+    """
 
     def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._distributed = jax.process_count() > 1
+        self._received = False
+        self._previous = None
+        if not self._distributed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
-        self.received = True
+        self._received = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; every process calls it at every step."""
+        if self._distributed:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._received
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -329,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, workdir, is_main_process=process_index == 0,
         total_steps=total_steps, initial_step=start_step,
     )
-    stop_signal = _StopSignal()
+    preemption = _Preemption()
     pending: list[Mapping[str, jax.Array]] = []
     last_saved = start_step
     log_start = time.perf_counter()
@@ -343,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.advance(step)
             epoch_end = step % steps_per_epoch == 0
             epoch = step // steps_per_epoch
+            preempted = preemption.reached(step)
 
             if step % tc.log_every_steps == 0 or epoch_end:
                 _check_finite(pending, step, last_saved)
@@ -367,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 stop = decision.should_stop
                 _save(manager, step, state, plateau, train_iter, config, epoch, last_eval)
                 last_saved = step
-            elif step % tc.checkpoint_every_steps == 0 or stop_signal.received:
+            elif step % tc.checkpoint_every_steps == 0 or preempted:
                 _check_finite(pending, step, last_saved)
                 _save(manager, step, state, plateau, train_iter, config, epoch, last_eval)
                 last_saved = step
@@ -375,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.log_text(f"Stopping at step {step}: validation stalled after the last "
                                 "learning-rate cut.")
                 break
-            if stop_signal.received:
+            if preempted:
                 writer.log_text(f"SIGTERM: saved step {step}; rerun the same command to resume.")
                 break
         if step == total_steps and last_saved != step:
@@ -396,7 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch = None
         gc.collect()
         train_iter.close()
-        stop_signal.restore()
+        preemption.restore()
     return last_eval
 
 
