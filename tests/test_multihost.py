@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -104,3 +106,39 @@ def test_two_process_evaluation_counts_every_image_once(single_run):
         assert (a["protocol"], a["test_Q"]) == (b["protocol"], b["test_Q"])
         np.testing.assert_allclose(a["top1_error"], b["top1_error"], atol=1e-6)
         np.testing.assert_allclose(a["top5_error"], b["top5_error"], atol=1e-6)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(single_run):
+    root, cache = single_run
+    workdir = root / "preempted"
+    args = [arg for arg in RUN
+            if not arg.startswith(("--config.train.num_epochs", "--config.train.batch_size"))] + [
+        cache, f"--workdir={workdir}", "--config.train.num_epochs=2",
+        "--config.train.batch_size=64", "--config.train.checkpoint_every_steps=1000"]
+    port = _free_port()
+    workers = [
+        subprocess.Popen(
+            args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={index}"],
+            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for index in range(2)
+    ]
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
+        time.sleep(0.05)
+    # The scheduler's notice may reach only one host; jax's preemption service tells the other.
+    workers[1].send_signal(signal.SIGTERM)
+    outputs = [worker.communicate(timeout=240) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
+    assert saved and saved[-1] < 44 and saved[-1] != 22, saved
+    for _, stderr in outputs:
+        assert f"Reached preemption sync point, step={saved[-1]}" in stderr
+
+    outputs = _launch_pair(args)
+    for _, stderr in outputs:
+        assert f"Resumed from step {saved[-1]}" in stderr
+    final = max(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
+    assert final == 44
