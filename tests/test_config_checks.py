@@ -71,6 +71,8 @@ def _broken(**changes):
         ({"model__initializer": "he"}, r"config\.model\.initializer='he' is unknown"),
         ({"wandb__mode": "loud"}, r"config\.wandb\.mode='loud' is unknown"),
         ({"train__learning_rate": 0.0}, r"config\.train\.learning_rate=0\.0 must be positive"),
+        ({"eval__protocol": "ten_crop"}, r"config\.eval\.protocol='ten_crop' is unknown"),
+        ({"eval__scales": (128, 256)}, r"config\.eval\.scales holds 128, smaller than the crop"),
     ],
 )
 def test_bad_fields_are_named(changes, expected):

@@ -112,6 +112,19 @@ def validate_config(
     _require(config.wandb.mode in WANDB_MODES,
              f"config.wandb.mode={config.wandb.mode!r} is unknown; use one of {WANDB_MODES}.")
 
+    from vgg_jax.evaluate import PROTOCOLS
+
+    ev = config.eval
+    _require(ev.protocol in PROTOCOLS,
+             f"config.eval.protocol={ev.protocol!r} is unknown; use one of {PROTOCOLS}.")
+    for q in ev.scales:
+        _require(int(q) >= d.image_size,
+                 f"config.eval.scales holds {q}, smaller than the crop config.data.image_size="
+                 f"{d.image_size}; use test scales of at least the crop.")
+    _require(ev.multi_crop_grid >= 1,
+             f"config.eval.multi_crop_grid={ev.multi_crop_grid} must be at least 1 (the paper: 5).")
+    _require(ev.batch_size >= 1, f"config.eval.batch_size={ev.batch_size} must be positive.")
+
     if check_data:
         from vgg_jax.data import sources
 
