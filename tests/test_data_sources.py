@@ -1,7 +1,11 @@
-"""Sources: image folders, TFDS array_record (mocked), digits; and their errors."""
+"""Sources: image folders, TFDS array_record (mocked; a real imagenet2012 build where the
+[prepare] extra is installed), digits; and their errors."""
 
+import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -163,46 +167,84 @@ def test_tfds_not_prepared_names_the_preparation_command(tmp_path):
         sources.validate_source(config)
     message = str(error.value)
     assert str(tmp_path) in message and "python -m vgg_jax.data.prepare_tfds" in message
-    assert "--manual_dir" in message
+    assert "--manual_dir" in message and "pip install tensorflow-cpu importlib-resources" in message
     with pytest.raises(ValueError, match="has no data set named"):
         sources.validate_source(testing.data_config(source="tfds", name="no_such_set_xyz"))
 
 
-def _write_tar(path, members):
-    import io
-    import tarfile
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+# Reads a prepared imagenet2012 back with TensorFlow unfindable, as if not installed (etils
+# probes find_spec("tensorflow") and TFDS sys.modules, so a None entry in sys.modules would
+# mislead them), through our source and pipelines; prints a JSON summary.
+_READ_BACK_WITHOUT_TENSORFLOW = """
+import importlib.machinery, json, sys
+
+class HideTensorflow(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            return None
+        return super().find_spec(name, path, target)
+
+sys.meta_path[:] = [HideTensorflow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+from vgg_jax.data import pipeline, sources, testing
+
+config = testing.data_config(source="tfds", name="imagenet2012", data_dir=sys.argv[1])
+sources.validate_source(config)
+splits = {s: sources.make_source(config, s) for s in ("train", "validation")}
+records = {s: sorted((src[i]["name"], src[i]["label"]) for i in range(len(src))) for s, src in splits.items()}
+train = next(iter(pipeline.train_dataset(config, global_batch_size=4, seed=0)))
+evals = list(pipeline.eval_dataset(config, batch_size=4, scale=40))
+print(json.dumps({
+    "records": records,
+    "num_classes": sources.num_classes(config),
+    "train_batch": [list(train["image"].shape), bool(train["mask"].all())],
+    "eval_images": sum(int(b["mask"].sum()) for b in evals),
+    "tensorflow_imported": [m for m in sys.modules if m.partition(".")[0] == "tensorflow"],
+}))
+"""
+
+
+def test_prepare_names_the_missing_packages(monkeypatch):
+    from vgg_jax.data import prepare_tfds
+
+    monkeypatch.setattr(prepare_tfds, "REQUIREMENTS", (("no_such_module_xyz", "no-such-pkg"),))
+    with pytest.raises(prepare_tfds.MissingRequirementsError, match="pip install no-such-pkg"):
+        prepare_tfds.prepare("imagenet2012", None, None)
 
 
 def test_real_imagenet2012_build_from_fake_ilsvrc_tars(tmp_path):
-    """The documented preparation command, then our TF-free reader, on tiny fake tars."""
-    pytest.importorskip("tensorflow", reason="preparing imagenet2012 needs TensorFlow")
+    """The documented preparation command on tiny fake tars, then our reader without TF."""
     from vgg_jax.data import prepare_tfds
 
-    rng = np.random.default_rng(0)
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    jpeg = lambda: testing.encode(testing.smooth_image(rng, 48, 64), "JPEG")  # noqa: E731
-    class_tars = {}
-    for synset in ("n01440764", "n01443537"):
-        buffer = tmp_path / f"{synset}.tar"
-        _write_tar(buffer, {f"{synset}_{i}.JPEG": jpeg() for i in range(2)})
-        class_tars[f"{synset}.tar"] = buffer.read_bytes()
-    _write_tar(manual / "ILSVRC2012_img_train.tar", class_tars)
-    _write_tar(
-        manual / "ILSVRC2012_img_val.tar",
-        {f"ILSVRC2012_val_{i:08d}.JPEG": jpeg() for i in range(1, 4)},
-    )
-    data_dir = str(tmp_path / "tfds")
-    prepare_tfds.prepare("imagenet2012", data_dir, str(manual))
-    config = testing.data_config(source="tfds", name="imagenet2012", data_dir=data_dir)
-    sources.validate_source(config)
-    assert pipeline.num_examples(config, "train") == 4
-    assert pipeline.num_examples(config, "validation") == 3
-    batch = next(iter(pipeline.train_dataset(config, global_batch_size=4, seed=0)))
-    assert batch["mask"].all() and batch["image"].shape == (4, 32, 32, 3)
+    missing = prepare_tfds.missing_requirements()
+    if missing:
+        pytest.skip(f"preparing imagenet2012 needs {' and '.join(missing)} (the [prepare] extra)")
+    manual, data_dir = str(tmp_path / "ilsvrc"), str(tmp_path / "tfds")
+    testing.write_fake_ilsvrc_tars(manual, synsets=("n01440764", "n01443537"), num_val=3)
+    prepare = [
+        sys.executable, "-m", "vgg_jax.data.prepare_tfds", "--name=imagenet2012",
+        f"--data_dir={data_dir}", f"--manual_dir={manual}",
+    ]
+    result = subprocess.run(prepare, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "{'train': 4, 'validation': 3}" in result.stdout
+    read = [sys.executable, "-c", _READ_BACK_WITHOUT_TENSORFLOW, data_dir]
+    result = subprocess.run(read, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["tensorflow_imported"] == []
+    assert summary["num_classes"] == 1000
+    # Training labels are the synsets' positions in ImageNet's sorted class list.
+    assert summary["records"]["train"] == [
+        ["n01440764_0.JPEG", 0], ["n01440764_1.JPEG", 0],
+        ["n01443537_0.JPEG", 1], ["n01443537_1.JPEG", 1],
+    ]
+    # Validation labels come from TFDS's list of the real ILSVRC2012 validation images.
+    assert summary["records"]["validation"] == [
+        ["ILSVRC2012_val_00000001.JPEG", 65], ["ILSVRC2012_val_00000002.JPEG", 970],
+        ["ILSVRC2012_val_00000003.JPEG", 230],
+    ]
+    assert summary["train_batch"] == [[4, 32, 32, 3], True]
+    assert summary["eval_images"] == 3

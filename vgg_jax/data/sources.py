@@ -59,7 +59,7 @@ def tfds_prepare_command(name: str, data_dir: str | None) -> str:
     data_dir_arg = f" --data_dir={data_dir}" if data_dir else ""
     manual = " --manual_dir=DIR_WITH_ILSVRC2012_TARS" if name == "imagenet2012" else ""
     return (
-        "pip install tensorflow-cpu && python -m vgg_jax.data.prepare_tfds "
+        "pip install tensorflow-cpu importlib-resources && python -m vgg_jax.data.prepare_tfds "
         f"--name={name}{data_dir_arg}{manual}"
     )
 

@@ -1,9 +1,10 @@
-"""Small fake data for tests: encoded images and ImageNet-style folders in a temp dir."""
+"""Small fake data for tests: encoded images, ImageNet-style folders and ILSVRC tars."""
 
 from __future__ import annotations
 
 import io
 import os
+import tarfile
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,56 @@ def write_folder(
                 ids[split].append(k)
                 k += 1
     return ids
+
+
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar archive of the given {name: content} members."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def write_fake_ilsvrc_tars(
+    manual_dir: str,
+    synsets: tuple[str, ...] = ("n01440764", "n01443537"),
+    train_per_class: int = 2,
+    num_val: int = 3,
+    size: tuple[int, int] = (48, 64),
+    seed: int = 0,
+) -> None:
+    """Writes tiny ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into manual_dir.
+
+    The layout of the real archives, as TFDS's imagenet2012 builder reads them: the train
+    tar holds one `<wnid>.tar` per class, each holding `<wnid>_<i>.JPEG`; the val tar holds
+    `ILSVRC2012_val_<8 digits>.JPEG` (labelled by TFDS's bundled list, in name order).
+
+    Args:
+      manual_dir: the directory to write into (created if missing).
+      synsets: the WordNet ids of the training classes (must be ImageNet's).
+      train_per_class: images per training class.
+      num_val: validation images (ILSVRC2012_val_00000001.JPEG, ...).
+      size: (height, width) of every image (smooth random JPEGs).
+      seed: the random seed of the images.
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(manual_dir, exist_ok=True)
+
+    def jpeg() -> bytes:
+        return encode(smooth_image(rng, *size), "JPEG", quality=90)
+
+    train = {
+        f"{synset}.tar": _tar_bytes({f"{synset}_{i}.JPEG": jpeg() for i in range(train_per_class)})
+        for synset in synsets
+    }
+    val = {f"ILSVRC2012_val_{i:08d}.JPEG": jpeg() for i in range(1, num_val + 1)}
+    with open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "wb") as f:
+        f.write(_tar_bytes(train))
+    with open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "wb") as f:
+        f.write(_tar_bytes(val))
 
 
 def grey_id(image: np.ndarray) -> int:
