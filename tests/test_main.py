@@ -148,3 +148,19 @@ def test_divergence_stops_with_a_clear_message(cache_dir, tmp_path):
         if step.isdigit():
             params, _ = checkpoint.load_variables(workdir, int(step))
             assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def test_plateau_stop_ends_the_run_and_a_restart_keeps_it_ended(cache_dir, tmp_path):
+    workdir = str(tmp_path / "stalled")
+    # No cut allowed, and the second evaluation cannot halve the first one's error: it stalls.
+    command = _command(workdir, cache_dir, "--config.train.plateau_max_reductions=0",
+                       "--config.train.plateau_patience=1", "--config.train.plateau_threshold=0.5")
+    result = _run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Stopping at step 44: validation stalled after the last learning-rate cut" in (
+        result.stdout + result.stderr)
+    assert _latest_step(workdir) == 44
+    again = _run(command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resumed from step 44" in again.stderr
+    assert _latest_step(workdir) == 44

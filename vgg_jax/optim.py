@@ -300,9 +300,11 @@ def _check_plateau_config(train_config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.train.plateau_factor must be in (0, 1), got {train_config.plateau_factor}."
         )
-    if not 0 < train_config.plateau_threshold <= 1:
+    # At 1 the bar (1 - threshold) * best is 0 * inf = NaN before the first evaluation,
+    # and no evaluation could ever count as an improvement.
+    if not 0 < train_config.plateau_threshold < 1:
         raise ValueError(
-            "config.train.plateau_threshold (relative improvement needed) must be in (0, 1], "
+            "config.train.plateau_threshold (relative improvement needed) must be in (0, 1), "
             f"got {train_config.plateau_threshold}."
         )
     max_reductions = train_config.plateau_max_reductions

@@ -351,8 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_saved = start_step
     log_start = time.perf_counter()
     step = start_step
+    # A run that already stopped on the plateau rule stays stopped when restarted.
+    stalled = bool(np.asarray(plateau.should_stop))
     try:
-        while step < total_steps:
+        while step < total_steps and not stalled:
             batch = parallel.shard_batch(next(train_iter), mesh)
             state, metrics = train_step(state, batch)
             pending.append(metrics)
@@ -371,7 +373,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write_scalars(step, scalars)
                 pending, log_start = [], time.perf_counter()
 
-            stop = False
             if epoch_end and epoch % tc.eval_every_epochs == 0:
                 last_eval = _validate(eval_step, state.params, config, mesh)
                 writer.write_scalars(step, dict(last_eval, epoch=epoch))
@@ -382,14 +383,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     f"{tc.learning_rate * decision.lr_scale:.2e}.")
                 state = state.replace(opt_state=optim.set_learning_rate(
                     state.opt_state, tc.learning_rate * decision.lr_scale))
-                stop = decision.should_stop
+                stalled = decision.should_stop
                 _save(manager, step, state, plateau, train_iter, config, epoch, last_eval)
                 last_saved = step
             elif step % tc.checkpoint_every_steps == 0 or preempted:
                 _check_finite(pending, step, last_saved)
                 _save(manager, step, state, plateau, train_iter, config, epoch, last_eval)
                 last_saved = step
-            if stop:
+            if stalled:
                 writer.log_text(f"Stopping at step {step}: validation stalled after the last "
                                 "learning-rate cut.")
                 break
