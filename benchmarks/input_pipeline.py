@@ -8,12 +8,15 @@ For each training-scale setting (S = 256, and S uniform in [256, 512]) and each 
 count N in 1..--max-workers, both transforms run in N processes over the same files
 (read from disk, decoded, augmented to uint8 crops):
 
-  ours:      vgg_jax.data.transforms.TrainTransform (crop-window resize, JPEG draft,
-             flip, PCA colour shift);
+  ours:      vgg_jax.data.transforms.TrainTransform (simplejpeg decode, reduced-scale
+             JPEG decoding, crop-window resize, flip, PCA colour shift);
   reference: the usual torchvision recipe with PIL only: decode, resize the whole image to
              shortest side S, random 224 crop, random flip, uint8 array.
 
-It prints images/s in total and per worker process, and ours / reference. Then it times
+It prints images/s in total and per worker process (wall clock), ours / reference, and
+images per CPU-second of the worker processes (process_time), which other jobs on a shared
+machine disturb far less than the wall-clock figures: on a busy machine compare those
+("ours/cpu", "ref/cpu", "cpu ratio"). Then it times
 the whole grain pipeline (`train_dataset`, batches of --batch-size) with N workers.
 --json writes every figure to a file.
 """
@@ -35,8 +38,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import base  # noqa: E402
-from vgg_jax.data import pipeline, transforms  # noqa: E402
+from configs import base
+from vgg_jax.data import pipeline, transforms
 
 # ImageNet's typical photo: 500x375, saved at JPEG quality 90.
 IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 500, 375, 90
@@ -55,7 +58,8 @@ def write_images(folder: str, count: int, seed: int) -> list[str]:
     for i in range(count):
         base_grid = rng.integers(0, 256, (*_BASE_GRID, 3), dtype=np.uint8)
         image = Image.fromarray(base_grid).resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.BICUBIC)
-        noise = rng.integers(-_NOISE_AMPLITUDE, _NOISE_AMPLITUDE + 1, (IMAGE_HEIGHT, IMAGE_WIDTH, 3))
+        noise = rng.integers(
+            -_NOISE_AMPLITUDE, _NOISE_AMPLITUDE + 1, (IMAGE_HEIGHT, IMAGE_WIDTH, 3))
         pixels = np.clip(np.asarray(image, np.int16) + noise, 0, 255).astype(np.uint8)
         class_dir = os.path.join(folder, "train", f"class{i % 2}")
         os.makedirs(class_dir, exist_ok=True)
@@ -77,7 +81,9 @@ def list_images(folder: str, limit: int) -> list[str]:
     return paths
 
 
-def reference_transform(data: bytes, rng: np.random.Generator, scale_range: tuple[int, int]) -> np.ndarray:
+def reference_transform(
+    data: bytes, rng: np.random.Generator, scale_range: tuple[int, int]
+) -> np.ndarray:
     """torchvision's Resize(S) + RandomCrop(224) + RandomHorizontalFlip, with PIL only."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     scale = int(rng.integers(scale_range[0], scale_range[1] + 1))
@@ -99,12 +105,13 @@ def _data_config(scale_range: tuple[int, int]) -> Any:
     return config
 
 
-def _worker(args: tuple[str, list[str], tuple[int, int], int]) -> tuple[int, float]:
-    """Runs one transform over `paths` in this process; returns (images, seconds)."""
+def _worker(args: tuple[str, list[str], tuple[int, int], int]) -> tuple[int, float, float]:
+    """Runs one transform over `paths` in this process; returns (images, wall seconds,
+    CPU seconds of this process)."""
     which, paths, scale_range, seed = args
     rng = np.random.default_rng(seed)
     train_transform = transforms.TrainTransform(_data_config(scale_range))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for path in paths:
         with open(path, "rb") as f:
             data = f.read()
@@ -113,13 +120,14 @@ def _worker(args: tuple[str, list[str], tuple[int, int], int]) -> tuple[int, flo
             assert out["mask"], path
         else:
             reference_transform(data, rng, scale_range)
-    return len(paths), time.perf_counter() - start
+    return len(paths), time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def transform_throughput(
     which: str, paths: list[str], scale_range: tuple[int, int], workers: int, repeats: int
-) -> float:
-    """Images/s of `which` transform over `paths` (x repeats) split across `workers` processes."""
+) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of `which` transform over `paths` (x repeats) split
+    across `workers` processes."""
     work = paths * repeats
     chunks = [work[i::workers] for i in range(workers)]
     ctx = multiprocessing.get_context("spawn")
@@ -127,9 +135,9 @@ def transform_throughput(
         # Warm-up: imports and first-call costs in every worker, outside the timing.
         pool.map(_worker, [(which, c[:2], scale_range, i) for i, c in enumerate(chunks)])
         results = pool.map(_worker, [(which, c, scale_range, i) for i, c in enumerate(chunks)])
-    images = sum(n for n, _ in results)
+    images = sum(n for n, _, _ in results)
     # Processes run concurrently: the slowest one bounds the wall time.
-    return images / max(seconds for _, seconds in results)
+    return images / max(s for _, s, _ in results), images / sum(c for _, _, c in results)
 
 
 def pipeline_throughput(
@@ -151,7 +159,8 @@ def pipeline_throughput(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", default=None, help="benchmark these images (default: write JPEGs)")
+    parser.add_argument(
+        "--folder", default=None, help="benchmark these images (default: write JPEGs)")
     parser.add_argument("--num-images", type=int, default=256, help="images to write or read")
     parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=2, help="passes over the images per run")
@@ -176,16 +185,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{os.cpu_count()}, load average at start {os.getloadavg()[0]:.2f}"
         )
         results: dict[str, Any] = {"num_images": len(paths), "cpus": os.cpu_count(), "runs": []}
-        header = f"{'setting':<12} {'workers':>7} {'ours img/s':>11} {'per worker':>10} {'ref img/s':>10} {'per worker':>10} {'ratio':>6}"
+        header = (
+            f"{'setting':<12} {'workers':>7} {'ours img/s':>11} {'per worker':>10} "
+            f"{'ref img/s':>10} {'per worker':>10} {'ratio':>6} {'ours/cpu':>9} {'ref/cpu':>8} "
+            f"{'cpu ratio':>9}"
+        )
         print(header)
         for name, scale_range in SCALE_SETTINGS.items():
             for workers in range(1, args.max_workers + 1):
                 # Alternate the two and keep each one's best round, so that load from other
                 # programs on a shared machine biases neither side.
-                ours = ref = 0.0
+                ours = ref = ours_cpu = ref_cpu = 0.0
                 for _ in range(args.rounds):
-                    ours = max(ours, transform_throughput("ours", paths, scale_range, workers, args.repeats))
-                    ref = max(ref, transform_throughput("reference", paths, scale_range, workers, args.repeats))
+                    timing = (paths, scale_range, workers, args.repeats)
+                    wall, cpu = transform_throughput("ours", *timing)
+                    ours, ours_cpu = max(ours, wall), max(ours_cpu, cpu)
+                    wall, cpu = transform_throughput("reference", *timing)
+                    ref, ref_cpu = max(ref, wall), max(ref_cpu, cpu)
                 run = {
                     "setting": name,
                     "workers": workers,
@@ -194,11 +210,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "reference": ref,
                     "reference_per_worker": ref / workers,
                     "ratio": ours / ref,
+                    "ours_per_cpu_second": ours_cpu,
+                    "reference_per_cpu_second": ref_cpu,
+                    "cpu_ratio": ours_cpu / ref_cpu,
                 }
                 results["runs"].append(run)
                 print(
                     f"{name:<12} {workers:>7} {ours:>11.1f} {ours / workers:>10.1f} "
-                    f"{ref:>10.1f} {ref / workers:>10.1f} {ours / ref:>6.2f}"
+                    f"{ref:>10.1f} {ref / workers:>10.1f} {ours / ref:>6.2f} "
+                    f"{ours_cpu:>9.1f} {ref_cpu:>8.1f} {ours_cpu / ref_cpu:>9.2f}"
                 )
         if not args.folder or os.path.isdir(os.path.join(args.folder, "train")):
             print(f"grain pipeline (train_dataset, batch {args.batch_size}):")
@@ -208,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     rate = pipeline_throughput(
                         folder, scale_range, workers, args.batch_size, args.pipeline_batches
                     )
-                    results["pipeline"].append({"setting": name, "workers": workers, "images_per_s": rate})
+                    results["pipeline"].append(
+                        {"setting": name, "workers": workers, "images_per_s": rate})
                     print(f"{name:<12} {workers:>7} {rate:>11.1f} img/s")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if args.json:

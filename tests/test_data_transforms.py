@@ -132,23 +132,84 @@ def test_fast_path_matches_rescale_then_crop(height, width, scale, crop, max_dif
     data = _jpeg(rng, height, width)
     diffs = []
     for _ in range(5):
-        image = transforms.open_image(data)
         left, top = transforms.sample_crop_corner(rng, width, height, scale, crop)
-        fast = np.asarray(transforms.resample_crop(image, scale, left, top, crop).convert("RGB"))
+        fast = transforms.resample_crop(data, scale, left, top, crop)
         reference = _reference_crop(data, scale, left, top, crop)
         assert fast.shape == reference.shape == (crop, crop, 3)
         diffs.append(np.abs(fast.astype(float) - reference).mean())
     assert max(diffs) < max_diff, diffs
 
 
-def test_draft_is_used_only_when_the_jpeg_is_twice_the_needed_size():
+def test_reduced_scale_decoding_only_when_the_jpeg_is_twice_the_needed_size():
+    assert transforms.decode_factor(500, 375, transforms.rescaled_size(500, 375, 80)) == 4
+    assert transforms.decode_factor(500, 375, transforms.rescaled_size(500, 375, 256)) == 1
+    assert transforms.decode_factor(500, 375, (250, 187)) == 2
+    assert transforms.decode_factor(4000, 3000, (341, 256)) == 8  # never beyond 1/8
     data = _jpeg(np.random.default_rng(0), 375, 500)
-    big = transforms.open_image(data)
-    transforms.resample_crop(big, 80, 0, 0, 64)
-    assert big.size == (125, 94)  # decoded at 1/4 scale
-    small = transforms.open_image(data)
-    transforms.resample_crop(small, 256, 0, 0, 224)
-    assert small.size == (500, 375)
+    image, factor, size = transforms._decode_for_scale(data, 80)
+    assert (image.size, factor, size) == ((125, 94), 4, (500, 375))  # decoded at 1/4 scale
+    image, factor, _ = transforms._decode_for_scale(data, 256)
+    assert (image.size, factor) == ((500, 375), 1)
+
+
+def _pil_only(monkeypatch):
+    """Sends every file through PIL's decoder, as if simplejpeg had rejected it."""
+    monkeypatch.setattr(transforms, "_jpeg_header", lambda data: None)
+
+
+@pytest.mark.parametrize("scale,crop", [(256, 224), (80, 64), (40, 32)])
+def test_simplejpeg_path_gives_the_pixels_of_the_pil_path(monkeypatch, scale, crop):
+    # Same libjpeg-turbo decode (accurate DCT, fancy upsampling), same reduced-scale rule:
+    # the fast decoder must not change a single pixel.
+    rng = np.random.default_rng(0)
+    images = [_jpeg(rng, 375, 500), _jpeg(rng, 300, 200)]
+    grey = testing.encode(testing.smooth_image(rng, 300, 200)[..., 0], "JPEG", quality=90)
+    rgb = testing.encode(testing.smooth_image(rng, 300, 200), "JPEG", quality=90, keep_rgb=True)
+    cases = []
+    for data in (*images, grey, rgb):
+        width, height = transforms.image_size(data)
+        left, top = transforms.sample_crop_corner(rng, width, height, scale, crop)
+        cases.append((data, left, top))
+    fast = [transforms.resample_crop(d, scale, x, y, crop, flip=True) for d, x, y in cases]
+    full = [transforms.decode_image(d) for d, _, _ in cases]
+    rescaled = [transforms.decode_rescaled(d, scale) for d, _, _ in cases]
+    _pil_only(monkeypatch)
+    for (data, left, top), a, b, c in zip(cases, fast, full, rescaled):
+        np.testing.assert_array_equal(a, transforms.resample_crop(data, scale, left, top, crop, flip=True))
+        np.testing.assert_array_equal(b, transforms.decode_image(data))
+        np.testing.assert_array_equal(c, transforms.decode_rescaled(data, scale))
+
+
+def test_baseline_jpegs_skip_pil_and_others_use_it(monkeypatch):
+    rng = np.random.default_rng(0)
+    jpeg = _jpeg(rng)
+    png = testing.encode(testing.smooth_image(rng, 48, 64), "PNG")
+    cmyk = testing.encode(
+        np.asarray(Image.fromarray(testing.smooth_image(rng, 48, 64)).convert("CMYK")),
+        "JPEG", mode="CMYK", quality=95,
+    )
+    assert transforms._jpeg_header(jpeg) == (64, 48)
+    assert transforms._jpeg_header(png) is None and transforms._jpeg_header(cmyk) is None
+    assert transforms.image_size(png) == transforms.image_size(cmyk) == (64, 48)
+    opened = []
+    real_open = transforms.open_image
+    monkeypatch.setattr(transforms, "open_image", lambda data: opened.append(1) or real_open(data))
+    transforms.TrainTransform(testing.data_config()).random_map(_record(jpeg), np.random.default_rng(0))
+    assert not opened
+    transforms.TrainTransform(testing.data_config()).random_map(_record(png), np.random.default_rng(0))
+    assert opened
+
+
+def test_jpeg_with_stray_bytes_still_decodes():
+    # libjpeg warns "Corrupt JPEG data: 16 extraneous bytes before marker 0xd9"; simplejpeg
+    # (strict) rejects it, and PIL decodes it as it always did.
+    data = _jpeg(np.random.default_rng(0))
+    stray = data[:-2] + bytes(16) + data[-2:]
+    out = transforms.TrainTransform(testing.data_config()).random_map(
+        _record(stray), np.random.default_rng(0)
+    )
+    assert out["mask"] and out["image"].any()
+    np.testing.assert_array_equal(transforms.decode_image(stray), transforms.decode_image(data))
 
 
 def test_quirky_files_decode_to_rgb(tmp_path):

@@ -211,7 +211,8 @@ def folder_class_names(root: str, split: str) -> list[str]:
       ValueError: if the split has no class folders (e.g. images directly in it).
     """
     split_dir = folder_split_dir(root, split)
-    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    names = sorted(
+        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not names:
         has_files = any(e.is_file() for e in os.scandir(split_dir))
         what = "images directly in it" if has_files else "nothing in it"

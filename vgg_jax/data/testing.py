@@ -68,7 +68,8 @@ def write_folder(
                     Image.fromarray(pixels).save(os.path.join(root, split, cls, f"{i:03d}.png"))
                 else:
                     pixels = smooth_image(rng, *size)
-                    Image.fromarray(pixels).save(os.path.join(root, split, cls, f"{i:03d}.jpg"), quality=95)
+                    path = os.path.join(root, split, cls, f"{i:03d}.jpg")
+                    Image.fromarray(pixels).save(path, quality=95)
                 ids[split].append(k)
                 k += 1
     return ids
@@ -126,7 +127,7 @@ def write_fake_ilsvrc_tars(
 
 def grey_id(image: np.ndarray) -> int:
     """The id of a crop of a `write_folder(grey_ids=True)` image."""
-    return int(round(float(image.mean()) / GREY_STEP))
+    return round(float(image.mean()) / GREY_STEP)
 
 
 def data_config(**overrides: Any) -> Any:
