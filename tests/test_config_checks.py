@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import base, quickstart, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
+from configs import base, quickstart, small_datasets, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
 from vgg_jax.config_checks import ConfigError, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,3 +98,20 @@ def test_main_fails_fast_with_one_sentence(tmp_path):
     assert "Config error: config.model.version='Z' is not a VGG configuration" in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "caltech101"])
+def test_small_data_set_configs_are_valid(name):
+    config = small_datasets.get_config(name)
+    config.data.data_dir = "/data"
+    _check(config)
+    assert config.data.name == name and config.data.eval_split == "test"
+
+
+def test_class_count_must_match_the_data(tmp_path):
+    config = quickstart.get_config()
+    config.data.cache_dir = str(tmp_path)
+    config.model.num_classes = 1000
+    with pytest.raises(ConfigError, match=r"config\.model\.num_classes=1000 but the data set "
+                                          r"has 10 classes; pass --config\.model\.num_classes=10"):
+        validate_config(config, device_count=1)

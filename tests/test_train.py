@@ -198,3 +198,33 @@ def test_an_incomplete_step_directory_is_ignored_on_resume(tmp_path):
     reopened = checkpoint.create_manager(str(tmp_path))
     assert checkpoint.latest_complete_step(reopened) == 3
     reopened.close()
+
+
+def test_training_loop_on_a_tfds_data_set(tmp_path):
+    """configs/small_datasets.py:cifar10 end to end through TFDS's data_source (mocked)."""
+    import tensorflow_datasets as tfds
+
+    from configs import small_datasets
+    from vgg_jax.data import testing
+
+    rng = np.random.default_rng(0)
+
+    def as_data_source(builder, split, decoders=None, **kwargs):
+        del builder, decoders, kwargs
+        return [{"image": testing.encode(testing.smooth_image(rng, 32, 32), "PNG"),
+                 "label": i % NUM_CLASSES, "id": f"{split}_{i}"}
+                for i in range(40 if split == "train" else 12)]
+
+    config = small_datasets.get_config("cifar10")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.num_workers = 0  # the mock lives in this process only
+    config.model.width_divisor, config.model.fc_features = 16, 32
+    config.train.num_epochs, config.train.batch_size, config.train.eval_batch_size = 2, 8, 8
+    config.train.log_every_steps = 2
+    config.progress_bar = False
+    config.wandb.mode = "disabled"
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert metrics["val/count"] == 12
+    assert np.isfinite(metrics["val/loss"])
+    assert checkpoint.load_variables(str(tmp_path / "run"))[1].data.name == "cifar10"

@@ -130,5 +130,9 @@ def validate_config(
 
         try:
             sources.validate_source(d)
+            data_classes = sources.num_classes(d)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        _require(data_classes == m.num_classes,
+                 f"config.model.num_classes={m.num_classes} but the data set has {data_classes} "
+                 f"classes; pass --config.model.num_classes={data_classes}.")
