@@ -791,8 +791,7 @@ def run_evaluation(
     net, _ = load_net(workdir, step)
     ensemble = string_list(ev.ensemble)
     nets = [net] + [load_net(path)[0] for path in ensemble]
-    scales = test_scales(
-        ev.scales, *net.train_scale, multi_scale=bool(ev.get("multi_scale", False)))
+    scales = test_scales(ev.scales, *net.train_scale, multi_scale=bool(ev.multi_scale))
     source = sources.make_source(config.data, str(config.data.eval_split))
     data_classes = sources.num_classes(config.data)
     for n in nets:
@@ -803,11 +802,12 @@ def run_evaluation(
                 "evaluate it on the data it was trained for.")
     result = evaluate_nets(
         nets, source, protocol=str(ev.protocol), scales=scales,
-        batch_size=int(ev.get("batch_size", config.train.eval_batch_size)),
-        multi_crop_grid=int(ev.multi_crop_grid), flip=bool(ev.get("flip", True)),
-        dense_size_step=int(ev.get("dense_size_step", 32)),
-        num_threads=int(ev.get("num_threads", config.data.num_workers)),
-        progress_bar=bool(config.get("progress_bar", True)),
+        batch_size=int(ev.batch_size),
+        multi_crop_grid=int(ev.multi_crop_grid), flip=bool(ev.flip),
+        dense_size_step=int(ev.dense_size_step),
+        # Decoding threads: the workers' budget of training (PIL releases the GIL).
+        num_threads=int(config.data.num_workers),
+        progress_bar=bool(config.progress_bar),
     )
     table = format_table(result["rows"])
     if jax.process_index() == 0:
