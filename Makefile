@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test lint install clean
 
 install: $(INSTALLED)
 
@@ -23,6 +23,9 @@ quickstart: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs
