@@ -122,9 +122,12 @@ def test_mean_subtraction_semantics_of_the_train_step():
 @pytest.mark.parametrize(
     "height,width,scale,crop,max_diff",
     [
+        # OpenCV's bilinear (not antialiased, 1/32-pixel fixed-point taps) against PIL's
+        # antialiased bilinear; measured worst mean of 5 crops: 0.72, 0.65, 0.46 (max 4, 5, 3).
         (48, 64, 40, 32, 1.0),  # upscaling, no draft
         (48, 64, 32, 32, 1.0),  # crop spans the whole short side
         (375, 500, 80, 64, 3.0),  # 4x bigger than needed: decoded by draft at 1/4 scale
+        (375, 500, 256, 224, 0.5),  # the ImageNet case: 1.46x shrink, no draft (0.22)
     ],
 )
 def test_fast_path_matches_rescale_then_crop(height, width, scale, crop, max_diff):
