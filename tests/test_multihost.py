@@ -40,16 +40,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_pair(args, timeout=300):
-    """Runs `args` as processes 0 and 1 of a two-process jax.distributed job."""
+def _start_pair(args):
+    """Starts `args` as processes 0 and 1 of a two-process jax.distributed job."""
     port = _free_port()
-    workers = [
+    return [
         subprocess.Popen(
             args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                     f"--process_id={index}"],
             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for index in range(2)
     ]
+
+
+def _launch_pair(args, timeout=300):
+    """Runs a two-process job to the end; both processes must succeed."""
+    workers = _start_pair(args)
     outputs = [worker.communicate(timeout=timeout) for worker in workers]
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-3000:]
@@ -115,14 +120,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(single_run):
             if not arg.startswith(("--config.train.num_epochs", "--config.train.batch_size"))] + [
         cache, f"--workdir={workdir}", "--config.train.num_epochs=2",
         "--config.train.batch_size=64", "--config.train.checkpoint_every_steps=1000"]
-    port = _free_port()
-    workers = [
-        subprocess.Popen(
-            args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                    f"--process_id={index}"],
-            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for index in range(2)
-    ]
+    workers = _start_pair(args)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
