@@ -55,24 +55,19 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
 
 
 def create_manager(
-    path: str, *, max_to_keep: int = 3, keep_best: int = 1, read_only: bool = False
+    path: str, *, max_to_keep: int = 3, keep_best: int = 1
 ) -> ocp.CheckpointManager:
-    """Opens (or creates) the checkpoint manager of a workdir.
+    """Opens (or creates) the checkpoint manager of a training workdir.
 
     Args:
-      path: the workdir (checkpoints live in its `checkpoints/` subdirectory) or a
-        directory of step checkpoints.
+      path: the workdir; checkpoints live in its `checkpoints/` subdirectory.
       max_to_keep: how many of the newest checkpoints to keep.
       keep_best: how many checkpoints with the lowest validation top-1 error to keep.
-      read_only: open without creating or deleting anything.
 
     Returns:
       An orbax CheckpointManager.
     """
-    directory = (
-        checkpoint_dir(path) if read_only
-        else os.path.join(os.path.abspath(os.path.expanduser(path)), CHECKPOINT_SUBDIR)
-    )
+    directory = os.path.join(os.path.abspath(os.path.expanduser(path)), CHECKPOINT_SUBDIR)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=max_to_keep),
         checkpoint_managers.BestN(
@@ -83,8 +78,6 @@ def create_manager(
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy,
-        read_only=read_only,
-        create=not read_only,
         # Saves run in a background thread; the step loop does not wait for the disk.
         enable_async_checkpointing=True,
     )

@@ -161,13 +161,6 @@ def protocol_views(
     raise ValueError(f"Unknown protocol component {component!r}.")
 
 
-def image_shape(data: bytes) -> tuple[int, int]:
-    """(height, width) of an encoded image from its header, without decoding the pixels."""
-    with transforms.open_image(data) as image:
-        width, height = image.size
-    return int(height), int(width)
-
-
 # --------------------------------------------------------------------------------------
 # Nets and their device functions
 # --------------------------------------------------------------------------------------
@@ -598,7 +591,7 @@ def _gather_dense_keys(
     import grain
 
     def key(index):
-        h, w = image_shape(source[int(index)]["image"])
+        w, h = transforms.image_size(source[int(index)]["image"])
         return np.array(dense_shape(h, w, q, image_size, step), np.int64)
 
     def safe_key(index):

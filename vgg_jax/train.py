@@ -377,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last_eval = _validate(eval_step, state.params, config, mesh)
                 writer.write_scalars(step, dict(last_eval, epoch=epoch))
                 plateau, decision = optim.plateau_update(
-                    plateau, last_eval[tc.plateau_monitor], tc)
+                    plateau, optim.monitored_metric(last_eval, tc), tc)
                 if decision.reduced:
                     writer.log_text(f"Validation stalled: learning rate cut to "
                                     f"{tc.learning_rate * decision.lr_scale:.2e}.")
@@ -447,7 +447,7 @@ def _check_finite(pending, step: int, last_saved: int) -> None:
 
 def _train_scalars(pending, micro_batch: int, elapsed: float) -> dict[str, float]:
     host = jax.device_get(pending)
-    summary = summarize(pending)
+    summary = summarize(host)
     return {
         "train/loss": summary["loss"],
         "train/top1_error": summary["top1_error"],
