@@ -10,7 +10,7 @@ Train on ImageNet (a TFDS imagenet2012 build, or an image folder with train/ and
 Training scale variants (paper 3.1): configs/vgg_a.py:384 and configs/vgg_a.py:256-512.
 
 Expected result on the ILSVRC-2012 validation set, from the paper:
-  S=256, Q=256, single crop: top-1 29.6%, top-5 10.4% (Table 3).
+  S=256, Q=256, dense evaluation: top-1 29.6%, top-5 10.4% (Table 3).
 """
 
 from configs import base

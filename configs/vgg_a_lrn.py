@@ -9,7 +9,7 @@ Train on ImageNet (a TFDS imagenet2012 build, or an image folder with train/ and
 Training scale variants (paper 3.1): configs/vgg_a_lrn.py:384 and configs/vgg_a_lrn.py:256-512.
 
 Expected result on the ILSVRC-2012 validation set, from the paper:
-  S=256, Q=256, single crop: top-1 29.7%, top-5 10.5% (Table 3; LRN does not help).
+  S=256, Q=256, dense evaluation: top-1 29.7%, top-5 10.5% (Table 3; LRN does not help).
 """
 
 from configs import base

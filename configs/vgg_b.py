@@ -14,7 +14,7 @@ To follow the paper, add:
   --config.init_from_layers="('conv1_1','conv2_1','conv3_1','conv3_2','fc6','fc7','fc8')"
 
 Expected result on the ILSVRC-2012 validation set, from the paper:
-  S=256, Q=256, single crop: top-1 28.7%, top-5 9.9% (Table 3);
+  S=256, Q=256, dense evaluation: top-1 28.7%, top-5 9.9% (Table 3);
   multi-scale test: 28.2% / 9.6% (Table 4).
 """
 

@@ -14,7 +14,8 @@ To follow the paper, add:
   --config.init_from_layers="('conv1_1','conv2_1','conv3_1','conv3_2','fc6','fc7','fc8')"
 
 Expected result on the ILSVRC-2012 validation set, from the paper:
-  single crop top-1 / top-5 (Table 3): S=256 28.1% / 9.4%; S=384 28.1% / 9.3%;
+  top-1 / top-5, dense evaluation (the default eval.protocol) at one test scale,
+  Table 3: S=256 28.1% / 9.4%; S=384 28.1% / 9.3%;
   S in [256,512], Q=384 27.3% / 8.8%.
 """
 

@@ -14,7 +14,8 @@ To follow the paper, add:
   --config.init_from_layers="('conv1_1','conv2_1','conv3_1','conv3_2','fc6','fc7','fc8')"
 
 Expected result on the ILSVRC-2012 validation set, from the paper:
-  single crop top-1 / top-5 (Table 3): S=256 27.3% / 9.0%; S=384 26.9% / 8.7%;
+  top-1 / top-5, dense evaluation (the default eval.protocol) at one test scale,
+  Table 3: S=256 27.3% / 9.0%; S=384 26.9% / 8.7%;
   S in [256,512], Q=384 25.5% / 8.0%.
   Multi-scale dense + multi-crop testing of the jittered net: 24.4% / 7.1% (Table 5).
 """

@@ -243,3 +243,14 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
     # The same module and preprocessing share one compiled function.
     with open(os.path.join(workdir, "eval_results.json")) as f:
         assert json.load(f)["compilations"] == saved["compilations"]
+
+    # A net trained at another S makes the paper's test scales ambiguous: asked for.
+    jittered_config = config.copy_and_resolve_references()
+    jittered_config.data.train_scale_max = 48
+    jittered = str(tmp_path / "jittered")
+    checkpoint.save_variables(jittered, {"params": net.params}, jittered_config)
+    config.eval.ensemble = (jittered,)
+    with pytest.raises(ValueError, match="config.eval.scales"):
+        evaluate.run_evaluation(config, workdir)
+    config.eval.scales = (40,)
+    assert len(evaluate.run_evaluation(config, workdir)) == len(ensemble)

@@ -784,6 +784,13 @@ def run_evaluation(
     net, _ = load_net(workdir, step)
     ensemble = string_list(ev.ensemble)
     nets = [net] + [load_net(path)[0] for path in ensemble]
+    train_scales = {n.train_scale for n in nets}
+    if not ev.scales and len(train_scales) > 1:
+        # The paper's test scales follow from S, and every net here sees the same views.
+        raise ValueError(
+            f"config.eval.ensemble mixes nets trained at different scales S "
+            f"{sorted(train_scales)}, so the paper's test scales are ambiguous; set "
+            "config.eval.scales explicitly (e.g. --config.eval.scales=256,384,512).")
     scales = test_scales(ev.scales, *net.train_scale, multi_scale=bool(ev.multi_scale))
     source = sources.make_source(config.data, str(config.data.eval_split))
     data_classes = sources.num_classes(config.data)
