@@ -11,19 +11,43 @@ Every config field can be overridden with --config.<section>.<field>=<value>.
 
 import logging as std_logging
 import os
+import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "quickstart.py"),
-    "Config file (configs/vgg_a.py ... configs/vgg_e.py, configs/quickstart.py); "
-    "a ':arg' suffix selects a variant, e.g. configs/vgg_d.py:256-512.",
-    lock_config=True,
-)
+def _last_line(error: BaseException) -> str:
+    """The innermost message of a config loading failure, without its traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _config_error_text(error: BaseException) -> str:
+    text = str(error)
+    unknown = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    if unknown:
+        return (f"a --config override names the field {unknown.group(2)!r}, which the config "
+                f"does not have; did you mean {unknown.group(1)!r}?")
+    if isinstance(error, AttributeError):
+        return f"a --config override names a field the config does not have ({_last_line(error)})."
+    return _last_line(error)
+
+
+try:
+    # Parses the default file with the command line's --config.* overrides right away.
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(_HERE, "configs", "quickstart.py"),
+        "Config file (configs/vgg_a.py ... configs/vgg_e.py, configs/quickstart.py); "
+        "a ':arg' suffix selects a variant, e.g. configs/vgg_d.py:256-512.",
+        lock_config=True,
+    )
+except Exception as error:  # an override the config cannot take
+    sys.exit(f"Config error: {_config_error_text(error)}")
+
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints and logs; default runs/<config name>.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
@@ -45,26 +69,60 @@ def _default_workdir() -> str:
 
 # Libraries whose INFO logs (one line per checkpoint phase) would bury the progress output.
 _CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/jax/")
+# orbax warnings that describe what evaluation does on purpose: it opens checkpoints read
+# only (never cleaning up a running job's directory) and restores the parameters alone.
+_EXPECTED_ORBAX_WARNINGS = (
+    "read_only=True", "Given directory is read only", "was found in the checkpoint, but could "
+    "not be restored")
 
 
 def _quiet_library_info(record) -> bool:
     """Keeps warnings from everyone but INFO lines only from our own code (at -v 0)."""
-    if record.levelno >= std_logging.WARNING or logging.get_verbosity() > logging.INFO:
+    if logging.get_verbosity() > logging.INFO:
         return True
+    if record.levelno >= std_logging.WARNING:
+        return not ("/orbax/" in record.pathname and any(
+            text in record.getMessage() for text in _EXPECTED_ORBAX_WARNINGS))
     return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config-file failures reported in one line, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"Config error: {_config_error_text(error)}")
+
+
+def _load_config():
+    # ml_collections applies the file and its overrides lazily, at this first access.
+    try:
+        config = flags.FLAGS.config
+        config.keys()  # a file that failed to load raises only when first used
+        return config
+    except Exception as error:  # any loading failure is the user's input
+        sys.exit(f"Config error: {_config_error_text(error)}")
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        sys.exit(f"Unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value; "
+                 "see --helpshort).")
     logging.get_absl_handler().addFilter(_quiet_library_info)
+    config = _load_config()
     # Imported after flag parsing so that `--help` and config errors stay fast.
     import jax
 
     from vgg_jax import config_checks, parallel
 
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = flags.FLAGS.config
+    if _NUM_PROCESSES.value > 1 or _COORDINATOR.value:
+        logging.info("Joining %s processes through coordinator %s ...",
+                     _NUM_PROCESSES.value or "auto-detected", _COORDINATOR.value or "auto")
+    try:
+        parallel.initialize_distributed(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as error:
+        sys.exit(f"Multi-host error: {error}")
     workdir = _WORKDIR.value or _default_workdir()
     try:
         config_checks.validate_config(
@@ -76,18 +134,25 @@ def main(argv):
 
     logging.info("%s on %d device(s) in %d process(es); workdir %s.",
                  _MODE.value, jax.device_count(), jax.process_count(), workdir)
-    if _MODE.value == "train":
-        from vgg_jax import train
+    try:
+        if _MODE.value == "train":
+            from vgg_jax import train
 
-        try:
             train.train_and_evaluate(config, workdir)
-        except FloatingPointError as error:
-            sys.exit(f"Training stopped: {error}")
-    else:
-        from vgg_jax import evaluate
+        else:
+            from vgg_jax import evaluate
 
-        evaluate.run_evaluation(config, workdir, step=_STEP.value)
+            evaluate.run_evaluation(config, workdir, step=_STEP.value)
+    except config_checks.ConfigError as error:
+        sys.exit(f"Config error: {error}")
+    except FloatingPointError as error:
+        sys.exit(f"Training stopped: {error}")
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        # Bad input found once work started (a missing checkpoint, a wrong path, a layer
+        # name): one line; the traceback is there for a bug report at --verbosity=1.
+        logging.debug("".join(traceback.format_exception(error)))
+        sys.exit(f"Error: {error} (the traceback: rerun with --verbosity=1)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -52,7 +52,16 @@ _NOISE_AMPLITUDE = 20
 
 
 def write_images(folder: str, count: int, seed: int) -> list[str]:
-    """Writes `count` ImageNet-like JPEGs into folder/train/<class>/ and returns their paths."""
+    """Writes `count` ImageNet-like JPEGs into folder/train/<class>/ and returns their paths.
+
+    Args:
+      folder: the image-folder root; images alternate between class0 and class1.
+      count: how many JPEGs to write.
+      seed: seed of the random pixels.
+
+    Returns:
+      The paths written, in order.
+    """
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
@@ -70,7 +79,15 @@ def write_images(folder: str, count: int, seed: int) -> list[str]:
 
 
 def list_images(folder: str, limit: int) -> list[str]:
-    """Up to `limit` image files under `folder` (recursively, sorted)."""
+    """Up to `limit` image files under `folder` (recursively, sorted).
+
+    Args:
+      folder: the directory to walk.
+      limit: the most paths returned.
+
+    Returns:
+      Paths of .jpg, .jpeg and .png files (any case).
+    """
     paths = []
     for directory, _, files in sorted(os.walk(folder)):
         for name in sorted(files):
@@ -84,7 +101,16 @@ def list_images(folder: str, limit: int) -> list[str]:
 def reference_transform(
     data: bytes, rng: np.random.Generator, scale_range: tuple[int, int]
 ) -> np.ndarray:
-    """torchvision's Resize(S) + RandomCrop(224) + RandomHorizontalFlip, with PIL only."""
+    """torchvision's Resize(S) + RandomCrop(224) + RandomHorizontalFlip, with PIL only.
+
+    Args:
+      data: the encoded image.
+      rng: draws the scale, the crop and the flip.
+      scale_range: (S min, S max), inclusive; S is drawn uniformly.
+
+    Returns:
+      A CROP_SIZE x CROP_SIZE x 3 uint8 array.
+    """
     image = Image.open(io.BytesIO(data)).convert("RGB")
     scale = int(rng.integers(scale_range[0], scale_range[1] + 1))
     width, height = image.size
@@ -127,7 +153,19 @@ def transform_throughput(
     which: str, paths: list[str], scale_range: tuple[int, int], workers: int, repeats: int
 ) -> tuple[float, float]:
     """(images/s, images per CPU-second) of `which` transform over `paths` (x repeats) split
-    across `workers` processes."""
+    across `workers` processes.
+
+    Args:
+      which: "ours" (TrainTransform) or "reference" (`reference_transform`).
+      paths: the image files.
+      scale_range: (S min, S max) of the training scale.
+      workers: number of spawned worker processes.
+      repeats: passes over `paths`.
+
+    Returns:
+      (images per wall-clock second, bounded by the slowest worker; images per CPU-second
+      summed over the workers).
+    """
     work = paths * repeats
     chunks = [work[i::workers] for i in range(workers)]
     ctx = multiprocessing.get_context("spawn")
@@ -143,7 +181,18 @@ def transform_throughput(
 def pipeline_throughput(
     folder: str, scale_range: tuple[int, int], workers: int, batch_size: int, num_batches: int
 ) -> float:
-    """Images/s of the full grain training pipeline with `workers` processes (after warm-up)."""
+    """Images/s of the full grain training pipeline with `workers` processes (after warm-up).
+
+    Args:
+      folder: an image-folder root with a train/ split.
+      scale_range: (S min, S max) of the training scale.
+      workers: grain worker processes (0: in this process).
+      batch_size: global batch size.
+      num_batches: batches timed after the first one.
+
+    Returns:
+      Images per second over the timed batches.
+    """
     config = _data_config(scale_range)
     config.source, config.data_dir, config.num_workers = "folder", folder, workers
     config.eval_split = config.train_split  # The benchmark folder has no validation split.
@@ -158,6 +207,7 @@ def pipeline_throughput(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line (see the module docstring); returns the figures it prints."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--folder", default=None, help="benchmark these images (default: write JPEGs)")

@@ -27,8 +27,8 @@ of known GPUs for the chosen precision, or --peak-tflops). On CPU MFU is n/a unl
 --compare-torch times torchvision's VGG of the same configuration (A, B, D, E =
 vgg11/13/16/19; narrowed nets use torchvision's VGG class with scaled channels and a
 matching head) with bf16 autocast, channels_last, torch.compile, cudnn.benchmark and a
-fused/foreach SGD step with momentum and weight decay. It runs first, in a child process,
-so that neither framework's memory pool squeezes the other.
+fused/foreach SGD step with momentum and weight decay (benchmarks/torch_reference.py). It
+runs first, in a child process, so that neither framework's memory pool squeezes the other.
 
 --mode=loop adds the whole input pipeline (`pipeline.train_dataset` over a folder of
 JPEGs, written to a temp dir unless --folder is given) and reports the fraction of the
@@ -52,6 +52,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from benchmarks import torch_reference
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,7 +115,14 @@ KNOWN_PEAK_TFLOPS = (
     ("A100", 312.0, 156.0),
 )
 _PRECISION_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-_TORCH_NAMES = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
+# The paper's net: FC6/FC7 width and ImageNet's class count; other values are named in the
+# model name printed and written to --json.
+PAPER_FC_FEATURES = 4096
+PAPER_NUM_CLASSES = 1000
+# Standard deviation (0-255 units) of the synthetic batch's per-image colour offset, about
+# the size of the recipe's PCA colour shift (std 0.1 x eigenvalue 0.2175 x 255 = 5.5 along
+# its first component). The value does not change the timing; it keeps the input realistic.
+SYNTHETIC_RGB_SHIFT_STD = 5.0
 _GIB = 1024**3
 
 
@@ -133,7 +142,16 @@ def _fmt_rate(x: float | None, digits: int = 1) -> str:
 
 
 def known_peak_tflops(device_kind: str, dtype_name: str) -> float | None:
-    """Dense peak TFLOP/s of one device for `dtype_name` from the table, or None."""
+    """Dense peak TFLOP/s of one device for `dtype_name` from the table, or None.
+
+    Args:
+      device_kind: jax's device.device_kind, e.g. "NVIDIA H100 80GB HBM3".
+      dtype_name: the compute dtype; bfloat16/float16 read the bf16 column, anything
+        else the TF32 one.
+
+    Returns:
+      The first KNOWN_PEAK_TFLOPS entry whose name is in `device_kind`, or None.
+    """
     for name, bf16, tf32 in KNOWN_PEAK_TFLOPS:
         if name.lower() in device_kind.lower():
             return bf16 if dtype_name in ("bfloat16", "float16") else tf32
@@ -141,7 +159,14 @@ def known_peak_tflops(device_kind: str, dtype_name: str) -> float | None:
 
 
 def apply_flags(config) -> None:
-    """Writes --batch-size, --image-size and --precision into the (locked) config."""
+    """Writes --batch-size, --image-size and --precision into the (locked) config.
+
+    Also raises the scales to at least the crop and points the data source at an image
+    folder (--folder, or the one --mode=loop writes), whatever the config names.
+
+    Args:
+      config: the run config from --config, changed in place.
+    """
     if _BATCH.value:
         config.train.batch_size = _BATCH.value
     if _IMAGE.value:
@@ -165,9 +190,9 @@ def _model_name(config) -> str:
     extras = []
     if m.width_divisor != 1:
         extras.append(f"width/{m.width_divisor}")
-    if m.fc_features != 4096:
+    if m.fc_features != PAPER_FC_FEATURES:
         extras.append(f"fc {m.fc_features}")
-    if m.num_classes != 1000:
+    if m.num_classes != PAPER_NUM_CLASSES:
         extras.append(f"{m.num_classes} classes")
     return name + (f" ({', '.join(extras)})" if extras else "")
 
@@ -186,7 +211,8 @@ def _synthetic_batch(config, per_process: int, seed: int = 0) -> dict[str, Any]:
     return {
         "image": rng.integers(0, 256, (per_process, size, size, 3), dtype=np.uint8),
         "label": rng.integers(0, config.model.num_classes, (per_process,), dtype=np.int32),
-        "rgb_shift": rng.normal(0.0, 5.0, (per_process, 3)).astype(np.float32),
+        "rgb_shift": rng.normal(0.0, SYNTHETIC_RGB_SHIFT_STD, (per_process, 3)).astype(
+            np.float32),
         "mask": np.ones((per_process,), dtype=bool),
     }
 
@@ -198,6 +224,11 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 def build_step(config, mesh, batch_per_call: int):
     """The train state, a sharded synthetic batch and the AOT-compiled step.
+
+    Args:
+      config: the run config (after `apply_flags`).
+      mesh: the data mesh.
+      batch_per_call: global batch of one step call (batch_size / grad_accum_steps).
 
     Returns:
       (state, batch, compiled step, {"trace_s", "compile_s"}, the model).
@@ -251,6 +282,13 @@ def _xla_flops(compiled) -> float | None:
 def time_step(compiled, state, batch, warmup: int, steps: int):
     """Times the compiled step: per step with a sync (median), then back to back.
 
+    Args:
+      compiled: the compiled step, (state, batch) -> (state, metrics); donates the state.
+      state: the train state (consumed; use the returned one).
+      batch: the sharded batch, reused for every step.
+      warmup: untimed steps first.
+      steps: timed steps of each pass.
+
     Returns:
       (the final state, per-step seconds, mean seconds per step dispatched back to back).
     """
@@ -275,7 +313,17 @@ def time_step(compiled, state, batch, warmup: int, steps: int):
 
 
 def measure_step(config, mesh, batch_per_call: int) -> tuple[dict[str, Any], Any, Any]:
-    """Times the real train step on synthetic data; returns (results, compiled, state)."""
+    """Times the real train step on synthetic data.
+
+    Args:
+      config: the run config (after `apply_flags`).
+      mesh: the data mesh.
+      batch_per_call: global batch of one step call.
+
+    Returns:
+      (figures for the JSON and `print_step`, the compiled step, the train state), the
+      last two for `measure_loop`.
+    """
     import jax
 
     from vgg_jax import flops
@@ -332,6 +380,12 @@ def measure_step(config, mesh, batch_per_call: int) -> tuple[dict[str, Any], Any
 
 
 def print_step(r: dict[str, Any], on_cpu: bool) -> None:
+    """Prints the figures of `measure_step`.
+
+    Args:
+      r: what `measure_step` returns first.
+      on_cpu: whether the device is a CPU (explains a missing MFU).
+    """
     print(f"compile           : {r['compile_s']:.2f} s (+ {r['trace_s']:.2f} s trace/lower)")
     print(f"step (median)     : {1e3 * r['step_s_median']:.2f} ms over {_STEPS.value} steps "
           f"(min {1e3 * r['step_s_min']:.2f}, max {1e3 * r['step_s_max']:.2f}); back to back "
@@ -385,7 +439,20 @@ def _loop_steps(config) -> int:
 
 
 def measure_loop(config, mesh, compiled, state, batch_per_call: int, synthetic_rate: float):
-    """Runs the training loop's inner body over the real pipeline; returns (results, state)."""
+    """Runs the training loop's inner body over the real pipeline.
+
+    Args:
+      config: the run config (after `apply_flags`); its data section is pointed at the
+        folder read.
+      mesh: the data mesh.
+      compiled: the compiled step from `measure_step`.
+      state: the train state from `measure_step` (consumed; use the returned one).
+      batch_per_call: global batch of one step call.
+      synthetic_rate: images/s of the step on synthetic data, the 100% mark.
+
+    Returns:
+      (figures for the JSON and `print_loop`, the final train state).
+    """
     import jax
 
     from vgg_jax import parallel
@@ -464,6 +531,11 @@ def measure_loop(config, mesh, compiled, state, batch_per_call: int, synthetic_r
 
 
 def print_loop(r: dict[str, Any]) -> None:
+    """Prints the figures of `measure_loop`.
+
+    Args:
+      r: what `measure_loop` returns first.
+    """
     print(f"loop images/s     : {_fmt_rate(r['images_per_s'])} = "
           f"{100 * r['fraction_of_synthetic']:.1f}% of the synthetic-data rate "
           f"over {r['steps']} steps ({r['num_workers']} grain workers, start-up "
@@ -486,6 +558,12 @@ def search_max_batch(fits, start: int, granularity: int, limit: int) -> tuple[in
 
     Doubles from `start` until a size fails (or passes `limit`), then bisects between the
     last size that fit and the first that failed.
+
+    Args:
+      fits: size -> whether it fits.
+      start: the first size tried (rounded down to a multiple of `granularity`).
+      granularity: every size tried is a multiple of this.
+      limit: no size above this is tried.
 
     Returns:
       (largest size that fits or 0, smallest size seen failing or None if none failed).
@@ -512,7 +590,15 @@ def search_max_batch(fits, start: int, granularity: int, limit: int) -> tuple[in
 
 
 def find_max_batch(config, mesh) -> dict[str, Any] | None:
-    """Largest batch per device whose step compiles and runs (doubling, then bisection)."""
+    """Largest batch per device whose step compiles and runs (doubling, then bisection).
+
+    Args:
+      config: the run config (after `apply_flags`).
+      mesh: the data mesh.
+
+    Returns:
+      {"max_batch_per_device", "limit_reached", "tried", ...}, or None on CPU (skipped).
+    """
     import jax
 
     if jax.default_backend() == "cpu":
@@ -555,18 +641,22 @@ def find_max_batch(config, mesh) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------------------
-# PyTorch reference (child process)
+# PyTorch reference (timed in a child process by benchmarks/torch_reference.py)
 # --------------------------------------------------------------------------------------
 
 
 def _torch_spec(config) -> dict[str, Any]:
-    from vgg_jax.models import canonical_version
+    from vgg_jax.convert import TORCHVISION_NAMES
+    from vgg_jax.models import TOTAL_STRIDE, canonical_version
 
     m, d, t = config.model, config.data, config.train
+    version = canonical_version(m.version)
     return {
-        "version": canonical_version(m.version), "width_divisor": int(m.width_divisor),
+        "version": version, "torchvision_name": TORCHVISION_NAMES[version],
+        "width_divisor": int(m.width_divisor),
         "fc_features": int(m.fc_features), "num_classes": int(m.num_classes),
         "dropout": float(m.dropout_rate), "image_size": int(d.image_size),
+        "head_window": int(d.image_size) // TOTAL_STRIDE,
         "compute_dtype": str(m.compute_dtype), "batch": int(t.batch_size // t.grad_accum_steps),
         "lr": float(t.learning_rate), "momentum": float(t.momentum),
         "weight_decay": float(t.weight_decay), "mean_rgb": tuple(d.mean_rgb),
@@ -575,123 +665,21 @@ def _torch_spec(config) -> dict[str, Any]:
     }
 
 
-def torch_train_step_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
-    """Times torchvision's VGG training step; runs in a child process (see module doc).
+def run_torch(config) -> dict[str, Any] | None:
+    """--compare-torch: checks support and imports, then times PyTorch in a child process.
+
+    Args:
+      config: the run config (after `apply_flags`).
 
     Returns:
-      The figures, or {"import_error": message} when torch or torchvision cannot be imported.
+      The figures of `torch_reference.torch_train_step_benchmark`, or None when
+      torchvision has no such net (C, A-LRN) or torch cannot be imported.
     """
-    try:
-        import torch
-        import torch.nn as nn
-        from torchvision.models import vgg as tv
-    except Exception as error:  # ImportError, or a torchvision built for another torch
-        return {"import_error": f"{type(error).__name__}: {error}"}
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = spec["compute_dtype"]
-    bf16 = dtype == "bfloat16" or (dtype == "auto" and cuda)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        # JAX runs fp32 convolutions/matmuls as TF32 on GPU by default; so does this.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    letter, divisor = spec["version"], spec["width_divisor"]
-    layers = [v if v == "M" else max(v // divisor, 1) for v in tv.cfgs[letter]]
-    model = tv.VGG(tv.make_layers(layers), num_classes=spec["num_classes"],
-                   dropout=spec["dropout"])
-    window = spec["image_size"] // 32
-    standard = (divisor == 1 and spec["fc_features"] == 4096 and window == 7)
-    if not standard:
-        # torchvision's head assumes 512 x 7 x 7 inputs and 4096 features: rebuild it
-        # for this width and crop (no adaptive pooling: the map already has FC6's size).
-        channels, fc = layers[-2], spec["fc_features"]
-        model.avgpool = nn.Identity()
-        model.classifier = nn.Sequential(
-            nn.Linear(channels * window * window, fc), nn.ReLU(True), nn.Dropout(spec["dropout"]),
-            nn.Linear(fc, fc), nn.ReLU(True), nn.Dropout(spec["dropout"]),
-            nn.Linear(fc, spec["num_classes"]))
-    model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer_options = {"fused": True} if cuda else {"foreach": True}
-    optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=spec["momentum"],
-                                weight_decay=spec["weight_decay"], **optimizer_options)
-    mean = torch.tensor(spec["mean_rgb"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec["std_rgb"], device=device).view(1, 3, 1, 1)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def forward_loss(images_u8, labels):
-        # uint8 NHWC, as our pipeline ships it; permuted it is a channels_last NCHW view.
-        x = (images_u8.permute(0, 3, 1, 2).float() - mean) / std
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-        return loss_fn(logits.float(), labels)
-
-    compiled_note = "eager"
-    loss_impl = forward_loss
-    if spec["compile"]:
-        loss_impl = torch.compile(forward_loss)
-        compiled_note = "torch.compile"
-
-    def step(images, labels):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_impl(images, labels)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    batch, size = spec["batch"], spec["image_size"]
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8,
-                           generator=generator).to(device)
-    labels = torch.randint(0, spec["num_classes"], (batch,), generator=generator).to(device)
-    start = time.perf_counter()
-    try:
-        step(images, labels)
-    except Exception as error:  # inductor needs a working compiler toolchain
-        if not spec["compile"]:
-            raise
-        print(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
-              "timing eager PyTorch instead.", flush=True)
-        loss_impl, compiled_note = forward_loss, "eager (torch.compile failed)"
-        step(images, labels)
-    sync()
-    first_step_s = time.perf_counter() - start
-    for _ in range(spec["warmup"]):
-        step(images, labels)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(spec["steps"]):
-        start = time.perf_counter()
-        step(images, labels)
-        sync()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {
-        "torch_version": torch.__version__,
-        "model": tv.__name__ + "." + (_TORCH_NAMES[letter] if standard else f"VGG(cfg {letter})"),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "mode": compiled_note,
-        "precision": "bfloat16 autocast" if bf16 else "float32",
-        "first_step_s": first_step_s,
-        "step_s_median": median,
-        "images_per_s": batch / median,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-    }
-
-
-def run_torch(config) -> dict[str, Any] | None:
-    """--compare-torch: checks support and imports, then times PyTorch in a child process."""
+    from vgg_jax.convert import TORCHVISION_NAMES
     from vgg_jax.models import canonical_version
 
     version = canonical_version(config.model.version)
-    if version not in _TORCH_NAMES:
+    if version not in TORCHVISION_NAMES:
         print(f"PyTorch comparison: unsupported for VGG-{version} (torchvision has A, B, D, E "
               "= vgg11/13/16/19; no C with 1x1 convolutions, no A-LRN); skipped.")
         return None
@@ -700,7 +688,9 @@ def run_torch(config) -> dict[str, Any] | None:
     print("timing PyTorch (child process) ...", flush=True)
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        result = pool.apply(torch_train_step_benchmark, (_torch_spec(config),))
+        # Pickled by reference: the child imports benchmarks.torch_reference through the
+        # sys.path it inherits (the repository root inserted above).
+        result = pool.apply(torch_reference.torch_train_step_benchmark, (_torch_spec(config),))
     if "import_error" in result:
         print(f"PyTorch comparison: torch/torchvision not importable ({result['import_error']}); "
               "skipped. Install them in this environment (pip install torch torchvision) to "
@@ -710,6 +700,12 @@ def run_torch(config) -> dict[str, Any] | None:
 
 
 def print_torch(r: dict[str, Any], jax_rate: float) -> None:
+    """Prints the PyTorch figures and the JAX / PyTorch speed ratio.
+
+    Args:
+      r: what `run_torch` returns.
+      jax_rate: images/s of the JAX step.
+    """
     print(f"PyTorch           : {r['model']} {r['torch_version']} on {r['device']}, "
           f"{r['precision']}, {r['mode']}, channels_last")
     print(f"PyTorch step      : {1e3 * r['step_s_median']:.2f} ms median, "
@@ -724,6 +720,7 @@ def print_torch(r: dict[str, Any], jax_rate: float) -> None:
 
 
 def main(argv: list[str]) -> None:
+    """Runs the benchmarks the flags ask for, prints them and writes --json."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = flags.FLAGS.config

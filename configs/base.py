@@ -20,7 +20,11 @@ IMAGENET_PCA_EIGENVECTORS = (
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Returns the shared recipe; net configs override `model.version` and friends."""
+    """Returns the shared recipe; net configs override `model.version` and friends.
+
+    Returns:
+      A new ConfigDict of the paper's ImageNet recipe (net A, S = Q = 256).
+    """
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -164,6 +168,9 @@ def set_train_scale(config: ml_collections.ConfigDict, scale: str) -> ml_collect
 
     Returns:
       The same config, changed in place.
+
+    Raises:
+      ValueError: for any other scale.
     """
     if scale == "256":
         return config

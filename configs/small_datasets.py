@@ -31,7 +31,18 @@ _SETTINGS = {
 
 
 def get_config(name: str = "cifar10"):
-    """Returns the recipe for one small data set: cifar10, cifar100, mnist or caltech101."""
+    """Returns the recipe for one small data set.
+
+    Args:
+      name: "cifar10", "cifar100", "mnist" or "caltech101" (the part after the colon in
+        --config=configs/small_datasets.py:NAME).
+
+    Returns:
+      The base recipe with that data set's settings from _SETTINGS.
+
+    Raises:
+      ValueError: for any other name.
+    """
     if name not in _SETTINGS:
         raise ValueError(f"Unknown data set {name!r}; use one of {', '.join(_SETTINGS)}.")
     (version, num_classes, image_size, (s_min, s_max), fc, mean_rgb, flip, colour_std,

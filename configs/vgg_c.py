@@ -23,7 +23,14 @@ from configs import base
 
 
 def get_config(train_scale: str = "256"):
-    """Returns the recipe for net C; `train_scale` is "256", "384" or "256-512"."""
+    """Returns the recipe for net C.
+
+    Args:
+      train_scale: "256", "384" or "256-512" (see `base.set_train_scale`).
+
+    Returns:
+      The base recipe with model.version set to "C".
+    """
     config = base.set_train_scale(base.get_config(), train_scale)
     config.model.version = "C"
     return config

@@ -24,7 +24,14 @@ from configs import base
 
 
 def get_config(train_scale: str = "256"):
-    """Returns the recipe for net E; `train_scale` is "256", "384" or "256-512"."""
+    """Returns the recipe for net E.
+
+    Args:
+      train_scale: "256", "384" or "256-512" (see `base.set_train_scale`).
+
+    Returns:
+      The base recipe with model.version set to "E".
+    """
     config = base.set_train_scale(base.get_config(), train_scale)
     config.model.version = "E"
     return config

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from configs import base, quickstart, small_datasets, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
-from vgg_jax.config_checks import ConfigError, validate_config
+from vgg_jax import checkpoint
+from vgg_jax.config_checks import ConfigError, check_resumable, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +74,15 @@ def _broken(**changes):
         ({"train__learning_rate": 0.0}, r"config\.train\.learning_rate=0\.0 must be positive"),
         ({"eval__protocol": "ten_crop"}, r"config\.eval\.protocol='ten_crop' is unknown"),
         ({"eval__scales": (128, 256)}, r"config\.eval\.scales holds 128, smaller than the crop"),
+        ({"eval__scales": ("abc",)}, r"config\.eval\.scales holds 'abc', not a whole number"),
+        ({"eval__dense_size_step": -32}, r"config\.eval\.dense_size_step=-32 must be at least 1"),
+        ({"train__eval_batch_size": 0}, r"config\.train\.eval_batch_size=0 must be positive"),
+        ({"data__colour_shift_std": -1.0}, r"config\.data\.colour_shift_std=-1\.0 must be >= 0"),
+        ({"data__prefetch_buffer_size": 0}, r"config\.data\.prefetch_buffer_size=0 must be"),
+        ({"checkpoint__keep_best": -1}, r"config\.checkpoint\.keep_best=-1 must be 0 or more"),
+        ({"train__plateau_patience": 0}, r"config\.train\.plateau_patience must be an integer"),
+        ({"train__plateau_monitor": "train/loss"}, r"config\.train\.plateau_monitor='train/loss'"
+                                                   r" must be one of the validation metrics"),
     ],
 )
 def test_bad_fields_are_named(changes, expected):
@@ -115,3 +125,35 @@ def test_class_count_must_match_the_data(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.model\.num_classes=1000 but the data set "
                                           r"has 10 classes; pass --config\.model\.num_classes=10"):
         validate_config(config, device_count=1)
+
+
+def test_a_resume_under_other_settings_names_every_difference():
+    saved = checkpoint.config_to_json(vgg_a.get_config())
+    config = vgg_a.get_config()
+    config.model.version = "a"  # the same net, spelled otherwise
+    config.train.num_epochs = 100  # may change: the run goes on longer
+    check_resumable(saved, config, "runs/vgg_a")
+    config.train.batch_size = 128
+    config.data.num_workers = 0
+    with pytest.raises(ConfigError, match=r"runs/vgg_a holds a run saved with other settings, "
+                                          r"config\.data\.num_workers=0 \(saved: 8\); "
+                                          r"config\.train\.batch_size=128 \(saved: 256\)"):
+        check_resumable(saved, config, "runs/vgg_a")
+
+
+@pytest.mark.parametrize("argument, expected", [
+    ("--config.train.batchsize=1", "names the field 'batchsize', which the config does not "
+                                   "have; did you mean 'batch_size'?"),
+    ("--config=configs/missing.py", "No such file or directory"),
+    ("--config=configs/vgg_d.py:999", "Unknown training scale '999'"),
+])
+def test_main_reports_a_config_it_cannot_load_in_one_line(tmp_path, argument, expected):
+    result = subprocess.run(
+        [sys.executable, "main.py", f"--workdir={tmp_path}", argument],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Config error: ") and expected in lines[0], (
+        result.stderr[-2000:])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vgg_jax.data import pipeline, sources, testing, transforms
+from vgg_jax.data import digits, pipeline, sources, testing, transforms
 
 
 def test_folder_source_labels_repr_and_pickle(tmp_path):
@@ -87,13 +87,13 @@ def test_unknown_source_is_rejected():
 def test_digits_written_once_atomically_and_reused(tmp_path, monkeypatch):
     config = testing.data_config(source="digits", cache_dir=str(tmp_path), eval_split="val")
     # A first run killed half-way leaves no digits folder behind.
-    real_write = sources._write_digits
+    real_write = digits._write_digits
 
     def killed(out_dir, settings):
         os.makedirs(os.path.join(out_dir, "train", "0"))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sources, "_write_digits", killed)
+    monkeypatch.setattr(digits, "_write_digits", killed)
     with pytest.raises(KeyboardInterrupt):
         sources.validate_source(config)
     assert os.listdir(tmp_path) == []
@@ -104,7 +104,7 @@ def test_digits_written_once_atomically_and_reused(tmp_path, monkeypatch):
         calls.append(out_dir)
         real_write(out_dir, settings)
 
-    monkeypatch.setattr(sources, "_write_digits", counting)
+    monkeypatch.setattr(digits, "_write_digits", counting)
     sources.validate_source(config)
     train, val = sources.make_source(config, "train"), sources.make_source(config, "val")
     assert len(calls) == 1 and sorted(os.listdir(tmp_path)) == ["digits"]

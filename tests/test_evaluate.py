@@ -68,7 +68,6 @@ def test_test_scales_follow_the_paper():
     assert evaluate.test_scales((), 256, 512) == (384,)
     assert evaluate.test_scales((), 256, 512, multi_scale=True) == (256, 384, 512)
     assert evaluate.test_scales((300, 400), 256, 256, multi_scale=True) == (300, 400)
-    assert evaluate.test_scales("256,384,512", 256, 256) == (256, 384, 512)
 
 
 def test_unknown_protocol_is_a_clear_error(net):
@@ -88,14 +87,31 @@ def test_dense_score_map_shape(image_size, height, width):
     assert scores.shape == (2, height // 32 - window + 1, width // 32 - window + 1, NUM_CLASSES)
 
 
+def _reference_probabilities(net, views):
+    return np.stack([evaluate.class_probabilities(
+        net.model, MEAN, STD, False, net.params, jnp.asarray(view)[None, None])[0]
+        for view in views])
+
+
 def test_dense_equals_single_crop_when_rescaled_to_image_size(net):
-    # Square images of any size rescale to exactly 32 x 32 at Q = 32.
-    images = random_images([(32, 32), (48, 48), (64, 64), (40, 40), (32, 32)])
+    # At Q = 32, 32x32 images need no resampling: both protocols see the same pixels.
+    images = random_images([(32, 32)] * 3, seed=2)
     single = run([net], images, protocol="single_crop")
     dense = run([net], images, protocol="dense", flip=False)
     np.testing.assert_allclose(by_index(dense), by_index(single), rtol=1e-6, atol=1e-7)
+    # Square images of any size rescale to exactly 32 x 32: dense sees the whole image
+    # rescaled, single crop the validation view of training (one resampled window).
+    images = random_images([(48, 48), (64, 64), (40, 40)])
+    dense = run([net], images, protocol="dense", flip=False)
+    expected = _reference_probabilities(
+        net, [transforms.rescale_shorter_side(image, 32) for image in images])
+    np.testing.assert_allclose(by_index(dense), expected, rtol=1e-5, atol=1e-7)
+    single = run([net], images, protocol="single_crop")
+    expected = _reference_probabilities(
+        net, [transforms.centre_view(evaluate._png(image), 32, 32) for image in images])
+    np.testing.assert_allclose(by_index(single), expected, rtol=1e-5, atol=1e-7)
     # And the on-device core agrees with a plain forward pass.
-    view = jnp.asarray(images[0])[None]
+    view = jnp.asarray(random_images([(32, 32)])[0])[None]
     x = (view.astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
     expected = jax.nn.softmax(net.model.apply({"params": net.params}, x))
     got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.params, view[:, None])
@@ -154,12 +170,11 @@ def test_odd_split_is_counted_exactly_once(net):
         assert all(row["images"] == 13 for row in result["rows"]), result["rows"]
     # The errors equal a reference computed one image at a time.
     result = run([net], images, labels, protocol="single_crop", scales=(40,))
-    probs = []
-    for image in images:
-        view = transforms.centre_crop(transforms.rescale_shorter_side(image, 40), 32)
-        probs.append(evaluate.class_probabilities(
-            net.model, MEAN, STD, False, net.params, jnp.asarray(view)[None, None])[0])
-    probs = np.stack(probs)
+    # The validation view of training: what EvalTransform gives the training loop.
+    probs = _reference_probabilities(net, [
+        transforms.EvalTransform(32, 40).map({"image": evaluate._png(image), "label": 0,
+                                              "name": str(i)})["image"]
+        for i, image in enumerate(images)])
     np.testing.assert_allclose(by_index(result), probs, rtol=1e-5, atol=1e-7)
     top1, top5 = evaluate.top_k_correct(probs, labels)
     row = result["rows"][0]

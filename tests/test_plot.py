@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from vgg_jax import metric_names as names
 from vgg_jax import plot, writers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -19,20 +20,20 @@ def write_synthetic_run(workdir, steps_per_epoch=10, epochs=4, with_epoch=True):
         for step in range(5, epochs * steps_per_epoch + 1, 5):
             record = {
                 "step": step,
-                writers.TRAIN_LOSS: 7.0 / (1 + step),
-                writers.TRAIN_TOP1_ERROR: 1 - step / 100,
-                writers.TRAIN_TOP5_ERROR: 0.8 - step / 100,
-                writers.LEARNING_RATE: 0.01 if step < 20 else 0.001,
+                names.TRAIN_LOSS: 7.0 / (1 + step),
+                names.TRAIN_TOP1_ERROR: 1 - step / 100,
+                names.TRAIN_TOP5_ERROR: 0.8 - step / 100,
+                names.LEARNING_RATE: 0.01 if step < 20 else 0.001,
             }
             if with_epoch:
-                record[writers.EPOCH] = step / steps_per_epoch
+                record[names.EPOCH] = step / steps_per_epoch
             f.write(json.dumps(record) + "\n")
             if step % steps_per_epoch == 0:
                 val = {
                     "step": step,
-                    writers.VAL_LOSS: 8.0 / (1 + step),
-                    writers.VAL_TOP1_ERROR: 1 - step / 120,
-                    writers.VAL_TOP5_ERROR: 0.9 - step / 120,
+                    names.VAL_LOSS: 8.0 / (1 + step),
+                    names.VAL_TOP1_ERROR: 1 - step / 120,
+                    names.VAL_TOP5_ERROR: 0.9 - step / 120,
                 }
                 f.write(json.dumps(val) + "\n")
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from vgg_jax import metric_names as names
 from vgg_jax import writers
 
 
@@ -22,15 +23,15 @@ def make_config(wandb_mode="disabled", progress_bar=True):
 
 
 TRAIN = {
-    writers.TRAIN_LOSS: 2.5,
-    writers.TRAIN_TOP1_ERROR: 0.75,
-    writers.TRAIN_TOP5_ERROR: 0.5,
-    writers.TRAIN_IMAGES_PER_SEC: 123.4,
-    writers.TRAIN_GRAD_NORM: 1.5,
-    writers.LEARNING_RATE: 0.01,
-    writers.EPOCH: 0.5,
+    names.TRAIN_LOSS: 2.5,
+    names.TRAIN_TOP1_ERROR: 0.75,
+    names.TRAIN_TOP5_ERROR: 0.5,
+    names.TRAIN_IMAGES_PER_SEC: 123.4,
+    names.TRAIN_GRAD_NORM: 1.5,
+    names.LEARNING_RATE: 0.01,
+    names.EPOCH: 0.5,
 }
-VAL = {writers.VAL_LOSS: 2.25, writers.VAL_TOP1_ERROR: 0.625, writers.VAL_TOP5_ERROR: 0.375}
+VAL = {names.VAL_LOSS: 2.25, names.VAL_TOP1_ERROR: 0.625, names.VAL_TOP5_ERROR: 0.375}
 
 
 def test_json_lines_hold_every_metric_written(tmp_path):
@@ -43,7 +44,7 @@ def test_json_lines_hold_every_metric_written(tmp_path):
             if step % 10 == 0:
                 # Device scalars and numpy scalars are fetched and written as numbers.
                 writer.write_scalars(
-                    step, {**TRAIN, writers.TRAIN_LOSS: jnp.float32(2.5), "lr": np.float32(0.01)}
+                    step, {**TRAIN, names.TRAIN_LOSS: jnp.float32(2.5), "lr": np.float32(0.01)}
                 )
         writer.write_scalars(20, VAL)
     records = writers.read_metrics(os.path.join(workdir, writers.METRICS_FILENAME))
@@ -55,13 +56,14 @@ def test_json_lines_hold_every_metric_written(tmp_path):
     assert records[2] == {"step": 20, **VAL}
 
 
-def test_json_lines_append_on_resume_and_repair_a_cut_last_line(tmp_path):
+def test_json_lines_on_resume_drop_redone_steps_and_a_cut_last_line(tmp_path):
     workdir = str(tmp_path)
     config = make_config()
     with writers.create_writer(
         config, workdir, is_main_process=True, total_steps=10, initial_step=0
     ) as writer:
         writer.write_scalars(5, {"train/loss": 1.0})
+        writer.write_scalars(6, {"train/loss": 0.9})  # after the checkpoint of step 5
     path = os.path.join(workdir, writers.METRICS_FILENAME)
     with open(path, "a") as f:
         f.write('{"step": 6, "train/lo')  # a job killed in the middle of a write

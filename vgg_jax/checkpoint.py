@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -28,8 +28,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from vgg_jax import metric_names
+
 # The metric that ranks checkpoints (lower is better).
-BEST_METRIC = "val/top1_error"
+BEST_METRIC = metric_names.VAL_TOP1_ERROR
 CHECKPOINT_SUBDIR = "checkpoints"
 
 PARAMS, TRAIN, DATA, META = "params", "train", "data", "meta"
@@ -165,30 +167,67 @@ def restore_training(
 _COMPLETE_MARKER = "_CHECKPOINT_METADATA"
 
 
-def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
-    """The newest step whose save finished, or None.
+def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
+    """The steps whose save finished, in increasing order.
 
     A save killed midway normally leaves a temporary directory that orbax ignores, but a
     step-named directory without orbax's completion marker (e.g. a copy that was cut
-    short) would be counted and fail to restore; such directories are skipped.
+    short) would be counted by orbax and fail to restore; such directories are skipped.
+
+    Args:
+      manager: the run's checkpoint manager.
+
+    Returns:
+      Sorted step numbers.
     """
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = []
+    for step in sorted(manager.all_steps()):
         if os.path.exists(os.path.join(str(manager.directory), str(step), _COMPLETE_MARKER)):
-            return step
-        logging.warning("Ignoring incomplete checkpoint directory %s/%d.", manager.directory, step)
-    return None
+            steps.append(step)
+        else:
+            logging.warning("Ignoring incomplete checkpoint directory %s/%d.",
+                            manager.directory, step)
+    return steps
+
+
+def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
+    """The newest step whose save finished, or None.
+
+    Args:
+      manager: the run's checkpoint manager.
+
+    Returns:
+      A step number, or None when no save finished.
+    """
+    steps = complete_steps(manager)
+    return steps[-1] if steps else None
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """Reads the JSON metadata of one step."""
+    """Reads the JSON metadata of one step.
+
+    Args:
+      manager: the run's checkpoint manager.
+      step: a complete step.
+
+    Returns:
+      The metadata dict ("config", "epoch", "metrics").
+    """
     restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
     return restored[META]
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
-    """The step with the lowest validation top-1 error, or None if none was evaluated."""
+    """The complete step with the lowest validation top-1 error.
+
+    Args:
+      manager: the run's checkpoint manager.
+
+    Returns:
+      A step number, or None if no complete step was evaluated.
+    """
     scored = []
-    for step in manager.all_steps():
+    for step in complete_steps(manager):
         metrics = read_meta(manager, step).get("metrics") or {}
         if BEST_METRIC in metrics:
             scored.append((metrics[BEST_METRIC], -step))
@@ -196,12 +235,20 @@ def best_step(manager: ocp.CheckpointManager) -> int | None:
 
 
 def resolve_step(manager: ocp.CheckpointManager, step: int | str | None) -> int:
-    """Turns None / "best" / "latest" / a number into an existing step.
+    """Turns None / "best" / "latest" / a number into an existing, complete step.
+
+    Args:
+      manager: the run's checkpoint manager.
+      step: a step number (int or digits), "best", "latest", or None (best if any step
+        was evaluated, else latest).
+
+    Returns:
+      The step number.
 
     Raises:
       ValueError: if there is no checkpoint, or not the one asked for.
     """
-    steps = manager.all_steps()
+    steps = complete_steps(manager)
     if not steps:
         raise ValueError(
             f"No checkpoint found in {manager.directory}; train first or check the path.")
@@ -215,10 +262,18 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | str | None) -> int:
         return max(steps)
     if step == "latest":
         return max(steps)
-    if int(step) not in steps:
+    if not str(step).isdigit() or int(step) not in steps:
         raise ValueError(
             f"Step {step} is not in {manager.directory}; available steps: {sorted(steps)}.")
     return int(step)
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What `load_checkpoint` read: {"params": ...}, the run's config and the step."""
+
+    variables: dict[str, Any]
+    config: ml_collections.ConfigDict
+    step: int
 
 
 def load_variables(
@@ -232,6 +287,23 @@ def load_variables(
 
     Returns:
       ({"params": params} as host arrays, the run's config).
+
+    Raises:
+      ValueError: if the path holds no checkpoint (or not the step asked for).
+    """
+    loaded = load_checkpoint(path, step)
+    return loaded.variables, loaded.config
+
+
+def load_checkpoint(path: str, step: int | str | None = None) -> LoadedCheckpoint:
+    """Like `load_variables`, and also says which step it chose.
+
+    Args:
+      path: a workdir, or a directory of step checkpoints.
+      step: a step number, "latest", "best", or None (best if any was evaluated, else latest).
+
+    Returns:
+      A LoadedCheckpoint: ({"params": params} as host arrays, the run's config, the step).
 
     Raises:
       ValueError: if the path holds no checkpoint (or not the step asked for).
@@ -262,7 +334,7 @@ def load_variables(
     )
     manager.close()
     config = ml_collections.ConfigDict(restored[META]["config"])
-    return {"params": restored[PARAMS]}, config
+    return LoadedCheckpoint({"params": restored[PARAMS]}, config, chosen)
 
 
 def save_variables(directory: str, variables: Mapping[str, Any], config, step: int = 0) -> str:

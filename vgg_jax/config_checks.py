@@ -5,14 +5,28 @@ Every failure is one sentence that names the field and how to fix it.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
+from vgg_jax import optim, writers
+from vgg_jax.data.sources import SOURCES
 from vgg_jax.models import TOTAL_STRIDE, VERSIONS, canonical_version
 
-SOURCES = ("tfds", "folder", "digits")
 INITIALIZERS = ("glorot_uniform", "normal")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+# Fields a resumed run must share with the run that saved the checkpoint: they fix the
+# shapes of the saved state, what a step means, and the data iterator's saved position.
+RESUME_FIELDS = (
+    "model.version", "model.num_classes", "model.width_divisor", "model.fc_features",
+    "data.image_size", "data.source", "data.name", "data.train_split", "data.num_workers",
+    "train.batch_size", "train.grad_accum_steps", "seed",
+)
+
+
+_MISSING = object()
 
 
 class ConfigError(ValueError):
@@ -78,6 +92,15 @@ def validate_config(
              "config.data.mean_rgb and config.data.std_rgb must hold three values, std_rgb "
              "positive.")
     _require(d.num_workers >= 0, f"config.data.num_workers={d.num_workers} must be 0 or more.")
+    _require(d.prefetch_buffer_size >= 1,
+             f"config.data.prefetch_buffer_size={d.prefetch_buffer_size} must be at least 1.")
+    _require(d.colour_shift_std >= 0,
+             f"config.data.colour_shift_std={d.colour_shift_std} must be >= 0 (0 turns the "
+             "colour shift off; the paper: 0.1).")
+    if d.source == "digits":
+        _require(0 < d.val_fraction < 1,
+                 f"config.data.val_fraction={d.val_fraction} must be in (0, 1): the share of "
+                 "the digits held out for validation.")
     if d.source in ("tfds", "folder"):
         expected = ("tensorflow_datasets" if d.source == "tfds"
                     else "imagenet (with train/ and val/)")
@@ -98,19 +121,23 @@ def validate_config(
     _require(t.eval_batch_size % device_count == 0,
              f"config.train.eval_batch_size={t.eval_batch_size} is not divisible by the "
              f"{device_count} devices; use a multiple of {device_count}.")
+    _require(t.eval_batch_size >= 1,
+             f"config.train.eval_batch_size={t.eval_batch_size} must be positive.")
     _require(t.num_epochs >= 1, f"config.train.num_epochs={t.num_epochs} must be at least 1.")
-    _require(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate} must be positive.")
-    _require(0.0 <= t.momentum < 1.0, f"config.train.momentum={t.momentum} must be in [0, 1).")
-    _require(t.weight_decay >= 0, f"config.train.weight_decay={t.weight_decay} must be >= 0.")
-    _require(t.grad_clip_norm >= 0,
-             f"config.train.grad_clip_norm={t.grad_clip_norm} must be >= 0 (0 disables clipping).")
+    try:
+        optim.check_train_config(t)  # learning rate, momentum, decay, clipping, plateau_*
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     for field in ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps"):
         _require(t[field] >= 1, f"config.train.{field}={t[field]} must be at least 1.")
     _require(config.checkpoint.max_to_keep >= 1,
              f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be at least 1 "
              "(the newest checkpoint is what a resume needs).")
-    _require(config.wandb.mode in WANDB_MODES,
-             f"config.wandb.mode={config.wandb.mode!r} is unknown; use one of {WANDB_MODES}.")
+    _require(config.checkpoint.keep_best >= 0,
+             f"config.checkpoint.keep_best={config.checkpoint.keep_best} must be 0 or more.")
+    _require(config.wandb.mode in writers.WANDB_MODES,
+             f"config.wandb.mode={config.wandb.mode!r} is unknown; use one of "
+             f"{writers.WANDB_MODES}.")
 
     from vgg_jax.evaluate import PROTOCOLS
 
@@ -118,12 +145,18 @@ def validate_config(
     _require(ev.protocol in PROTOCOLS,
              f"config.eval.protocol={ev.protocol!r} is unknown; use one of {PROTOCOLS}.")
     for q in ev.scales:
+        _require(isinstance(q, int) or str(q).strip().isdigit(),
+                 f"config.eval.scales holds {q!r}, not a whole number of pixels; pass e.g. "
+                 "--config.eval.scales=256,384,512.")
         _require(int(q) >= d.image_size,
                  f"config.eval.scales holds {q}, smaller than the crop config.data.image_size="
                  f"{d.image_size}; use test scales of at least the crop.")
     _require(ev.multi_crop_grid >= 1,
              f"config.eval.multi_crop_grid={ev.multi_crop_grid} must be at least 1 (the paper: 5).")
     _require(ev.batch_size >= 1, f"config.eval.batch_size={ev.batch_size} must be positive.")
+    _require(ev.dense_size_step >= 1,
+             f"config.eval.dense_size_step={ev.dense_size_step} must be at least 1 pixel "
+             "(32, the net's stride, keeps compilations few).")
 
     if check_data:
         from vgg_jax.data import sources
@@ -136,3 +169,32 @@ def validate_config(
         _require(data_classes == m.num_classes,
                  f"config.model.num_classes={m.num_classes} but the data set has {data_classes} "
                  f"classes; pass --config.model.num_classes={data_classes}.")
+
+
+def check_resumable(saved_config: Mapping[str, Any], config: ml_collections.ConfigDict,
+                    workdir: str) -> None:
+    """Checks that a run can resume from a checkpoint saved under `saved_config`.
+
+    Args:
+      saved_config: the config stored with the checkpoint (JSON: tuples are lists).
+      config: this run's config.
+      workdir: the run's directory, for the message.
+
+    Raises:
+      ConfigError: naming every field of RESUME_FIELDS whose value differs.
+    """
+    differences = []
+    for path in RESUME_FIELDS:
+        saved, current = saved_config, config.to_dict()
+        for key in path.split("."):
+            saved = saved.get(key, _MISSING) if isinstance(saved, Mapping) else _MISSING
+            current = current.get(key, _MISSING) if isinstance(current, Mapping) else _MISSING
+        if saved is _MISSING or current is _MISSING:
+            continue  # a field older checkpoints did not record
+        if path == "model.version":
+            saved, current = canonical_version(saved), canonical_version(current)
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(current)):
+            differences.append(f"config.{path}={current!r} (saved: {saved!r})")
+    _require(not differences,
+             f"{workdir} holds a run saved with other settings, {'; '.join(differences)}; "
+             "rerun with the saved values to resume it, or pass a new --workdir.")

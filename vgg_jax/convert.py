@@ -53,7 +53,19 @@ _KEY_PREFIXES = ("module.", "model.")
 
 
 def torchvision_version(version: str) -> str:
-    """Maps "D", "d", "vgg16" ... to our version key; only A, B, D, E exist in torchvision."""
+    """Maps "D", "d", "vgg16" ... to our version key; only A, B, D, E exist in torchvision.
+
+    Args:
+      version: a configuration letter (any case, as `models.canonical_version` accepts) or
+        a torchvision model name (vgg11, vgg13, vgg16, vgg19).
+
+    Returns:
+      "A", "B", "D" or "E".
+
+    Raises:
+      ValueError: for a batch-normalised name (vgg16_bn ...), an unknown name, or a
+        configuration torchvision has no weights for (C, A-LRN).
+    """
     name = str(version).strip().lower()
     by_name = {v: k for k, v in TORCHVISION_NAMES.items()}
     if name in by_name:
@@ -74,6 +86,13 @@ def feature_indices(version: str) -> dict[str, int]:
     """Our conv layer names -> their index in torchvision's `features` Sequential.
 
     Each conv adds two modules (Conv2d, ReLU) and each block ends with one MaxPool2d.
+
+    Args:
+      version: "A", "B", "D", "E" or vgg11/13/16/19.
+
+    Returns:
+      {"conv1_1": 0, "conv1_2": 2, ...} in the order of the forward pass, the index N of
+      torchvision's `features.N.weight` key.
     """
     indices, position = {}, 0
     for block_index, block in enumerate(models.ARCHITECTURES[torchvision_version(version)], 1):
@@ -116,6 +135,10 @@ def infer_model_options(state_dict: Mapping[str, Any], version: str) -> dict[str
     Returns:
       {"num_classes", "width_divisor", "fc_features", "image_size"}; torchvision's own
       weights give 1000, 1, 4096, 224.
+
+    Raises:
+      ValueError: if a key that fixes an option is missing, or the widths match no width
+        divisor or square FC6 window.
     """
     sd = _clean_keys(state_dict)
     key = torchvision_version(version)
@@ -254,7 +277,18 @@ def converted_config(version: str, options: Mapping[str, int]) -> ml_collections
 
 
 def load_state_dict(path: str) -> dict[str, Any]:
-    """Reads a .pth (torch.load, weights_only=True) or a .npz of torchvision keys."""
+    """Reads a .pth (torch.load, weights_only=True) or a .npz of torchvision keys.
+
+    Args:
+      path: the weight file; a name ending in .npz is read with numpy, anything else with
+        torch.
+
+    Returns:
+      The state dict: key -> torch tensor (.pth) or numpy array (.npz).
+
+    Raises:
+      SystemExit: if the file is not .npz and PyTorch is not installed.
+    """
     if path.endswith(".npz"):
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
@@ -268,7 +302,19 @@ def load_state_dict(path: str) -> dict[str, Any]:
 
 
 def convert_file(path: str, version: str, out: str) -> str:
-    """Converts a torchvision weight file into a params checkpoint under `out`."""
+    """Converts a torchvision weight file into a params checkpoint under `out`.
+
+    Args:
+      path: the torchvision state dict (.pth) or a .npz of its keys.
+      version: "A", "B", "D", "E" or vgg11/13/16/19.
+      out: the directory (workdir) to write the weights and their run config into.
+
+    Returns:
+      The workdir written (what `checkpoint.save_variables` returns).
+
+    Raises:
+      ValueError: if the state dict does not match the version (see `from_torchvision`).
+    """
     from vgg_jax import checkpoint
 
     state_dict = load_state_dict(path)
@@ -279,6 +325,7 @@ def convert_file(path: str, version: str, out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: python -m vgg_jax.convert WEIGHTS --version V --out DIR."""
     parser = argparse.ArgumentParser(
         prog="python -m vgg_jax.convert",
         description="Convert torchvision VGG weights (vgg11/13/16/19) to a vgg-jax checkpoint.")

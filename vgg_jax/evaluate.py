@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -63,6 +64,9 @@ TOP_K = 5
 # Paper 3.2: multi-scale testing of a fixed-S net uses Q in {S - 32, S, S + 32}.
 MULTI_SCALE_OFFSET = 32
 RESULTS_BASENAME = "eval_results"
+HISTORY_FILENAME = "eval_history.jsonl"
+# Data fields that, when they differ from the checkpoint's run, mean another data set.
+_DATA_IDENTITY_FIELDS = ("source", "name", "data_dir", "eval_split")
 
 
 # --------------------------------------------------------------------------------------
@@ -86,8 +90,6 @@ def test_scales(
     Returns:
       A tuple of test scales.
     """
-    if isinstance(scales, str):  # "256,384,512" from a command line.
-        scales = [q for q in scales.replace("(", "").replace(")", "").split(",") if q.strip()]
     if len(scales):
         return tuple(int(q) for q in scales)
     lo, hi = int(train_scale_min), int(train_scale_max)
@@ -176,6 +178,7 @@ class EvalNet:
       params: parameters (host or device arrays).
       mean_rgb, std_rgb: the net's input normalisation (0-255 scale).
       train_scale: (S_min, S_max) the net was trained with.
+      step: the checkpoint step the parameters come from (None: not from a checkpoint).
     """
 
     name: str
@@ -184,6 +187,7 @@ class EvalNet:
     mean_rgb: Sequence[float]
     std_rgb: Sequence[float] = (1.0, 1.0, 1.0)
     train_scale: tuple[int, int] = (256, 256)
+    step: int | None = None
 
     @property
     def train_scale_label(self) -> str:
@@ -359,13 +363,16 @@ class _ViewMaker:
             return self._example(empty, False, -1, -1)
         record = self.source[int(self.global_indices[row])]
         try:
-            image = transforms.decode_rescaled(record["image"], self.q)
+            if self.component == SINGLE_CROP:  # exactly the training loop's validation view
+                views = transforms.centre_view(record["image"], self.q, self.image_size)[None]
+            else:
+                image = transforms.decode_rescaled(record["image"], self.q)
+                views = protocol_views(image, self.component, self.image_size, self.grid,
+                                       self.flip, self.shape)
         except transforms.DECODE_ERRORS as e:
             logger.warning("Skipping undecodable image %s (%s: %s).",
                            record.get("name", row), e.__class__.__name__, e)
             return self._example(empty, False, row, record["label"])
-        views = protocol_views(image, self.component, self.image_size, self.grid, self.flip,
-                               self.shape)
         return self._example(np.ascontiguousarray(views), True, row, record["label"])
 
 
@@ -492,7 +499,7 @@ def evaluate_nets(
     # Nets with the same module and preprocessing (an ensemble of snapshots of one net)
     # share one jitted function, so they also share its compilations.
     jitted: dict[tuple, Callable] = {}
-    fns = {}
+    fns, fn_keys = {}, {}
     for i, net in enumerate(nets):
         for c in components:
             # Multi-crop flips are made on the host with the crops; dense flips here.
@@ -500,7 +507,9 @@ def evaluate_nets(
             key = (net.model, tuple(net.mean_rgb), tuple(net.std_rgb), use_flip)
             if key not in jitted:
                 jitted[key] = make_probability_fn(net, use_flip, mesh)
-            fns[(i, c)] = jitted[key]
+            fns[(i, c)], fn_keys[(i, c)] = jitted[key], key
+    # jit compiles each function once per input shape: (function, shape) pairs counted.
+    compiled: set[tuple] = set()
     # Softmax sums over scales per (net, component); only kept when rows combine them.
     combine = len(scales) > 1 or len(components) > 1 or len(nets) > 1 or return_probabilities
     sums = {key: np.zeros((num_local, num_classes), np.float32) for key in fns} if combine else {}
@@ -540,6 +549,8 @@ def evaluate_nets(
                     device_batch = parallel.shard_batch({"views": batch["views"]}, mesh)
                     outputs = [fns[(i, component)](params[i], device_batch["views"])
                                for i in range(len(nets))]
+                    compiled.update((fn_keys[(i, component)], device_batch["views"].shape)
+                                    for i in range(len(nets)))
                     # Fetch the previous batch while this one computes.
                     if pending is not None:
                         _consume(*pending, mesh, component, q, labels, decoded, visits,
@@ -564,7 +575,7 @@ def evaluate_nets(
         row["top5_error"] = 100.0 * (1.0 - t5 / n) if n else float("nan")
         row["images"] = int(n)
     undecodable = int(_sum_over_processes(np.array([num_local - valid.sum()], np.int64))[0])
-    compilations = sum(fn._cache_size() for fn in jitted.values())
+    compilations = len(compiled)
     result = {"rows": rows, "compilations": compilations, "buckets": bucket_counts,
               "undecodable": undecodable}
     if return_probabilities:
@@ -724,14 +735,30 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def write_results(
     workdir: str, result: Mapping[str, Any], extra: Mapping[str, Any]
 ) -> tuple[str, str]:
-    """Writes eval_results.json and eval_results.md into the workdir; returns their paths."""
+    """Writes the newest evaluation into the workdir and appends it to its history.
+
+    eval_results.json and eval_results.md hold the newest evaluation; every evaluation is
+    also appended as one line to eval_history.jsonl, so running one protocol after another
+    keeps all their rows.
+
+    Args:
+      workdir: the run's directory.
+      result: what `evaluate_nets` returned.
+      extra: more fields to record (split, checkpoints, steps, protocol).
+
+    Returns:
+      The paths of eval_results.json and eval_results.md.
+    """
     os.makedirs(workdir, exist_ok=True)
     json_path = os.path.join(workdir, RESULTS_BASENAME + ".json")
     md_path = os.path.join(workdir, RESULTS_BASENAME + ".md")
     payload = {key: result[key] for key in ("rows", "compilations", "buckets", "undecodable")}
     payload.update(extra)
+    payload["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     with open(json_path, "w") as f:
         json.dump(payload, f, indent=1)
+    with open(os.path.join(workdir, HISTORY_FILENAME), "a") as f:
+        f.write(json.dumps(payload) + "\n")
     with open(md_path, "w") as f:
         f.write(format_table(result["rows"]) + "\n\n")
         f.write(f"{result['compilations']} compilations; buckets per pass: "
@@ -750,14 +777,14 @@ def load_net(path: str, step: int | str | None = None) -> tuple[EvalNet, ml_coll
     """An EvalNet from a workdir or weight file (see vgg_jax.checkpoint.load_variables)."""
     from vgg_jax import checkpoint, train
 
-    variables, run_config = checkpoint.load_variables(path, step)
+    variables, run_config, chosen_step = checkpoint.load_checkpoint(path, step)
     model = train.create_model_from_config(run_config)
     d = run_config.data
     name = f"{run_config.model.version} ({os.path.basename(os.path.normpath(path))})"
     net = EvalNet(
         name=name, model=model, params=variables["params"], mean_rgb=tuple(d.mean_rgb),
         std_rgb=tuple(d.get("std_rgb", (1.0, 1.0, 1.0))),
-        train_scale=(int(d.train_scale_min), int(d.train_scale_max)),
+        train_scale=(int(d.train_scale_min), int(d.train_scale_max)), step=chosen_step,
     )
     return net, run_config
 
@@ -781,7 +808,8 @@ def run_evaluation(
     from vgg_jax.data import sources
 
     ev = config.eval
-    net, _ = load_net(workdir, step)
+    net, run_config = load_net(workdir, step)
+    _warn_about_other_data(run_config, config)
     ensemble = string_list(ev.ensemble)
     nets = [net] + [load_net(path)[0] for path in ensemble]
     train_scales = {n.train_scale for n in nets}
@@ -816,6 +844,21 @@ def run_evaluation(
               f"{result['undecodable']} undecodable images.")
         data_name = config.data.name if config.data.source == "tfds" else config.data.data_dir
         extra = {"split": f"{config.data.source}:{data_name or ''}:{config.data.eval_split}",
-                 "checkpoints": [workdir, *ensemble], "step": step}
+                 "checkpoints": [workdir, *ensemble], "steps": [n.step for n in nets],
+                 "protocol": str(ev.protocol)}
         write_results(workdir, result, extra)
     return result["rows"]
+
+
+def _warn_about_other_data(run_config: ml_collections.ConfigDict,
+                           config: ml_collections.ConfigDict) -> None:
+    # The net comes from the checkpoint, the data from the command line: say so when the
+    # two name different data, since that is more often a forgotten flag than a choice.
+    differences = [
+        f"data.{field}={config.data.get(field)!r} (training: {run_config.data.get(field)!r})"
+        for field in _DATA_IDENTITY_FIELDS
+        if field in run_config.data and config.data.get(field) != run_config.data.get(field)]
+    if differences:
+        logger.warning("Evaluating on other data than the net was trained on: %s. Pass the "
+                       "training run's --config (and data flags) to evaluate on its data.",
+                       "; ".join(differences))

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgg_jax.models import VGG
+from vgg_jax.models import TOTAL_STRIDE, VGG
 
 # FLOPs per multiply-accumulate.
 FLOPS_PER_MAC = 2
@@ -50,11 +50,11 @@ def layer_macs(model: VGG, image_size: int | None = None) -> dict[str, int]:
         multiple of 32.
     """
     size = model.image_size if image_size is None else int(image_size)
-    if size < model.image_size or size % 32:
+    if size < model.image_size or size % TOTAL_STRIDE:
         raise ValueError(
-            f"image_size={size} must be a multiple of 32 and at least the model's training "
-            f"size {model.image_size} (FC6 covers a {model.head_window}x{model.head_window} "
-            "window of the final feature map)."
+            f"image_size={size} must be a multiple of {TOTAL_STRIDE} and at least the model's "
+            f"training size {model.image_size} (FC6 covers a {model.head_window}x"
+            f"{model.head_window} window of the final feature map)."
         )
     dense = size != model.image_size
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)

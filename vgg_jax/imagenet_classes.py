@@ -32,6 +32,10 @@ def class_names() -> tuple[str, ...] | None:
     """The 1000 ImageNet class names in label order, or None if they cannot be found.
 
     Each name is WordNet's synonym list, e.g. "tench, Tinca tinca"; see `short_name`.
+
+    Returns:
+      NUM_CLASSES names, or None when tensorflow-datasets is not installed or its file
+      is missing, unparsable or of another length.
     """
     root = _tfds_dir()
     if root is None:
@@ -54,7 +58,12 @@ def class_names() -> tuple[str, ...] | None:
 
 @functools.cache
 def wordnet_ids() -> tuple[str, ...] | None:
-    """The 1000 WordNet ids (n01440764, ...) in label order, or None if not found."""
+    """The 1000 WordNet ids (n01440764, ...) in label order, or None if not found.
+
+    Returns:
+      NUM_CLASSES ids, or None when tensorflow-datasets' labels.txt cannot be read or has
+      another length.
+    """
     root = _tfds_dir()
     if root is None:
         return None
@@ -67,5 +76,12 @@ def wordnet_ids() -> tuple[str, ...] | None:
 
 
 def short_name(name: str) -> str:
-    """The first synonym of a WordNet name: "tench, Tinca tinca" -> "tench"."""
+    """The first synonym of a WordNet name: "tench, Tinca tinca" -> "tench".
+
+    Args:
+      name: a name of `class_names`.
+
+    Returns:
+      The text before the first comma, stripped.
+    """
     return name.split(",")[0].strip()

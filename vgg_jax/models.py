@@ -113,11 +113,12 @@ def kernel_initializer(name: str, normal_stddev: float, in_axis=-2, out_axis=-1)
 
     Returns:
       A jax.nn.initializers function.
+
+    Raises:
+      ValueError: for an unknown name.
     """
     if name == "glorot_uniform":
-        return jax.nn.initializers.variance_scaling(
-            1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis
-        )
+        return jax.nn.initializers.glorot_uniform(in_axis=in_axis, out_axis=out_axis)
     if name == "normal":
         return jax.nn.initializers.normal(stddev=normal_stddev)
     raise ValueError(f"Unknown init {name!r}; use 'glorot_uniform' or 'normal'.")
@@ -160,7 +161,11 @@ class VGG(nn.Module):
 
     @property
     def head_window(self) -> int:
-        """Side of the final feature map for a training-size input, FC6's window."""
+        """Side of the final feature map for a training-size input, FC6's window.
+
+        Returns:
+          image_size // TOTAL_STRIDE (7 for 224x224).
+        """
         return self.image_size // TOTAL_STRIDE
 
     def _conv(self, features, kernel, name, *, padding="SAME", fc=False):
@@ -181,7 +186,14 @@ class VGG(nn.Module):
         )
 
     def features(self, x: jax.Array) -> jax.Array:
-        """The convolutional trunk: conv blocks, each ending in a 2x2 max-pool."""
+        """The convolutional trunk: conv blocks, each ending in a 2x2 max-pool.
+
+        Args:
+          x: images, NHWC; cast to the compute dtype.
+
+        Returns:
+          The final feature map in the compute dtype, [N, H // 32, W // 32, channels].
+        """
         x = x.astype(self.dtype)
         for block_index, block in enumerate(self.architecture, start=1):
             for layer_index, (channels, kernel) in enumerate(block, start=1):

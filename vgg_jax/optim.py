@@ -40,13 +40,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from vgg_jax import metric_names
+
 # Name of the hyperparameter that `optax.inject_hyperparams` keeps in the optimiser state.
 _LEARNING_RATE = "learning_rate"
 # The plateau state machine works in float32 whatever the parameters' dtype, so its
 # state has the same structure and dtypes in every run (and in every checkpoint).
 _PLATEAU_DTYPE = jnp.float32
-# Suffixes of metric names that training wants to be small; the plateau logic minimises.
-_MINIMISED_SUFFIXES = ("error", "loss")
+
 
 
 # --------------------------------------------------------------------------------------
@@ -75,26 +76,35 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def _check_train_config(train_config: ml_collections.ConfigDict) -> None:
-    """Fails early, naming the config field, on values the optimiser cannot use."""
+def check_train_config(train_config: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the config field, on values the optimiser or the plateau
+    schedule cannot use (the config check runs this before any work).
+
+    Args:
+      train_config: `config.train`.
+
+    Raises:
+      ValueError: one sentence naming the first bad field and its valid range.
+    """
     if train_config.learning_rate <= 0:
         raise ValueError(
-            f"config.train.learning_rate must be positive, got {train_config.learning_rate}."
+            f"config.train.learning_rate={train_config.learning_rate} must be positive."
         )
     if not 0 <= train_config.momentum < 1:
-        raise ValueError(f"config.train.momentum must be in [0, 1), got {train_config.momentum}.")
+        raise ValueError(f"config.train.momentum={train_config.momentum} must be in [0, 1).")
     if train_config.weight_decay < 0:
         raise ValueError(
-            f"config.train.weight_decay must be >= 0, got {train_config.weight_decay}."
+            f"config.train.weight_decay={train_config.weight_decay} must be >= 0."
         )
     if train_config.grad_clip_norm < 0:
         raise ValueError(
-            f"config.train.grad_clip_norm must be >= 0 (0 disables clipping), got "
-            f"{train_config.grad_clip_norm}."
+            f"config.train.grad_clip_norm={train_config.grad_clip_norm} must be >= 0 "
+            "(0 disables clipping)."
         )
     accum = train_config.grad_accum_steps
     if int(accum) != accum or accum < 1:
         raise ValueError(f"config.train.grad_accum_steps must be an integer >= 1, got {accum}.")
+    _check_plateau_config(train_config)
 
 
 def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -125,7 +135,7 @@ def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientT
     Raises:
       ValueError: for a field out of range, naming it.
     """
-    _check_train_config(train_config)
+    check_train_config(train_config)
     momentum = float(train_config.momentum)
     weight_decay = float(train_config.weight_decay)
     clip_norm = float(train_config.grad_clip_norm)
@@ -152,39 +162,6 @@ def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientT
     return tx
 
 
-# optax.inject_hyperparams states: InjectStatefulHyperparamsState in recent optax,
-# InjectHyperparamsState in older releases.
-_INJECT_STATE_TYPES = tuple(
-    {
-        getattr(optax, name)
-        for name in ("InjectHyperparamsState", "InjectStatefulHyperparamsState")
-        if hasattr(optax, name)
-    }
-)
-
-
-def _is_hyperparams_state(node: Any) -> bool:
-    return isinstance(node, _INJECT_STATE_TYPES) and _LEARNING_RATE in node.hyperparams
-
-
-def _hyperparams_states(opt_state: Any) -> list[optax.InjectHyperparamsState]:
-    found = []
-
-    def collect(node):
-        if _is_hyperparams_state(node):
-            found.append(node)
-        return node
-
-    jax.tree.map(collect, opt_state, is_leaf=_is_hyperparams_state)
-    if len(found) != 1:
-        raise ValueError(
-            f"Expected exactly one optax.inject_hyperparams state holding a learning rate in "
-            f"the optimiser state, found {len(found)}; build the optimiser with "
-            "vgg_jax.optim.create_optimizer."
-        )
-    return found
-
-
 def get_learning_rate(opt_state: Any) -> jax.Array:
     """Reads the learning rate the next optimiser step will use.
 
@@ -194,9 +171,17 @@ def get_learning_rate(opt_state: Any) -> jax.Array:
 
     Returns:
       The learning rate, a float32 scalar array (on device: `float()` it to log it).
+
+    Raises:
+      ValueError: if the state holds no learning rate (not from `create_optimizer`).
     """
-    (state,) = _hyperparams_states(opt_state)
-    return state.hyperparams[_LEARNING_RATE]
+    # optax finds the inject_hyperparams state wherever it sits (MultiSteps included).
+    value = optax.tree_utils.tree_get(opt_state, _LEARNING_RATE)
+    if value is None:
+        raise ValueError(
+            "The optimiser state holds no learning rate; build the optimiser with "
+            "vgg_jax.optim.create_optimizer.")
+    return value
 
 
 def _like(reference: Any, value: float) -> Any:
@@ -234,17 +219,9 @@ def set_learning_rate(opt_state: Any, learning_rate: float) -> Any:
     """
     if not np.isfinite(learning_rate) or learning_rate < 0:
         raise ValueError(f"The learning rate must be finite and >= 0, got {learning_rate}.")
-    _hyperparams_states(opt_state)  # exactly one, or a clear error
-
-    def replace(node):
-        if not _is_hyperparams_state(node):
-            return node
-        old = node.hyperparams[_LEARNING_RATE]
-        return node._replace(
-            hyperparams={**node.hyperparams, _LEARNING_RATE: _like(old, learning_rate)}
-        )
-
-    return jax.tree.map(replace, opt_state, is_leaf=_is_hyperparams_state)
+    old = get_learning_rate(opt_state)
+    return optax.tree_utils.tree_set(
+        opt_state, **{_LEARNING_RATE: _like(old, learning_rate)})
 
 
 # --------------------------------------------------------------------------------------
@@ -312,11 +289,11 @@ def _check_plateau_config(train_config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.train.plateau_max_reductions must be an integer >= 0, got {max_reductions!r}."
         )
-    if not str(train_config.plateau_monitor).endswith(_MINIMISED_SUFFIXES):
+    if train_config.plateau_monitor not in metric_names.MONITORABLE:
         raise ValueError(
-            f"config.train.plateau_monitor={train_config.plateau_monitor!r} must name a metric "
-            "to minimise (ending in 'error' or 'loss', e.g. 'val/top1_error'): the plateau "
-            "schedule cuts when it stops decreasing."
+            f"config.train.plateau_monitor={train_config.plateau_monitor!r} must be one of the "
+            f"validation metrics to minimise {metric_names.MONITORABLE} (the paper: "
+            "'val/top1_error'): the plateau schedule cuts when it stops decreasing."
         )
 
 

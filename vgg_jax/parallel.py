@@ -41,7 +41,17 @@ def initialize_distributed(
       coordinator_address: "host:port" of process 0, or "" to auto-detect.
       num_processes: total number of processes, or 0 to auto-detect.
       process_id: this process's index, or -1 to auto-detect.
+
+    Raises:
+      ValueError: for a process index out of range, or several processes without a
+        coordinator address or a cluster environment.
     """
+    if num_processes > 0 and not 0 <= process_id < num_processes and process_id != -1:
+        raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
+                         f"{num_processes}).")
+    if num_processes > 1 and not coordinator_address and not _launched_on_cluster():
+        raise ValueError(f"--num_processes={num_processes} needs --coordinator_address="
+                         "host:port of process 0 (no cluster environment to detect it from).")
     if coordinator_address or num_processes > 0:
         jax.distributed.initialize(
             coordinator_address=coordinator_address or None,
@@ -74,12 +84,26 @@ def create_mesh(devices=None) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """The sharding of values every device holds whole (parameters, optimiser state)."""
+    """The sharding of values every device holds whole (parameters, optimiser state).
+
+    Args:
+      mesh: the data mesh.
+
+    Returns:
+      A sharding that splits no axis.
+    """
     return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """The sharding of arrays split along their first axis over the data axis."""
+    """The sharding of arrays split along their first axis over the data axis.
+
+    Args:
+      mesh: the data mesh.
+
+    Returns:
+      A sharding of the leading (batch) axis over DATA_AXIS; other axes are not split.
+    """
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
@@ -101,5 +125,13 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places a pytree of host or device values whole on every device of the mesh."""
+    """Places a pytree of host or device values whole on every device of the mesh.
+
+    Args:
+      tree: arrays (numpy or jax) in any pytree, e.g. the parameters.
+      mesh: the data mesh.
+
+    Returns:
+      The same pytree of jax arrays with the `replicated` sharding.
+    """
     return jax.device_put(tree, replicated(mesh))

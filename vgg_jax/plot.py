@@ -16,14 +16,15 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from vgg_jax import metric_names as names
 from vgg_jax import writers
 
 # (panel title, train metric, validation metric); None = not drawn for that split.
 _PANELS = (
-    ("loss", writers.TRAIN_LOSS, writers.VAL_LOSS),
-    ("top-1 error", writers.TRAIN_TOP1_ERROR, writers.VAL_TOP1_ERROR),
-    ("top-5 error", writers.TRAIN_TOP5_ERROR, writers.VAL_TOP5_ERROR),
-    ("learning rate", writers.LEARNING_RATE, None),
+    ("loss", names.TRAIN_LOSS, names.VAL_LOSS),
+    ("top-1 error", names.TRAIN_TOP1_ERROR, names.VAL_TOP1_ERROR),
+    ("top-5 error", names.TRAIN_TOP5_ERROR, names.VAL_TOP5_ERROR),
+    ("learning rate", names.LEARNING_RATE, None),
 )
 _GRID = (2, 2)
 _PANEL_SIZE_INCHES = (6.0, 4.0)
@@ -54,9 +55,9 @@ def load_history(workdir: str) -> dict[str, dict[int, float]]:
         )
     history: dict[str, dict[int, float]] = {}
     for record in writers.read_metrics(path):
-        step = int(record[writers.STEP])
+        step = int(record[names.STEP])
         for name, value in record.items():
-            if name != writers.STEP and isinstance(value, (int, float)):
+            if name != names.STEP and isinstance(value, (int, float)):
                 history.setdefault(name, {})[step] = float(value)
     if not history:
         raise ValueError(f"{path} holds no metrics yet.")
@@ -71,8 +72,8 @@ def _series(history: dict[str, dict[int, float]], name: str, use_epochs: bool):
         return steps, values
     # Epochs may be logged at some steps only: map steps to epochs by interpolation
     # inside the logged range and by the run's steps-per-epoch line outside it.
-    known = np.array(sorted(history[writers.EPOCH]), dtype=np.float64)
-    epochs = np.array([history[writers.EPOCH][int(s)] for s in known], dtype=np.float64)
+    known = np.array(sorted(history[names.EPOCH]), dtype=np.float64)
+    epochs = np.array([history[names.EPOCH][int(s)] for s in known], dtype=np.float64)
     if known.size == 1:
         slope, intercept = (epochs[0] / known[0] if known[0] else 0.0), 0.0
     else:
@@ -104,7 +105,7 @@ def plot_curves(workdirs: Sequence[str], output_path: str) -> str:
         labels = [os.path.normpath(w) for w in workdirs]
     histories = [(label, load_history(w)) for label, w in zip(labels, workdirs)]
     # Runs are comparable in epochs (batch sizes may differ); steps only if one lacks them.
-    use_epochs = all(len(h.get(writers.EPOCH, {})) > 0 for _, h in histories)
+    use_epochs = all(len(h.get(names.EPOCH, {})) > 0 for _, h in histories)
     x_label = "epoch" if use_epochs else "step"
 
     rows, cols = _GRID

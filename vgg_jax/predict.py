@@ -20,23 +20,33 @@ from typing import Any
 import jax
 import numpy as np
 
-from vgg_jax import evaluate, models
-from vgg_jax.data import transforms
+from vgg_jax import evaluate, imagenet_classes, models
+from vgg_jax.data import digits, transforms
 
 PREDICT_PROTOCOLS = (evaluate.SINGLE_CROP, evaluate.DENSE, evaluate.MULTI_CROP)
 
 
 def class_names_for(run_config, num_classes: int) -> list[str]:
-    """Human-readable class names of a net, or "class <i>" where none are known."""
+    """Human-readable class names of a net, or "class <i>" where none are known.
+
+    ImageNet's names for a 1000-class net not trained on a folder, "0" ... "9" for the
+    digits, and the training split's class folder names for a folder (when it is still
+    there); any list whose length is not `num_classes` is replaced by the generic names.
+
+    Args:
+      run_config: the checkpoint's run config (its `data` section is read).
+      num_classes: the net's number of classes.
+
+    Returns:
+      `num_classes` names, the name of class i at position i.
+    """
     names: Sequence[str] | None = None
     data = run_config.get("data", {})
     source = str(data.get("source", ""))
-    if num_classes == 1000 and source != "folder":
-        from vgg_jax import imagenet_classes
-
+    if num_classes == imagenet_classes.NUM_CLASSES and source != "folder":
         names = imagenet_classes.class_names()
-    elif source == "digits" and num_classes == 10:
-        names = [str(i) for i in range(10)]
+    elif source == "digits" and num_classes == digits.DIGITS_NUM_CLASSES:
+        names = [str(i) for i in range(digits.DIGITS_NUM_CLASSES)]
     elif source == "folder" and data.get("data_dir"):
         try:
             from vgg_jax.data import sources
@@ -83,6 +93,9 @@ def predict(
     Returns:
       One dict per image: {"path", "predictions": [{"class", "name", "probability"}, ...]}
       best first, or {"path", "error"} for a file that cannot be read.
+
+    Raises:
+      ValueError: for an unknown protocol, or a test scale below the net's crop size.
     """
     if protocol not in PREDICT_PROTOCOLS:
         raise ValueError(
@@ -117,7 +130,14 @@ def predict(
 
 
 def format_predictions(results: Sequence[dict[str, Any]]) -> str:
-    """Human-readable lines: each path, then its classes with probabilities."""
+    """Human-readable lines: each path, then its classes with probabilities.
+
+    Args:
+      results: what `predict` returns.
+
+    Returns:
+      The lines joined by newlines (no trailing newline); a failed image shows its error.
+    """
     lines = []
     for result in results:
         lines.append(result["path"])
@@ -130,6 +150,7 @@ def format_predictions(results: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: python -m vgg_jax.predict --checkpoint DIR IMAGE [IMAGE ...]."""
     parser = argparse.ArgumentParser(
         prog="python -m vgg_jax.predict", description="Classify images with a vgg-jax checkpoint.")
     parser.add_argument("images", nargs="+", help="image files")

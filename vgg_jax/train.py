@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -23,7 +24,8 @@ from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoint, optim, parallel, writers
+from vgg_jax import checkpoint, config_checks, optim, parallel, writers
+from vgg_jax import metric_names as names
 from vgg_jax.config_values import string_list
 from vgg_jax.data import pipeline
 from vgg_jax.models import VGG, create_model
@@ -31,6 +33,8 @@ from vgg_jax.preprocess import normalize_images
 
 # Top-k error reported besides top-1 (the paper reports top-1 and top-5).
 TOP_K = 5
+# Guards the images/s division when a log interval measured no time.
+_TINY_SECONDS = 1e-9
 
 
 class TrainState(train_state.TrainState):
@@ -252,34 +256,45 @@ def transfer_parameters(params, source_params, layers: Iterable[str]):
 
 
 class _Preemption:
-    """Notices SIGTERM (preemption) so the loop can finish its step, save and exit.
+    """Notices SIGTERM (preemption) or Ctrl-C so the loop can finish its step, save and exit.
 
-    One process: a signal handler sets a flag. Several processes: they must stop at the
-    same step, or the collective save would hang; jax's preemption service (started by
-    jax.distributed, which catches SIGTERM itself) propagates the notice to every process
-    and names a common step, without blocking the steps in between.
+    One process: signal handlers set a flag; a second Ctrl-C interrupts at once, without
+    saving. Several processes: they must stop at the same step, or the collective save
+    would hang; jax's preemption service (started by jax.distributed, which catches
+    SIGTERM itself) propagates the notice to every process and names a common step,
+    without blocking the steps in between.
     """
 
     def __init__(self):
         self._distributed = jax.process_count() > 1
-        self._received = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
         if not self._distributed:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self._received = True
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            # The next Ctrl-C gets Python's default: an immediate KeyboardInterrupt.
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
+            print("\nCtrl-C: saving after this step (press it again to stop without saving).",
+                  file=sys.stderr, flush=True)
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after `step`; every process calls it at every step."""
         if self._distributed:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._received
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = "SIGTERM"
+                return True
+            return False
+        return self.signal_name is not None
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -298,6 +313,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     accum = tc.grad_accum_steps
     micro_batch = tc.batch_size // accum
 
+    manager = checkpoint.create_manager(
+        workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
+    )
+    resume_step = checkpoint.latest_complete_step(manager)
+    if resume_step is not None:
+        # Before any work: a resume under other settings would fail deep in orbax or grain,
+        # or worse, go on with a wrong step count.
+        saved_config = checkpoint.read_meta(manager, resume_step).get("config") or {}
+        config_checks.check_resumable(saved_config, config, workdir)
+
     model = create_model_from_config(config)
     tx = optim.create_optimizer(tc)
     state = create_train_state(model, tx, config.seed, mesh)
@@ -313,11 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     steps_per_epoch = (num_train // tc.batch_size) * accum
     total_steps = steps_per_epoch * tc.num_epochs
 
-    manager = checkpoint.create_manager(
-        workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
-    )
     start_step, last_eval = 0, {}
-    resume_step = checkpoint.latest_complete_step(manager)
     if resume_step is not None:
         start_step = resume_step
         params, train, meta = checkpoint.restore_training(
@@ -348,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     preemption = _Preemption()
     pending: list[Mapping[str, jax.Array]] = []
-    last_saved = start_step
+    last_saved = start_step if resume_step is not None else None
     log_start = time.perf_counter()
     step = start_step
     # A run that already stopped on the plateau rule stays stopped when restarted.
@@ -368,14 +389,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _check_finite(pending, step, last_saved)
                 elapsed = time.perf_counter() - log_start
                 scalars = _train_scalars(pending, micro_batch, elapsed)
-                scalars.update(lr=float(optim.get_learning_rate(state.opt_state)),
-                               epoch=step / steps_per_epoch)
+                scalars[names.LEARNING_RATE] = float(optim.get_learning_rate(state.opt_state))
+                scalars[names.EPOCH] = step / steps_per_epoch
                 writer.write_scalars(step, scalars)
                 pending, log_start = [], time.perf_counter()
 
             if epoch_end and epoch % tc.eval_every_epochs == 0:
                 last_eval = _validate(eval_step, state.params, config, mesh)
-                writer.write_scalars(step, dict(last_eval, epoch=epoch))
+                writer.write_scalars(step, {**last_eval, names.EPOCH: epoch})
                 plateau, decision = optim.plateau_update(
                     plateau, optim.monitored_metric(last_eval, tc), tc)
                 if decision.reduced:
@@ -395,17 +416,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                 "learning-rate cut.")
                 break
             if preempted:
-                writer.log_text(f"SIGTERM: saved step {step}; rerun the same command to resume.")
+                writer.log_text(f"{preemption.signal_name}: saved step {step}; rerun the same "
+                                "command to resume.")
                 break
         if step == total_steps and last_saved != step:
             _save(manager, step, state, plateau, train_iter, config, step // steps_per_epoch,
                   last_eval)
         if last_eval:
+            outcome = "Finished" if step == total_steps or stalled else "Stopped"
+            top1, top5 = last_eval[names.VAL_TOP1_ERROR], last_eval[names.VAL_TOP5_ERROR]
             writer.log_text(
-                f"Finished at step {step}: validation top-1 error "
-                f"{100 * last_eval['val/top1_error']:.2f}% (accuracy "
-                f"{100 * (1 - last_eval['val/top1_error']):.2f}%), top-5 error "
-                f"{100 * last_eval['val/top5_error']:.2f}%. Checkpoints: {manager.directory}")
+                f"{outcome} at step {step}; last validation: top-1 error {100 * top1:.2f}% "
+                f"(accuracy {100 * (1 - top1):.2f}%), top-5 error {100 * top5:.2f}%. "
+                f"Checkpoints: {manager.directory}")
     finally:
         manager.wait_until_finished()
         manager.close()
@@ -435,13 +458,14 @@ def _save(manager, step, state, plateau, train_iter, config, epoch, metrics):
     )
 
 
-def _check_finite(pending, step: int, last_saved: int) -> None:
+def _check_finite(pending, step: int, last_saved: int | None) -> None:
     """Stops training on a non-finite loss or gradient, before anything bad is saved."""
     if pending and not all(bool(m) for m in jax.device_get([p["finite"] for p in pending])):
+        saved = (f"The last good checkpoint is step {last_saved}" if last_saved is not None
+                 else "No checkpoint was saved yet")
         raise FloatingPointError(
-            f"Non-finite loss or gradient norm before step {step}; training stopped. "
-            f"The last good checkpoint is step {last_saved}; lower config.train.learning_rate "
-            "or set config.train.grad_clip_norm, then resume."
+            f"Non-finite loss or gradient norm before step {step}; training stopped. {saved}; "
+            "lower config.train.learning_rate or set config.train.grad_clip_norm, then rerun."
         )
 
 
@@ -449,12 +473,12 @@ def _train_scalars(pending, micro_batch: int, elapsed: float) -> dict[str, float
     host = jax.device_get(pending)
     summary = summarize(host)
     return {
-        "train/loss": summary["loss"],
-        "train/top1_error": summary["top1_error"],
-        "train/top5_error": summary["top5_error"],
-        "train/grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-        "train/skipped_images": float(np.sum([m["skipped"] for m in host])),
-        "train/images_per_sec": len(pending) * micro_batch / max(elapsed, 1e-9),
+        names.TRAIN_LOSS: summary["loss"],
+        names.TRAIN_TOP1_ERROR: summary["top1_error"],
+        names.TRAIN_TOP5_ERROR: summary["top5_error"],
+        names.TRAIN_GRAD_NORM: float(np.mean([m["grad_norm"] for m in host])),
+        names.TRAIN_SKIPPED_IMAGES: float(np.sum([m["skipped"] for m in host])),
+        names.TRAIN_IMAGES_PER_SEC: len(pending) * micro_batch / max(elapsed, _TINY_SECONDS),
     }
 
 
@@ -464,5 +488,5 @@ def _validate(eval_step, params, config, mesh) -> dict[str, float]:
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     summary = evaluate(eval_step, params, dataset, mesh)
-    return {"val/loss": summary["loss"], "val/top1_error": summary["top1_error"],
-            "val/top5_error": summary["top5_error"], "val/count": summary["count"]}
+    return {names.VAL_LOSS: summary["loss"], names.VAL_TOP1_ERROR: summary["top1_error"],
+            names.VAL_TOP5_ERROR: summary["top5_error"], names.VAL_COUNT: summary["count"]}

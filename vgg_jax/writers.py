@@ -38,20 +38,13 @@ import ml_collections
 import numpy as np
 import tqdm
 
-# Metric names, shared with the training loop and vgg_jax.plot (names of the original
-# PyTorch project, with a split prefix).
-TRAIN_LOSS = "train/loss"
-TRAIN_TOP1_ERROR = "train/top1_error"
-TRAIN_TOP5_ERROR = "train/top5_error"
-TRAIN_IMAGES_PER_SEC = "train/images_per_sec"
-TRAIN_GRAD_NORM = "train/grad_norm"
-VAL_LOSS = "val/loss"
-VAL_TOP1_ERROR = "val/top1_error"
-VAL_TOP5_ERROR = "val/top5_error"
-LEARNING_RATE = "lr"
-EPOCH = "epoch"
-# The x-axis key of every record (JSON lines) and of every wandb chart.
-STEP = "step"
+from vgg_jax.metric_names import (
+    EPOCH,
+    LEARNING_RATE,
+    STEP,
+    TRAIN_IMAGES_PER_SEC,
+    TRAIN_LOSS,
+)
 
 METRICS_FILENAME = "metrics.jsonl"
 # Remembers the wandb run id, so a restarted job resumes the same run.
@@ -250,30 +243,37 @@ class JsonLinesWriter(MetricWriter):
     """Appends one JSON object per write to `<workdir>/metrics.jsonl`.
 
     Each object is {"step": step, name: value, ...}; NaN and infinities are written as
-    NaN/Infinity (Python's json reads them back). A restarted run appends to the file, so
-    steps between the restored checkpoint and the interruption appear twice, the later
-    record being the one of the resumed run (`vgg_jax.plot` keeps the last one).
+    NaN/Infinity (Python's json reads them back). A restarted run first drops the records
+    of steps after the one it resumes from (the killed run's steps that it will redo), so
+    every step appears once.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, initial_step: int = 0):
         """Args:
         workdir: the run's directory (created if needed).
+        initial_step: the step training starts from; later records are dropped.
         """
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILENAME)
-        self._drop_partial_last_line()
+        self._keep_records_up_to(initial_step)
         # Held open for the whole run (closed in close()), not per write.
         self._file = open(self.path, "a")  # noqa: SIM115
 
-    def _drop_partial_last_line(self) -> None:
-        # A job killed mid-write leaves a line without its newline; appending after it
-        # would glue two records into one unreadable line.
+    def _keep_records_up_to(self, step: int) -> None:
         if not os.path.exists(self.path):
             return
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+        # read_metrics also ignores a last line cut short by a kill, which appending after
+        # would glue to the next record.
+        records = read_metrics(self.path)
+        kept = [record for record in records if record.get(STEP, 0) <= step]
+        with open(self.path, "rb") as f:
+            clean = f.read().endswith(b"\n") or not os.path.getsize(self.path)
+        if len(kept) == len(records) and clean:
+            return
+        partial = self.path + ".tmp"
+        with open(partial, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in kept)
+        os.replace(partial, self.path)  # atomic: a kill now leaves the old or the new file
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         record = {STEP: int(step), **scalars}
@@ -445,7 +445,7 @@ def create_writer(
             show_progress=bool(config.get("progress_bar", True)),
             images_per_step=config.train.batch_size,
         ),
-        JsonLinesWriter(workdir),
+        JsonLinesWriter(workdir, initial_step=initial_step),
     ]
     if mode != "disabled":
         writers.append(WandbWriter(config, workdir, mode=mode))

@@ -24,6 +24,7 @@ real example is counted exactly once.
 from __future__ import annotations
 
 import math
+import signal
 from typing import Any
 
 import grain
@@ -80,9 +81,18 @@ def _to_iter_dataset(
     if num_workers > 0 and worker_processes:
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
+            worker_init_fn=_ignore_interrupts,
         )
     return it
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group. The training loop takes it as a
+    # request to save and stop, which needs no new batch; workers that died of it instead
+    # would only print tracebacks and leak their shared memory. The loop stops them itself.
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_dataset(

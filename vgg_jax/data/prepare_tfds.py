@@ -30,7 +30,11 @@ class MissingRequirementsError(ImportError):
 
 
 def missing_requirements() -> list[str]:
-    """The pip packages of REQUIREMENTS whose module cannot be imported here."""
+    """The pip packages of REQUIREMENTS whose module cannot be imported here.
+
+    Returns:
+      The pip package names to install, empty when preparing can run.
+    """
     return [package for module, package in REQUIREMENTS if importlib.util.find_spec(module) is None]
 
 
@@ -69,6 +73,7 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> dict[str
 
 
 def main() -> None:
+    """Command line: python -m vgg_jax.data.prepare_tfds --name=NAME [--data_dir=DIR]."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="TFDS name, e.g. imagenet2012")
     parser.add_argument("--data_dir", default=None, help="TFDS data directory")

@@ -8,22 +8,19 @@ when an iterator state is restored). A record is a dict:
    "label": int,
    "name": str (a file path or "<tfds name>/<split>[<index>]", for warnings)}
 
-Images stay encoded here so that the transforms can decode them at reduced scale.
+Images stay encoded here so that the transforms can decode them at reduced scale. Source
+"digits" is an image folder that `digits.prepare_digits` writes once.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from vgg_jax.data.digits import prepare_digits
 
 SOURCES = ("tfds", "folder", "digits")
 # File name extensions (lower case) read by the folder source; anything else (README,
@@ -38,12 +35,6 @@ FOLDER_SPLIT_ALIASES = {"validation": ("val",), "val": ("validation",)}
 TFDS_IMAGE_KEY = "image"
 TFDS_LABEL_KEY = "label"
 TFDS_FILE_NAME_KEY = "file_name"
-# Directory names of the digits folder (the ImageNet-style train/val layout).
-DIGITS_DIRNAME = "digits"
-DIGITS_TRAIN_DIR = "train"
-DIGITS_VAL_DIR = "val"
-DIGITS_MANIFEST = "digits.json"
-DIGITS_NUM_CLASSES = 10
 
 
 def tfds_prepare_command(name: str, data_dir: str | None) -> str:
@@ -153,7 +144,15 @@ class TfdsSource:
 
 
 def tfds_num_classes(name: str, data_dir: str | None) -> int:
-    """The number of classes of a TFDS image-classification data set (from its metadata)."""
+    """The number of classes of a TFDS image-classification data set (from its metadata).
+
+    Args:
+      name: the TFDS name, e.g. "cifar10".
+      data_dir: the TFDS data directory (None: TFDS's default).
+
+    Returns:
+      The `num_classes` of the data set's label feature.
+    """
     import tensorflow_datasets as tfds
 
     return int(tfds.builder(name, data_dir=data_dir).info.features[TFDS_LABEL_KEY].num_classes)
@@ -190,6 +189,9 @@ def folder_split_dir(root: str, split: str) -> str:
 
     Returns:
       The existing directory root/<split> (or its alias).
+
+    Raises:
+      ValueError: if the root is unset or missing, or has neither directory.
     """
     root = _require_root(root)
     for candidate in (split, *FOLDER_SPLIT_ALIASES.get(split, ())):
@@ -207,8 +209,18 @@ def folder_split_dir(root: str, split: str) -> str:
 def folder_class_names(root: str, split: str) -> list[str]:
     """Sorted class folder names of a split; a class index is a position in this list.
 
+    Hidden folders (a leading ".") are skipped.
+
+    Args:
+      root: the folder root (config.data.data_dir).
+      split: the split name ("validation" and "val" are interchangeable).
+
+    Returns:
+      The class folder names, sorted.
+
     Raises:
-      ValueError: if the split has no class folders (e.g. images directly in it).
+      ValueError: if the root or the split directory is missing (see `folder_split_dir`),
+        or the split has no class folders (e.g. images directly in it).
     """
     split_dir = folder_split_dir(root, split)
     names = sorted(
@@ -285,99 +297,6 @@ class FolderSource:
             f"FolderSource(root={self.root!r}, split={self.split!r}, "
             f"num_examples={len(self)}, num_classes={len(self.class_names)})"
         )
-
-
-# --------------------------------------------------------------------------------------
-# Digits (scikit-learn), written once as an image folder
-# --------------------------------------------------------------------------------------
-
-
-def _digits_settings(data_config: Any) -> dict[str, Any]:
-    return {
-        "image_size": int(data_config.digits_image_size),
-        "jpeg_quality": int(data_config.jpeg_quality),
-        "val_fraction": float(data_config.val_fraction),
-        "split_seed": int(data_config.split_seed),
-    }
-
-
-def _write_digits(out_dir: str, settings: dict[str, Any]) -> None:
-    """Writes the scikit-learn digits as JPEGs into out_dir/{train,val}/<class>/."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    # Pixel values are ink counts 0..16; spread them over the 8-bit range.
-    max_value = float(digits.images.max())
-    images = np.round(digits.images / max_value * 255).astype(np.uint8)
-    indices = np.arange(len(images))
-    train_idx, val_idx = train_test_split(
-        indices,
-        test_size=settings["val_fraction"],
-        stratify=digits.target,
-        random_state=settings["split_seed"],
-    )
-    size = (settings["image_size"], settings["image_size"])
-    for split_dir, split_indices in ((DIGITS_TRAIN_DIR, train_idx), (DIGITS_VAL_DIR, val_idx)):
-        for cls in range(DIGITS_NUM_CLASSES):
-            os.makedirs(os.path.join(out_dir, split_dir, str(cls)), exist_ok=True)
-        for i in sorted(split_indices):
-            image = Image.fromarray(images[i], mode="L").resize(size, Image.Resampling.BICUBIC)
-            path = os.path.join(out_dir, split_dir, str(digits.target[i]), f"{i:04d}.jpg")
-            image.convert("RGB").save(path, "JPEG", quality=settings["jpeg_quality"])
-    with open(os.path.join(out_dir, DIGITS_MANIFEST), "w") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
-
-
-def _read_manifest(root: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(root, DIGITS_MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def prepare_digits(data_config: Any) -> str:
-    """Writes scikit-learn's digits once as an image folder and returns its root.
-
-    The folder is <cache_dir>/digits/{train,val}/<class>/<index>.jpg (8x8 digits upscaled
-    bicubically to `digits_image_size`, RGB JPEG of quality `jpeg_quality`, a stratified
-    `val_fraction` split seeded by `split_seed`). It is built in a temporary directory and
-    renamed into place, so a run killed half-way never leaves a partial folder; later runs
-    (and other processes) reuse it. If the settings changed, it is rebuilt.
-
-    Args:
-      data_config: config.data.
-
-    Returns:
-      The folder root, to be read with `FolderSource`.
-    """
-    settings = _digits_settings(data_config)
-    cache_dir = os.path.expanduser(str(data_config.cache_dir))
-    root = os.path.join(cache_dir, DIGITS_DIRNAME)
-    if _read_manifest(root) == settings:
-        return root
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{DIGITS_DIRNAME}-tmp-", dir=cache_dir)
-    try:
-        _write_digits(tmp, settings)
-        if os.path.exists(root):
-            # Stale settings (or a folder not written by us): move it aside first, since
-            # rename cannot replace a non-empty directory.
-            old = tempfile.mkdtemp(prefix=f".{DIGITS_DIRNAME}-old-", dir=cache_dir)
-            os.rename(root, os.path.join(old, DIGITS_DIRNAME))
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another process won the race; use its folder if it has our settings.
-            if _read_manifest(root) != settings:
-                raise
-        logger.info("Wrote the digits image folder %s.", root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 # --------------------------------------------------------------------------------------

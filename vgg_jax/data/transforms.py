@@ -425,6 +425,29 @@ class TrainTransform(grain.transforms.RandomMap):
         return _example(array, element["label"], rgb_shift, True)
 
 
+def centre_view(data: bytes, scale: int, crop_size: int) -> np.ndarray:
+    """The single-crop test view: the image rescaled to shortest side `scale`, its centre
+    crop_size x crop_size window (only that window is resampled).
+
+    Validation during training and `--mode=eval`'s single-crop protocol both use it, so
+    the two report the same error for the same checkpoint.
+
+    Args:
+      data: encoded image bytes.
+      scale: the test scale Q.
+      crop_size: the crop side (config.data.image_size).
+
+    Returns:
+      uint8 [crop_size, crop_size, 3].
+
+    Raises:
+      One of DECODE_ERRORS for an undecodable image.
+    """
+    rw, rh = rescaled_size(*image_size(data), scale)
+    left, top = (rw - crop_size) // 2, (rh - crop_size) // 2
+    return resample_crop(data, scale, left, top, crop_size)
+
+
 class EvalTransform(grain.transforms.Map):
     """Validation view of one record: rescale to shortest side Q, centre image_size crop.
 
@@ -449,10 +472,7 @@ class EvalTransform(grain.transforms.Map):
         if element["image"] is None:  # Padding that evens out the processes' shares.
             return _example(np.zeros((self.crop_size, self.crop_size, 3), np.uint8), 0, None, False)
         try:
-            data = element["image"]
-            rw, rh = rescaled_size(*image_size(data), self.scale)
-            left, top = (rw - self.crop_size) // 2, (rh - self.crop_size) // 2
-            array = resample_crop(data, self.scale, left, top, self.crop_size)
+            array = centre_view(element["image"], self.scale, self.crop_size)
         except DECODE_ERRORS as e:
             return _failed(element["name"], e, self.crop_size, element["label"])
         return _example(array, element["label"], None, True)
