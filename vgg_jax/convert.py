@@ -251,19 +251,12 @@ def converted_config(version: str, options: Mapping[str, int]) -> ml_collections
       options: from `infer_model_options`.
 
     Returns:
-      The repository's base recipe (when importable) with the model options, torchvision's
-      normalisation on the 0-255 scale, and S = Q = 256 (its resize-256 protocol).
+      The base recipe with the model options, torchvision's normalisation on the 0-255
+      scale, and S = Q = 256 (its resize-256 protocol).
     """
-    try:
-        from configs import base  # Present when run from the repository root.
+    from configs import base
 
-        config = base.get_config()
-    except ImportError:
-        config = ml_collections.ConfigDict({"model": {}, "data": {}})
-        config.model.dropout_rate = 0.5
-        config.model.initializer = "glorot_uniform"
-        config.model.normal_init_stddev = 0.1
-        config.model.compute_dtype = "auto"
+    config = base.get_config()
     config.model.version = torchvision_version(version)
     config.model.num_classes = int(options["num_classes"])
     config.model.width_divisor = int(options["width_divisor"])
