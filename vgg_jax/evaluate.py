@@ -49,9 +49,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 from PIL import Image
 
-from vgg_jax import parallel
+from vgg_jax import paper_results, parallel
 from vgg_jax.config_values import string_list
 from vgg_jax.data import transforms
+from vgg_jax.models import canonical_version
 from vgg_jax.preprocess import normalize_images
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ class EvalNet:
       mean_rgb, std_rgb: the net's input normalisation (0-255 scale).
       train_scale: (S_min, S_max) the net was trained with.
       step: the checkpoint step the parameters come from (None: not from a checkpoint).
+      version: the paper's configuration ("A" ... "E", "A_LRN"), for comparisons with the
+        paper's tables ("" when unknown).
     """
 
     name: str
@@ -188,6 +191,7 @@ class EvalNet:
     std_rgb: Sequence[float] = (1.0, 1.0, 1.0)
     train_scale: tuple[int, int] = (256, 256)
     step: int | None = None
+    version: str = ""
 
     @property
     def train_scale_label(self) -> str:
@@ -646,8 +650,10 @@ def _result_rows(nets, components, scales, tallies, sums, labels, valid, protoco
     scales_label = ",".join(str(q) for q in scales)
     y = labels[valid]
 
-    def add(net_name, train_s, test_q, proto, tally):
-        rows.append({"net": net_name, "train_S": train_s, "test_Q": test_q, "protocol": proto})
+    def add(net_name, train_s, test_q, proto, tally, members=None):
+        members = nets if members is None else members
+        rows.append({"net": net_name, "train_S": train_s, "test_Q": test_q, "protocol": proto,
+                     "versions": [n.version for n in members]})
         counts.append((tally.top1, tally.top5, tally.count))
 
     def tally_of(probs):
@@ -661,13 +667,14 @@ def _result_rows(nets, components, scales, tallies, sums, labels, valid, protoco
     for i, net in enumerate(nets):
         for c in components:
             for q in scales:
-                add(net.name, net.train_scale_label, str(q), c, tallies[(i, c, q)])
+                add(net.name, net.train_scale_label, str(q), c, tallies[(i, c, q)], [net])
             if len(scales) > 1:
                 add(net.name, net.train_scale_label, scales_label, c,
-                    tally_of(component_mean(i, c)))
+                    tally_of(component_mean(i, c)), [net])
         if len(components) > 1:
             combined = sum(component_mean(i, c) for c in components) / len(components)
-            add(net.name, net.train_scale_label, scales_label, protocol, tally_of(combined))
+            add(net.name, net.train_scale_label, scales_label, protocol, tally_of(combined),
+                [net])
     if len(nets) > 1:
         name = " + ".join(net.name for net in nets)
         train_s = ", ".join(net.train_scale_label for net in nets)
@@ -719,16 +726,46 @@ TABLE_COLUMNS = (
 )
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The results as a Markdown table in the paper's format."""
-    def cell(row, key):
-        value = row[key]
-        return f"{value:.2f}" if isinstance(value, float) else str(value)
+# Appended by `format_table(..., with_paper=True)`: the paper's figure for the same setting.
+PAPER_COLUMNS = (
+    ("paper_table", "paper"), ("paper_top1_error", "paper top-1 (%)"),
+    ("paper_top5_error", "paper top-5 (%)"),
+)
 
-    lines = ["| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |",
-             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cell(row, key) for key, _ in TABLE_COLUMNS) + " |"
-              for row in rows]
+
+def format_table(
+    rows: Sequence[Mapping[str, Any]], with_paper: bool = True,
+    extra_columns: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The results as a Markdown table in the paper's format.
+
+    Args:
+      rows: result rows of `evaluate_nets`.
+      with_paper: add the paper's figures for the rows whose setting the paper reports
+        (vgg_jax.paper_results; "-" elsewhere).
+      extra_columns: more (row key, title) columns at the end.
+
+    Returns:
+      The table, one line per row.
+    """
+    columns = TABLE_COLUMNS
+    if with_paper:
+        rows, columns = paper_results.compare(rows), TABLE_COLUMNS + PAPER_COLUMNS
+    columns = tuple(columns) + tuple(extra_columns)
+
+    def cell(row, key):
+        value = row.get(key)
+        if value is None:
+            return "-"
+        if isinstance(value, float):  # the paper prints one decimal
+            return f"{value:.1f}" if key.startswith("paper_") else f"{value:.2f}"
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row, key) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -785,6 +822,7 @@ def load_net(path: str, step: int | str | None = None) -> tuple[EvalNet, ml_coll
         name=name, model=model, params=variables["params"], mean_rgb=tuple(d.mean_rgb),
         std_rgb=tuple(d.get("std_rgb", (1.0, 1.0, 1.0))),
         train_scale=(int(d.train_scale_min), int(d.train_scale_max)), step=chosen_step,
+        version=canonical_version(run_config.model.version),
     )
     return net, run_config
 
