@@ -691,6 +691,10 @@ def run_torch(config) -> dict[str, Any] | None:
         # Pickled by reference: the child imports benchmarks.torch_reference through the
         # sys.path it inherits (the repository root inserted above).
         result = pool.apply(torch_reference.torch_train_step_benchmark, (_torch_spec(config),))
+        # A clean exit of the child (rather than the terminate() of leaving the block)
+        # releases its semaphores, and frees its device memory before JAX starts.
+        pool.close()
+        pool.join()
     if "import_error" in result:
         print(f"PyTorch comparison: torch/torchvision not importable ({result['import_error']}); "
               "skipped. Install them in this environment (pip install torch torchvision) to "
