@@ -109,6 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_every_epochs = 1
     config.train.checkpoint_every_steps = 2000
     config.train.eval_batch_size = 256
+    # Device profile: trace `profile_num_steps` steps from step `profile_first_step` into
+    # <workdir>/profile (jax.profiler; view with xprof or TensorBoard's profile plugin).
+    # -1 = no profile. Start after compilation and warm-up, e.g. 100.
+    config.train.profile_first_step = -1
+    config.train.profile_num_steps = 5
 
     # --- Checkpoints ----------------------------------------------------------------------
     config.checkpoint = ml_collections.ConfigDict()

@@ -1,5 +1,8 @@
 """The train step, evaluation sums, data parallelism and checkpoints, on small shapes."""
 
+import glob
+import gzip
+import json
 import os
 import re
 
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from vgg_jax import checkpoint, optim, parallel, train
+from vgg_jax import checkpoint, optim, parallel, profiling, train
 
 NUM_CLASSES = 10
 
@@ -263,3 +266,32 @@ def test_bfloat16_step_convolves_in_bfloat16_and_donates_the_state():
     # XLA kept the donation: the whole state (replicated, so whole on each device) aliases.
     state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
     assert lowered.compile().memory_analysis().alias_size_in_bytes >= state_bytes
+
+
+def test_profiler_traces_exactly_the_chosen_steps(tmp_path):
+    config = _config()
+    mesh = parallel.create_mesh()
+    _, state, step_fn = _setup(config, mesh)
+    batch = parallel.shard_batch(_batch(), mesh)
+    profiler = profiling.StepProfiler(str(tmp_path), first_step=2, num_steps=2)
+    for step in range(1, 6):
+        profiler.before_step(step)
+        state, metrics = step_fn(state, batch)
+        profiler.after_step(step, (state, metrics))
+    profiler.close()
+    (trace,) = glob.glob(os.path.join(tmp_path, "profile", "**", "*.trace.json.gz"),
+                         recursive=True)
+    events = json.load(gzip.open(trace))["traceEvents"]
+    calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("name") == "PjitFunction(train_step)")
+    # Each dispatch shows as nested events of that name: count the outermost ones.
+    outermost, end = 0, -1.0
+    for start, stop in calls:
+        if start >= end:
+            outermost, end = outermost + 1, stop
+    assert outermost == 2, calls
+    # Off by default: nothing is written.
+    idle = profiling.StepProfiler(str(tmp_path / "off"), first_step=-1, num_steps=5)
+    idle.before_step(1)
+    idle.after_step(1, metrics)
+    assert not os.path.exists(tmp_path / "off")

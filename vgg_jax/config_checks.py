@@ -124,6 +124,9 @@ def validate_config(
     _require(t.eval_batch_size >= 1,
              f"config.train.eval_batch_size={t.eval_batch_size} must be positive.")
     _require(t.num_epochs >= 1, f"config.train.num_epochs={t.num_epochs} must be at least 1.")
+    _require(t.profile_num_steps >= 1,
+             f"config.train.profile_num_steps={t.profile_num_steps} must be at least 1 "
+             "(profiling is off while config.train.profile_first_step is -1).")
     try:
         optim.check_train_config(t)  # learning rate, momentum, decay, clipping, plateau_*
     except ValueError as error:

@@ -24,7 +24,7 @@ from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoint, config_checks, optim, parallel, writers
+from vgg_jax import checkpoint, config_checks, optim, parallel, profiling, writers
 from vgg_jax import metric_names as names
 from vgg_jax.config_values import string_list
 from vgg_jax.data import pipeline
@@ -368,6 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         total_steps=total_steps, initial_step=start_step,
     )
     preemption = _Preemption()
+    profiler = profiling.StepProfiler(workdir, tc.profile_first_step, tc.profile_num_steps)
     pending: list[Mapping[str, jax.Array]] = []
     last_saved = start_step if resume_step is not None else None
     log_start = time.perf_counter()
@@ -377,7 +378,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         while step < total_steps and not stalled:
             batch = parallel.shard_batch(next(train_iter), mesh)
+            profiler.before_step(step + 1)
             state, metrics = train_step(state, batch)
+            profiler.after_step(step + 1, (state, metrics))
             pending.append(metrics)
             step += 1
             writer.advance(step)
@@ -430,6 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f"(accuracy {100 * (1 - top1):.2f}%), top-5 error {100 * top5:.2f}%. "
                 f"Checkpoints: {manager.directory}")
     finally:
+        profiler.close()
         manager.wait_until_finished()
         manager.close()
         writer.close()
