@@ -329,6 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not os.path.isfile(args.weights):
         parser.error(f"{args.weights} is not a file.")
+    from vgg_jax import checkpoint
+
+    existing = checkpoint.checkpoint_dir(args.out)
+    if os.path.isdir(existing) and os.listdir(existing):
+        parser.error(f"{existing} already holds checkpoints; pass a new --out directory "
+                     "(converted weights would mix with that run's steps).")
     try:
         out = convert_file(args.weights, args.version, args.out)
     except ValueError as e:

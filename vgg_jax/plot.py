@@ -160,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("workdirs", nargs="+", help="training workdirs holding metrics.jsonl")
     parser.add_argument("--out", default="curves.png", help="the PNG to write")
     args = parser.parse_args(argv)
+    if not args.out.lower().endswith(".png"):
+        parser.error(f"--out={args.out} must name a .png file (the curves are drawn as PNG).")
     try:
         path = plot_curves(args.workdirs, args.out)
     except (FileNotFoundError, ValueError) as error:

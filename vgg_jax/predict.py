@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocol", default=evaluate.SINGLE_CROP, choices=PREDICT_PROTOCOLS)
     parser.add_argument("--scale", type=int, default=None, help="test scale Q (shorter side)")
     args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top_k={args.top_k} must be at least 1.")
     if not os.path.exists(args.checkpoint):
         parser.error(f"checkpoint {args.checkpoint} does not exist.")
     try:

@@ -14,11 +14,12 @@ together with the override to pass as --config.data.mean_rgb.
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vgg_jax.data import sources, transforms
@@ -50,18 +51,26 @@ def compute_mean_rgb(data_config: Any, max_images: int = 0, threads: int = 1) ->
 
     Returns:
       float64 [3].
+
+    Raises:
+      ValueError: for a negative max_images, or when no image decodes.
     """
+    if max_images < 0:
+        raise ValueError(f"--max_images={max_images} must be 0 (all images) or more.")
     source = sources.make_source(data_config, str(data_config.train_split))
     count = len(source) if max_images <= 0 else min(max_images, len(source))
     indices = np.linspace(0, len(source) - 1, count).round().astype(int)
     scale = int(data_config.eval_scale)
-    total, pixels = np.zeros(3), 0
+    total, pixels, skipped = np.zeros(3), 0, 0
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
         for sums, n in pool.map(lambda i: _pixel_sums(source[i], scale), indices):
             total += sums
             pixels += n
+            skipped += n == 0
     if pixels == 0:
         raise ValueError(f"No decodable image in {source!r}.")
+    if skipped:
+        logging.warning("Skipped %d undecodable image(s) of %d.", skipped, len(indices))
     return total / pixels
 
 
@@ -69,7 +78,11 @@ def main(argv: Sequence[str]) -> None:
     del argv
     if _CONFIG.value is None:
         raise app.UsageError("Pass --config=configs/<file>.py.")
-    mean = compute_mean_rgb(_CONFIG.value.data, _MAX_IMAGES.value, _THREADS.value)
+    try:
+        sources.validate_source(_CONFIG.value.data)
+        mean = compute_mean_rgb(_CONFIG.value.data, _MAX_IMAGES.value, _THREADS.value)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"Error: {error}")
     values = ", ".join(f"{v:.2f}" for v in mean)
     print(f"mean RGB: ({values})")
     print(f'override: --config.data.mean_rgb="({values})"')
