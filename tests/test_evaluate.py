@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from vgg_jax import checkpoint, evaluate
+from vgg_jax import checkpoint, eval_plan, eval_results, evaluate
 from vgg_jax.data import testing, transforms
 from vgg_jax.models import create_model
 
@@ -53,7 +53,7 @@ def run(nets, images, labels=None, **kwargs):
     kwargs.setdefault("batch_size", 8)
     kwargs.setdefault("num_threads", 0)
     kwargs.setdefault("progress_bar", False)
-    return evaluate.evaluate_nets(nets, evaluate.ArrayImages(images, labels),
+    return evaluate.evaluate_nets(nets, eval_plan.ArrayImages(images, labels),
                                   return_probabilities=True, **kwargs)
 
 
@@ -108,7 +108,7 @@ def test_dense_equals_single_crop_when_rescaled_to_image_size(net):
     np.testing.assert_allclose(by_index(dense), expected, rtol=1e-5, atol=1e-7)
     single = run([net], images, protocol="single_crop")
     expected = _reference_probabilities(
-        net, [transforms.centre_view(evaluate._png(image), 32, 32) for image in images])
+        net, [transforms.centre_view(eval_plan.png_bytes(image), 32, 32) for image in images])
     np.testing.assert_allclose(by_index(single), expected, rtol=1e-5, atol=1e-7)
     # And the on-device core agrees with a plain forward pass.
     view = jnp.asarray(random_images([(32, 32)])[0])[None]
@@ -135,9 +135,9 @@ def test_flip_averaging_is_symmetric(net):
 @pytest.mark.parametrize("grid", [1, 3, 5])
 def test_multi_crop_makes_grid_squared_times_two_crops(grid):
     image = random_images([(40, 56)])[0]
-    views = evaluate.protocol_views(image, "multi_crop", 32, grid)
+    views = eval_plan.protocol_views(image, "multi_crop", 32, grid)
     assert views.shape == (2 * grid * grid, 32, 32, 3)
-    assert len(evaluate.protocol_views(image, "multi_crop", 32, grid, flip=False)) == grid**2
+    assert len(eval_plan.protocol_views(image, "multi_crop", 32, grid, flip=False)) == grid**2
     np.testing.assert_array_equal(views[grid * grid:], views[: grid * grid, :, ::-1])
     if grid > 1:  # The grid spans the image: first crop top-left, last bottom-right.
         np.testing.assert_array_equal(views[0], image[:32, :32])
@@ -146,8 +146,8 @@ def test_multi_crop_makes_grid_squared_times_two_crops(grid):
 
 def test_multi_crop_feeds_every_crop_to_the_net(net):
     images = random_images([(40, 56), (48, 48)])
-    maker = evaluate._ViewMaker(evaluate.ArrayImages(images, [0, 1]), np.arange(2),
-                                "multi_crop", 40, 32, 5, True, (32, 32))
+    maker = eval_plan.ViewMaker(eval_plan.ArrayImages(images, [0, 1]), np.arange(2),
+                                 "multi_crop", 40, 32, 5, True, (32, 32))
     example = maker(0)
     assert example["views"].shape == (50, 32, 32, 3)
     views = jnp.asarray(example["views"])[None]
@@ -172,11 +172,11 @@ def test_odd_split_is_counted_exactly_once(net):
     result = run([net], images, labels, protocol="single_crop", scales=(40,))
     # The validation view of training: what EvalTransform gives the training loop.
     probs = _reference_probabilities(net, [
-        transforms.EvalTransform(32, 40).map({"image": evaluate._png(image), "label": 0,
-                                              "name": str(i)})["image"]
+        transforms.EvalTransform(32, 40).map({"image": eval_plan.png_bytes(image), "label": 0,
+                                               "name": str(i)})["image"]
         for i, image in enumerate(images)])
     np.testing.assert_allclose(by_index(result), probs, rtol=1e-5, atol=1e-7)
-    top1, top5 = evaluate.top_k_correct(probs, labels)
+    top1, top5 = eval_results.top_k_correct(probs, labels)
     row = result["rows"][0]
     assert row["top1_error"] == pytest.approx(100 * (1 - top1 / 13))
     assert row["top5_error"] == pytest.approx(100 * (1 - top5 / 13))
@@ -184,7 +184,7 @@ def test_odd_split_is_counted_exactly_once(net):
 
 def test_undecodable_images_are_reported_not_counted(net):
     images = random_images([(32, 32)] * 3)
-    source = evaluate.ArrayImages(images + [b"not an image"], [0, 1, 2, 3])
+    source = eval_plan.ArrayImages(images + [b"not an image"], [0, 1, 2, 3])
     result = evaluate.evaluate_nets([net], source, scales=(32,), batch_size=4, num_threads=0,
                                     progress_bar=False, protocol="dense")
     assert result["undecodable"] == 1
@@ -201,7 +201,7 @@ def test_plan_gives_every_process_the_same_batches():
     for p, n in enumerate(per_process):
         keys[p, :n] = shapes[rng.integers(0, 3, n)]
     costs = {tuple(s): int(s[0] * s[1] // 1024) for s in shapes}
-    plans = [evaluate.plan_buckets(keys, costs, 6, 3, process_count, p)
+    plans = [eval_plan.plan_buckets(keys, costs, 6, 3, process_count, p)
              for p in range(process_count)]
     for p, plan in enumerate(plans):
         assert [(b.shape, b.num_batches, b.local_batch) for b in plan] == \

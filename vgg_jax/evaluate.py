@@ -26,19 +26,19 @@ Exactness on any number of devices and processes: image i belongs to process
 i % process_count for every pass, each process pads its share of every bucket to the same
 number of batches (padding rows carry mask 0), and the per-image results are only ever
 counted on the owning process; counts are summed over processes at the end.
+
+This module runs the nets over the plan and keeps their device functions; the views and the
+batch plan are in vgg_jax.eval_plan, the counts, result rows and tables in vgg_jax.eval_results.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 import logging
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -47,25 +47,36 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
-from PIL import Image
 
-from vgg_jax import paper_results, parallel
+from vgg_jax import parallel
 from vgg_jax.config_values import string_list
-from vgg_jax.data import transforms
+from vgg_jax.eval_plan import (
+    DENSE,
+    MULTI_CROP,
+    SINGLE_CROP,
+    ViewMaker,
+    gather_dense_keys,
+    plan_buckets,
+    uniform_keys,
+    view_batches,
+)
+from vgg_jax.eval_results import (
+    Tally,
+    final_probabilities,
+    format_table,
+    result_rows,
+    write_results,
+)
 from vgg_jax.models import canonical_version
 from vgg_jax.preprocess import normalize_images
 
 logger = logging.getLogger(__name__)
 
-SINGLE_CROP, DENSE, MULTI_CROP = "single_crop", "dense", "multi_crop"
+# The protocols, made of the components named in vgg_jax.eval_plan (whose views it makes).
 DENSE_MULTI_CROP = "dense+multi_crop"
 PROTOCOLS = (SINGLE_CROP, DENSE, MULTI_CROP, DENSE_MULTI_CROP)
-# The paper reports top-1 and top-5 error.
-TOP_K = 5
 # Paper 3.2: multi-scale testing of a fixed-S net uses Q in {S - 32, S, S + 32}.
 MULTI_SCALE_OFFSET = 32
-RESULTS_BASENAME = "eval_results"
-HISTORY_FILENAME = "eval_history.jsonl"
 # Data fields that, when they differ from the checkpoint's run, mean another data set.
 _DATA_IDENTITY_FIELDS = ("source", "name", "data_dir", "eval_split")
 
@@ -109,59 +120,6 @@ def protocol_components(protocol: str) -> tuple[str, ...]:
             f"Unknown config.eval.protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}."
         )
     return (DENSE, MULTI_CROP) if protocol == DENSE_MULTI_CROP else (protocol,)
-
-
-# --------------------------------------------------------------------------------------
-# Host-side views (uint8 numpy)
-# --------------------------------------------------------------------------------------
-
-
-def dense_shape(height: int, width: int, q: int, image_size: int, step: int) -> tuple[int, int]:
-    """The bucket shape (height, width) of an image in dense evaluation at scale q.
-
-    The rescaled shape, rounded down to a multiple of `step` (never below image_size).
-    """
-    rw, rh = transforms.rescaled_size(width, height, q)
-    return max(image_size, rh // step * step), max(image_size, rw // step * step)
-
-
-def fit_to_shape(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Centre-crops a rescaled image to its bucket shape (from `dense_shape`)."""
-    if image.shape[0] < shape[0] or image.shape[1] < shape[1]:
-        # Cannot happen with transforms' own rounding; stretch rather than fail if it does.
-        resized = Image.fromarray(image).resize(shape[::-1], transforms.RESAMPLE)
-        return np.asarray(resized)
-    top, left = (image.shape[0] - shape[0]) // 2, (image.shape[1] - shape[1]) // 2
-    return image[top : top + shape[0], left : left + shape[1]]
-
-
-def protocol_views(
-    image: np.ndarray, component: str, image_size: int, grid: int = 5, flip: bool = True,
-    shape: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """The net inputs of one image already rescaled to the test scale Q, [V, H, W, 3] uint8.
-
-    Args:
-      image: uint8 [H, W, 3] with shorter side Q.
-      component: "single_crop" (the centre crop), "dense" (the whole image, cropped to
-        `shape`; its flip is made on the device) or "multi_crop" (the grid x grid crops,
-        then their flips when `flip`).
-      image_size: the crop side.
-      grid: crops per side for multi_crop.
-      flip: include flipped multi-crop views.
-      shape: the dense bucket shape (default: the image's own).
-
-    Returns:
-      1 view for single_crop and dense, (2 if flip else 1) * grid^2 for multi_crop.
-    """
-    if component == DENSE:
-        return fit_to_shape(image, shape or image.shape[:2])[None]
-    if component == MULTI_CROP:
-        views = transforms.grid_crops(image, image_size, grid)
-        return views if flip else views[: grid * grid]
-    if component == SINGLE_CROP:
-        return transforms.centre_crop(image, image_size)[None]
-    raise ValueError(f"Unknown protocol component {component!r}.")
 
 
 # --------------------------------------------------------------------------------------
@@ -237,188 +195,6 @@ def make_probability_fn(net: EvalNet, flip: bool, mesh) -> Callable:
 
 
 # --------------------------------------------------------------------------------------
-# The images and the batch plan
-# --------------------------------------------------------------------------------------
-
-
-class ArrayImages:
-    """An in-memory split in the record format of vgg_jax.data.sources (for tests and tools).
-
-    Arrays are stored PNG-encoded (lossless), so they take the same decoding path as files.
-
-    Args:
-      images: uint8 [H, W, 3] arrays of any sizes, or encoded image bytes.
-      labels: integer labels.
-    """
-
-    def __init__(self, images: Sequence[Any], labels: Sequence[int]):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
-        self._images = [x if isinstance(x, bytes) else _png(x) for x in images]
-        self._labels = [int(x) for x in labels]
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self._images[index], "label": self._labels[index], "name": f"[{index}]"}
-
-    def __repr__(self) -> str:
-        return f"ArrayImages(num_examples={len(self)})"
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(array, np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-@dataclasses.dataclass
-class Bucket:
-    """Images of one view shape, each process's share padded to the same number of batches.
-
-    Attributes:
-      shape: (height, width) of the views.
-      rows: this process's local image positions, -1 for padding; [num_batches * local_batch].
-      local_batch: images per batch on this process.
-    """
-
-    shape: tuple[int, int]
-    rows: np.ndarray
-    local_batch: int
-
-    @property
-    def num_batches(self) -> int:
-        return len(self.rows) // self.local_batch
-
-
-def images_per_batch(cost: int, budget: int, device_count: int) -> int:
-    """Global images per batch: `budget` net inputs of image_size^2, a multiple of devices.
-
-    Args:
-      cost: net inputs of image_size^2 one image costs (views, flips and area).
-      budget: config.eval.batch_size.
-      device_count: devices of the mesh.
-    """
-    n = budget // max(cost, 1) // device_count * device_count
-    return max(n, device_count)
-
-
-def plan_buckets(
-    keys: np.ndarray, costs: Mapping[tuple[int, int], int], budget: int,
-    device_count: int, process_count: int, process_index: int | None = None,
-) -> list[Bucket]:
-    """Groups this process's images by view shape into padded batches.
-
-    Every process must call this with its own `keys` after they were gathered, so that all
-    processes agree on the buckets and their number of batches.
-
-    Args:
-      keys: [process_count, max_local, 2] int view shapes of every process's images
-        (-1 rows for padding), as gathered from all processes; row `process_index` is ours.
-      costs: net inputs per image for each shape (see `images_per_batch`).
-      budget, device_count, process_count: see `images_per_batch`.
-      process_index: this process (default: jax.process_index()).
-
-    Returns:
-      The buckets in sorted shape order.
-    """
-    process_index = jax.process_index() if process_index is None else process_index
-    valid = keys[..., 0] >= 0
-    shapes = sorted({tuple(int(v) for v in k) for k in keys[valid]})
-    buckets = []
-    for shape in shapes:
-        local_batch = images_per_batch(costs[shape], budget, device_count) // process_count
-        in_bucket = (keys[..., 0] == shape[0]) & (keys[..., 1] == shape[1]) & valid
-        per_process = in_bucket.sum(axis=1)
-        num_batches = math.ceil(per_process.max() / local_batch)
-        rows = np.full(num_batches * local_batch, -1, np.int64)
-        mine = np.flatnonzero(in_bucket[process_index])
-        rows[: len(mine)] = mine
-        buckets.append(Bucket(shape, rows, local_batch))
-    return buckets
-
-
-@dataclasses.dataclass(frozen=True)
-class _ViewMaker:
-    """Decodes one local image rescaled to Q and makes its views for one protocol pass."""
-
-    source: Any
-    global_indices: np.ndarray
-    component: str
-    q: int
-    image_size: int
-    grid: int
-    flip: bool
-    shape: tuple[int, int]
-
-    def num_views(self) -> int:
-        if self.component == MULTI_CROP:
-            return (2 if self.flip else 1) * self.grid**2
-        return 1
-
-    def _example(self, views, mask, row, label) -> dict[str, np.ndarray]:
-        return {"views": views, "mask": np.bool_(mask), "row": np.int64(row),
-                "label": np.int64(label)}
-
-    def __call__(self, row: int) -> dict[str, np.ndarray]:
-        empty = np.zeros((self.num_views(),) + tuple(self.shape) + (3,), np.uint8)
-        if row < 0:  # Padding.
-            return self._example(empty, False, -1, -1)
-        record = self.source[int(self.global_indices[row])]
-        try:
-            if self.component == SINGLE_CROP:  # exactly the training loop's validation view
-                views = transforms.centre_view(record["image"], self.q, self.image_size)[None]
-            else:
-                image = transforms.decode_rescaled(record["image"], self.q)
-                views = protocol_views(image, self.component, self.image_size, self.grid,
-                                       self.flip, self.shape)
-        except transforms.DECODE_ERRORS as e:
-            logger.warning("Skipping undecodable image %s (%s: %s).",
-                           record.get("name", row), e.__class__.__name__, e)
-            return self._example(empty, False, row, record["label"])
-        return self._example(np.ascontiguousarray(views), True, row, record["label"])
-
-
-def _batches(maker: _ViewMaker, bucket: Bucket, num_threads: int) -> Iterable[dict]:
-    """Batches of views, decoded by grain in background threads, in plan order."""
-    import grain
-
-    dataset = grain.MapDataset.source(bucket.rows.tolist()).map(maker).batch(bucket.local_batch)
-    if num_threads <= 0:
-        return (dataset[i] for i in range(len(dataset)))
-    return dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------
-
-
-def top_k_correct(probs: np.ndarray, labels: np.ndarray, k: int = TOP_K) -> tuple[int, int]:
-    """(top-1 correct, top-k correct) counts of a batch of class probabilities."""
-    if len(labels) == 0:
-        return 0, 0
-    k = min(k, probs.shape[-1])
-    top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    hits = top == labels[:, None]
-    return int(hits[:, 0].sum()), int(hits.any(axis=1).sum())
-
-
-@dataclasses.dataclass
-class _Tally:
-    top1: int = 0
-    top5: int = 0
-    count: int = 0
-
-    def add(self, probs: np.ndarray, labels: np.ndarray) -> None:
-        t1, t5 = top_k_correct(probs, labels)
-        self.top1, self.top5, self.count = self.top1 + t1, self.top5 + t5, self.count + len(labels)
-
-
-# --------------------------------------------------------------------------------------
 # The evaluation
 # --------------------------------------------------------------------------------------
 
@@ -444,7 +220,7 @@ def evaluate_nets(
       nets: the nets; with several, their softmax outputs are averaged (an ensemble).
         They must share image_size and the number of classes.
       source: random access to the split: records {"image": encoded bytes, "label": int}
-        (vgg_jax.data.sources, or `ArrayImages` for arrays).
+        (vgg_jax.data.sources, or `eval_plan.ArrayImages` for arrays).
       protocol: one of PROTOCOLS.
       scales: test scales Q (each at least image_size); softmax averaged over them.
       batch_size: per global batch, the number of image_size x image_size net inputs
@@ -517,7 +293,7 @@ def evaluate_nets(
     # Softmax sums over scales per (net, component); only kept when rows combine them.
     combine = len(scales) > 1 or len(components) > 1 or len(nets) > 1 or return_probabilities
     sums = {key: np.zeros((num_local, num_classes), np.float32) for key in fns} if combine else {}
-    tallies: dict[tuple[int, str, int], _Tally] = {}
+    tallies: dict[tuple[int, str, int], Tally] = {}
     bucket_counts: dict[str, int] = {}
     seen_shape_keys: dict[int, np.ndarray] = {}
 
@@ -526,7 +302,7 @@ def evaluate_nets(
         for q in scales:
             if component == DENSE:
                 if q not in seen_shape_keys:
-                    seen_shape_keys[q] = _gather_dense_keys(
+                    seen_shape_keys[q] = gather_dense_keys(
                         source, global_indices, q, image_size, dense_size_step, num_threads,
                         process_count)
                 keys = seen_shape_keys[q]
@@ -536,20 +312,20 @@ def evaluate_nets(
                 }
             else:
                 views = multi_crop_grid**2 if component == MULTI_CROP else 1
-                keys = _uniform_keys(len(source), (image_size, image_size), process_count)
+                keys = uniform_keys(len(source), (image_size, image_size), process_count)
                 costs = {(image_size, image_size): views * flips}
             buckets = plan_buckets(keys, costs, batch_size, device_count, process_count)
             bucket_counts[f"{component}@{q}"] = len(buckets)
             for i in range(len(nets)):
-                tallies[(i, component, q)] = _Tally()
+                tallies[(i, component, q)] = Tally()
             total = sum(b.num_batches for b in buckets)
             bar = _progress(total, f"{component} Q={q}", progress_bar and process_index == 0)
             visits = np.zeros(num_local, np.int64)
             for bucket in buckets:
-                maker = _ViewMaker(source, global_indices, component, q, image_size,
+                maker = ViewMaker(source, global_indices, component, q, image_size,
                                    multi_crop_grid, flip, bucket.shape)
                 pending = None
-                for batch in _batches(maker, bucket, num_threads):
+                for batch in view_batches(maker, bucket, num_threads):
                     device_batch = parallel.shard_batch({"views": batch["views"]}, mesh)
                     outputs = [fns[(i, component)](params[i], device_batch["views"])
                                for i in range(len(nets))]
@@ -571,7 +347,7 @@ def evaluate_nets(
                     "exactly once.")
 
     valid = decoded
-    rows, local_counts = _result_rows(nets, components, scales, tallies, sums, labels, valid,
+    rows, local_counts = result_rows(nets, components, scales, tallies, sums, labels, valid,
                                       protocol)
     global_counts = _sum_over_processes(np.asarray(local_counts, np.int64))
     for row, (t1, t5, n) in zip(rows, global_counts):
@@ -583,51 +359,9 @@ def evaluate_nets(
     result = {"rows": rows, "compilations": compilations, "buckets": bucket_counts,
               "undecodable": undecodable}
     if return_probabilities:
-        result["probabilities"] = _final_probabilities(nets, components, scales, sums)
+        result["probabilities"] = final_probabilities(nets, components, scales, sums)
         result["indices"] = global_indices
     return result
-
-
-def _uniform_keys(total: int, shape: tuple[int, int], process_count: int) -> np.ndarray:
-    # Every image has the same view shape; only the per-process counts matter, and those
-    # follow from i % process_count, so no communication is needed.
-    counts = [len(range(p, total, process_count)) for p in range(process_count)]
-    keys = np.full((process_count, max(counts), 2), -1, np.int64)
-    for p, n in enumerate(counts):
-        keys[p, :n] = shape
-    return keys
-
-
-def _gather_dense_keys(
-    source, global_indices: np.ndarray, q: int, image_size: int, step: int, num_threads: int,
-    process_count: int,
-) -> np.ndarray:
-    """Every process's dense view shapes at scale q, [process_count, max_local, 2]."""
-    import grain
-
-    def key(index):
-        w, h = transforms.image_size(source[int(index)]["image"])
-        return np.array(dense_shape(h, w, q, image_size, step), np.int64)
-
-    def safe_key(index):
-        try:
-            return key(index)
-        except transforms.DECODE_ERRORS:
-            # Undecodable: any bucket will do, the image is masked when it fails to load.
-            return np.array((image_size, image_size), np.int64)
-
-    dataset = grain.MapDataset.source(global_indices.tolist()).map(safe_key)
-    if num_threads > 0:
-        local = list(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
-    else:
-        local = [dataset[i] for i in range(len(dataset))]
-    max_local = math.ceil(len(source) / process_count)
-    keys = np.full((max_local, 2), -1, np.int64)
-    if local:
-        keys[: len(local)] = np.stack(local)
-    if process_count == 1:
-        return keys[None]
-    return np.asarray(multihost_utils.process_allgather(keys))
 
 
 def _consume(batch, outputs, mesh, component, q, labels, decoded, visits, tallies, sums):
@@ -642,56 +376,6 @@ def _consume(batch, outputs, mesh, component, q, labels, decoded, visits, tallie
         tallies[(i, component, q)].add(probs[mask], batch["label"][mask])
         if sums:
             sums[(i, component)][rows[mask]] += probs[mask]
-
-
-def _result_rows(nets, components, scales, tallies, sums, labels, valid, protocol):
-    """Result rows (without errors yet) and their local (top-1, top-5, count) counts."""
-    rows, counts = [], []
-    scales_label = ",".join(str(q) for q in scales)
-    y = labels[valid]
-
-    def add(net_name, train_s, test_q, proto, tally, members=None):
-        members = nets if members is None else members
-        rows.append({"net": net_name, "train_S": train_s, "test_Q": test_q, "protocol": proto,
-                     "versions": [n.version for n in members]})
-        counts.append((tally.top1, tally.top5, tally.count))
-
-    def tally_of(probs):
-        t = _Tally()
-        t.add(probs[valid], y)
-        return t
-
-    def component_mean(i, c):
-        return sums[(i, c)] / len(scales)
-
-    for i, net in enumerate(nets):
-        for c in components:
-            for q in scales:
-                add(net.name, net.train_scale_label, str(q), c, tallies[(i, c, q)], [net])
-            if len(scales) > 1:
-                add(net.name, net.train_scale_label, scales_label, c,
-                    tally_of(component_mean(i, c)), [net])
-        if len(components) > 1:
-            combined = sum(component_mean(i, c) for c in components) / len(components)
-            add(net.name, net.train_scale_label, scales_label, protocol, tally_of(combined),
-                [net])
-    if len(nets) > 1:
-        name = " + ".join(net.name for net in nets)
-        train_s = ", ".join(net.train_scale_label for net in nets)
-        for c in components:
-            mean = sum(component_mean(i, c) for i in range(len(nets))) / len(nets)
-            add(name, train_s, scales_label, c, tally_of(mean))
-        if len(components) > 1:
-            mean = sum(
-                component_mean(i, c) for i in range(len(nets)) for c in components
-            ) / (len(nets) * len(components))
-            add(name, train_s, scales_label, protocol, tally_of(mean))
-    return rows, counts
-
-
-def _final_probabilities(nets, components, scales, sums):
-    total = sum(sums[(i, c)] for i in range(len(nets)) for c in components)
-    return total / (len(nets) * len(components) * len(scales))
 
 
 def _sum_over_processes(local: np.ndarray) -> np.ndarray:
@@ -714,95 +398,6 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="batch", leave=False)
-
-
-# --------------------------------------------------------------------------------------
-# Results table
-# --------------------------------------------------------------------------------------
-
-TABLE_COLUMNS = (
-    ("net", "net"), ("train_S", "train S"), ("test_Q", "test Q"), ("protocol", "protocol"),
-    ("top1_error", "top-1 err (%)"), ("top5_error", "top-5 err (%)"), ("images", "images"),
-)
-
-
-# Appended by `format_table(..., with_paper=True)`: the paper's figure for the same setting.
-PAPER_COLUMNS = (
-    ("paper_table", "paper"), ("paper_top1_error", "paper top-1 (%)"),
-    ("paper_top5_error", "paper top-5 (%)"),
-)
-
-
-def format_table(
-    rows: Sequence[Mapping[str, Any]], with_paper: bool = True,
-    extra_columns: Sequence[tuple[str, str]] = (),
-) -> str:
-    """The results as a Markdown table in the paper's format.
-
-    Args:
-      rows: result rows of `evaluate_nets`.
-      with_paper: add the paper's figures for the rows whose setting the paper reports
-        (vgg_jax.paper_results; "-" elsewhere).
-      extra_columns: more (row key, title) columns at the end.
-
-    Returns:
-      The table, one line per row.
-    """
-    columns = TABLE_COLUMNS
-    if with_paper:
-        rows, columns = paper_results.compare(rows), TABLE_COLUMNS + PAPER_COLUMNS
-    columns = tuple(columns) + tuple(extra_columns)
-
-    def cell(row, key):
-        value = row.get(key)
-        if value is None:
-            return "-"
-        if isinstance(value, float):  # the paper prints one decimal
-            return f"{value:.1f}" if key.startswith("paper_") else f"{value:.2f}"
-        if isinstance(value, (list, tuple)):
-            return ",".join(str(v) for v in value)
-        return str(value)
-
-    lines = ["| " + " | ".join(title for _, title in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row, key) for key, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_results(
-    workdir: str, result: Mapping[str, Any], extra: Mapping[str, Any]
-) -> tuple[str, str]:
-    """Writes the newest evaluation into the workdir and appends it to its history.
-
-    eval_results.json and eval_results.md hold the newest evaluation; every evaluation is
-    also appended as one line to eval_history.jsonl, so running one protocol after another
-    keeps all their rows.
-
-    Args:
-      workdir: the run's directory.
-      result: what `evaluate_nets` returned.
-      extra: more fields to record (split, checkpoints, steps, protocol).
-
-    Returns:
-      The paths of eval_results.json and eval_results.md.
-    """
-    os.makedirs(workdir, exist_ok=True)
-    json_path = os.path.join(workdir, RESULTS_BASENAME + ".json")
-    md_path = os.path.join(workdir, RESULTS_BASENAME + ".md")
-    payload = {key: result[key] for key in ("rows", "compilations", "buckets", "undecodable")}
-    payload.update(extra)
-    payload["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    with open(json_path, "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(os.path.join(workdir, HISTORY_FILENAME), "a") as f:
-        f.write(json.dumps(payload) + "\n")
-    with open(md_path, "w") as f:
-        f.write(format_table(result["rows"]) + "\n\n")
-        f.write(f"{result['compilations']} compilations; buckets per pass: "
-                f"{json.dumps(result['buckets'])}; undecodable images: {result['undecodable']}.\n")
-        for key, value in extra.items():
-            f.write(f"{key}: {value}\n")
-    return json_path, md_path
 
 
 # --------------------------------------------------------------------------------------

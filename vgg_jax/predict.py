@@ -20,10 +20,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from vgg_jax import evaluate, imagenet_classes, models
+from vgg_jax import eval_plan, evaluate, imagenet_classes, models
 from vgg_jax.data import digits, transforms
 
-PREDICT_PROTOCOLS = (evaluate.SINGLE_CROP, evaluate.DENSE, evaluate.MULTI_CROP)
+PREDICT_PROTOCOLS = (eval_plan.SINGLE_CROP, eval_plan.DENSE, eval_plan.MULTI_CROP)
 
 
 def class_names_for(run_config, num_classes: int) -> list[str]:
@@ -65,7 +65,7 @@ def _views(data: bytes, protocol: str, q: int, image_size: int, grid: int) -> np
     h, w = image.shape[:2]
     shape = (max(image_size, h // models.TOTAL_STRIDE * models.TOTAL_STRIDE),
              max(image_size, w // models.TOTAL_STRIDE * models.TOTAL_STRIDE))
-    return evaluate.protocol_views(image, protocol, image_size, grid, flip=True, shape=shape)
+    return eval_plan.protocol_views(image, protocol, image_size, grid, flip=True, shape=shape)
 
 
 def predict(
@@ -74,7 +74,7 @@ def predict(
     top_k: int = 5,
     *,
     step: int | str | None = None,
-    protocol: str = evaluate.SINGLE_CROP,
+    protocol: str = eval_plan.SINGLE_CROP,
     scale: int | None = None,
     multi_crop_grid: int = 5,
 ) -> list[dict[str, Any]]:
@@ -107,7 +107,7 @@ def predict(
         raise ValueError(f"Test scale {q} is smaller than the net's crop size {image_size}.")
     names = class_names_for(run_config, num_classes)
     # Multi-crop views come with their flips; dense flips are made on the device.
-    flip = protocol == evaluate.DENSE
+    flip = protocol == eval_plan.DENSE
     # One image at a time: dense views differ in shape, and a handful of images is cheap.
     fn = jax.jit(lambda params, views: evaluate.class_probabilities(
         net.model, tuple(net.mean_rgb), tuple(net.std_rgb), flip, params, views))
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="workdir or weight directory")
     parser.add_argument("--step", default=None, help="step number, 'best' or 'latest'")
     parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--protocol", default=evaluate.SINGLE_CROP, choices=PREDICT_PROTOCOLS)
+    parser.add_argument("--protocol", default=eval_plan.SINGLE_CROP, choices=PREDICT_PROTOCOLS)
     parser.add_argument("--scale", type=int, default=None, help="test scale Q (shorter side)")
     args = parser.parse_args(argv)
     if args.top_k < 1:

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vgg_jax import evaluate, paper_results
+from vgg_jax import eval_results, paper_results
 
 # Report columns after the evaluation table's own: where each row comes from.
 SOURCE_COLUMNS = (("workdir", "workdir"), ("steps", "steps"), ("date", "evaluated"))
@@ -37,7 +37,7 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
     Raises:
       FileNotFoundError: if the workdir holds no evaluation history.
     """
-    path = os.path.join(workdir, evaluate.HISTORY_FILENAME)
+    path = os.path.join(workdir, eval_results.HISTORY_FILENAME)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} does not exist; evaluate the run first (python main.py --mode=eval "
@@ -89,7 +89,7 @@ def build_report(workdirs: Sequence[str]) -> str:
     matched = sum(row["paper_table"] is not None for row in compared)
     header = (f"{len(compared)} settings evaluated, {matched} with a figure in the paper "
               "(top-1 / top-5 validation error, %).")
-    return header + "\n\n" + evaluate.format_table(compared, extra_columns=SOURCE_COLUMNS)
+    return header + "\n\n" + eval_results.format_table(compared, extra_columns=SOURCE_COLUMNS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
