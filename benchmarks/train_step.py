@@ -235,9 +235,9 @@ def build_step(config, mesh, batch_per_call: int):
     """
     import jax
 
-    from vgg_jax import optim, parallel, train
+    from vgg_jax import models, optim, parallel, train
 
-    model = train.create_model_from_config(config)
+    model = models.create_model_from_config(config)
     tx = optim.create_optimizer(config.train)
     state = train.create_train_state(model, tx, config.seed, mesh)
     # As train_and_evaluate does: the learning rate is pushed into the optimiser state.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from vgg_jax import checkpoint, optim, parallel, profiling, train
+from vgg_jax import checkpoint, models, optim, parallel, profiling, train
 
 NUM_CLASSES = 10
 
@@ -37,7 +37,7 @@ def _batch(size=8, seed=0, image_size=32):
 
 
 def _setup(config, mesh):
-    model = train.create_model_from_config(config)
+    model = models.create_model_from_config(config)
     tx = optim.create_optimizer(config.train)
     state = train.create_train_state(model, tx, config.seed, mesh)
     state = state.replace(opt_state=optim.set_learning_rate(
@@ -89,7 +89,7 @@ def test_no_recompilation_after_the_first_step():
 
 def test_masked_examples_do_not_count():
     config = _config()
-    model = train.create_model_from_config(config)
+    model = models.create_model_from_config(config)
     params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
     eval_step = jax.jit(train.make_eval_step(model, config.data))
     full = _batch(size=8)
@@ -114,9 +114,9 @@ def test_classification_sums_count_top1_and_top5():
 
 def test_transfer_copies_exactly_the_named_layers():
     config = _config()
-    source = train.create_model_from_config(config)  # net A
+    source = models.create_model_from_config(config)  # net A
     config.model.version = "D"
-    target = train.create_model_from_config(config)
+    target = models.create_model_from_config(config)
     images = np.zeros((1, 32, 32, 3), np.float32)
     source_params = source.init(jax.random.key(1), images)["params"]
     target_params = target.init(jax.random.key(2), images)["params"]

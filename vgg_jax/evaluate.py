@@ -67,7 +67,7 @@ from vgg_jax.eval_results import (
     result_rows,
     write_results,
 )
-from vgg_jax.models import canonical_version
+from vgg_jax.models import canonical_version, create_model_from_config
 from vgg_jax.preprocess import normalize_images
 
 logger = logging.getLogger(__name__)
@@ -407,10 +407,10 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def load_net(path: str, step: int | str | None = None) -> tuple[EvalNet, ml_collections.ConfigDict]:
     """An EvalNet from a workdir or weight file (see vgg_jax.checkpoint.load_variables)."""
-    from vgg_jax import checkpoint, train
+    from vgg_jax import checkpoint
 
     variables, run_config, chosen_step = checkpoint.load_checkpoint(path, step)
-    model = train.create_model_from_config(run_config)
+    model = create_model_from_config(run_config)
     d = run_config.data
     name = f"{run_config.model.version} ({os.path.basename(os.path.normpath(path))})"
     net = EvalNet(

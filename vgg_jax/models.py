@@ -280,6 +280,44 @@ def create_model(version: str, num_classes: int = 1000, **variant: Any) -> VGG:
     )
 
 
+def compute_dtype(name: str) -> Any:
+    """Resolves config.model.compute_dtype.
+
+    Args:
+      name: "auto" (bfloat16 on GPU/TPU, float32 on CPU) or a dtype name.
+
+    Returns:
+      The jnp dtype the net computes in (parameters stay float32).
+    """
+    if name == "auto":
+        accelerated = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+        return jnp.bfloat16 if accelerated else jnp.float32
+    return jnp.dtype(name)
+
+
+def create_model_from_config(config: Any) -> VGG:
+    """Builds the net described by config.model at the crop size config.data.image_size.
+
+    Args:
+      config: a full run config.
+
+    Returns:
+      The flax module.
+    """
+    m = config.model
+    return create_model(
+        m.version,
+        num_classes=m.num_classes,
+        image_size=config.data.image_size,
+        width_divisor=m.width_divisor,
+        fc_features=m.fc_features,
+        dropout_rate=m.dropout_rate,
+        initializer=m.initializer,
+        normal_init_stddev=m.normal_init_stddev,
+        dtype=compute_dtype(m.compute_dtype),
+    )
+
+
 def count_parameters(model: VGG, batch_size: int = 1) -> int:
     """Counts parameters without allocating them (through jax.eval_shape).
 

@@ -28,7 +28,7 @@ from vgg_jax import checkpoint, config_checks, optim, parallel, profiling, write
 from vgg_jax import metric_names as names
 from vgg_jax.config_values import string_list
 from vgg_jax.data import pipeline
-from vgg_jax.models import VGG, create_model
+from vgg_jax.models import VGG, create_model_from_config
 from vgg_jax.preprocess import normalize_images
 
 # Top-k error reported besides top-1 (the paper reports top-1 and top-5).
@@ -41,37 +41,6 @@ class TrainState(train_state.TrainState):
     """Flax's train state plus the raw RNG key that seeds dropout at every step."""
 
     rng: jax.Array
-
-
-def compute_dtype(name: str):
-    """Resolves config.model.compute_dtype ("auto": bfloat16 on GPU/TPU, else float32)."""
-    if name == "auto":
-        accelerated = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
-        return jnp.bfloat16 if accelerated else jnp.float32
-    return jnp.dtype(name)
-
-
-def create_model_from_config(config: ml_collections.ConfigDict) -> VGG:
-    """Builds the net described by config.model at the crop size config.data.image_size.
-
-    Args:
-      config: a full run config.
-
-    Returns:
-      The flax module.
-    """
-    m = config.model
-    return create_model(
-        m.version,
-        num_classes=m.num_classes,
-        image_size=config.data.image_size,
-        width_divisor=m.width_divisor,
-        fc_features=m.fc_features,
-        dropout_rate=m.dropout_rate,
-        initializer=m.initializer,
-        normal_init_stddev=m.normal_init_stddev,
-        dtype=compute_dtype(m.compute_dtype),
-    )
 
 
 def classification_sums(
