@@ -39,7 +39,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import base
-from vgg_jax.data import pipeline, transforms
+from vgg_jax.data import decode, pipeline, transforms
 
 # ImageNet's typical photo: 500x375, saved at JPEG quality 90.
 IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 500, 375, 90
@@ -114,7 +114,7 @@ def reference_transform(
     image = Image.open(io.BytesIO(data)).convert("RGB")
     scale = int(rng.integers(scale_range[0], scale_range[1] + 1))
     width, height = image.size
-    size = transforms.rescaled_size(width, height, scale)
+    size = decode.rescaled_size(width, height, scale)
     image = image.resize(size, Image.Resampling.BILINEAR)
     left = int(rng.integers(0, size[0] - CROP_SIZE + 1))
     top = int(rng.integers(0, size[1] - CROP_SIZE + 1))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vgg_jax.data import digits, pipeline, sources, testing, transforms
+from vgg_jax.data import decode, digits, pipeline, sources, testing
 
 
 def test_folder_source_labels_repr_and_pickle(tmp_path):
@@ -113,7 +113,7 @@ def test_digits_written_once_atomically_and_reused(tmp_path, monkeypatch):
     # Stratified: every class keeps its share in the validation split.
     val_counts = np.bincount([val[i]["label"] for i in range(len(val))], minlength=10)
     assert val_counts.min() >= 33 and val_counts.max() <= 38
-    image = transforms.decode_image(train[0]["image"])
+    image = decode.decode_image(train[0]["image"])
     assert image.shape == (config.digits_image_size, config.digits_image_size, 3)
     assert train[0]["name"].endswith(".jpg")
     # Reused, and rebuilt only when its settings change.
@@ -122,7 +122,7 @@ def test_digits_written_once_atomically_and_reused(tmp_path, monkeypatch):
     config.digits_image_size = 24
     sources.validate_source(config)
     assert len(calls) == 2 and sorted(os.listdir(tmp_path)) == ["digits"]
-    assert transforms.decode_image(sources.make_source(config, "train")[0]["image"]).shape == (24, 24, 3)
+    assert decode.decode_image(sources.make_source(config, "train")[0]["image"]).shape == (24, 24, 3)
 
 
 def _fake_tfds_records(split, num, grey):

@@ -1,12 +1,15 @@
-"""Each training and evaluation transform on its own (vgg_jax/data/transforms.py)."""
+"""Each training and evaluation transform on its own (vgg_jax/data/transforms.py), and the
+decoding and resampling under them (vgg_jax/data/decode.py)."""
 
 import logging
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from vgg_jax.data import testing, transforms
+from vgg_jax import preprocess
+from vgg_jax.data import decode, testing, transforms
 
 
 def _record(data, label=3, name="img.jpg"):
@@ -24,15 +27,15 @@ def _jpeg(rng, height=48, width=64, **kwargs):
 def _reference_crop(data, scale, left, top, crop):
     """Plain rescale-then-crop, the definition the fast path must match."""
     image = Image.open(__import__("io").BytesIO(data)).convert("RGB")
-    size = transforms.rescaled_size(*image.size, scale)
-    full = np.asarray(image.resize(size, transforms.RESAMPLE))
+    size = decode.rescaled_size(*image.size, scale)
+    full = np.asarray(image.resize(size, decode.RESAMPLE))
     return full[top : top + crop, left : left + crop]
 
 
 def test_rescaled_size_keeps_aspect_and_shortest_side():
-    assert transforms.rescaled_size(64, 48, 40) == (53, 40)
-    assert transforms.rescaled_size(48, 64, 40) == (40, 53)
-    assert transforms.rescaled_size(500, 375, 256) == (341, 256)
+    assert decode.rescaled_size(64, 48, 40) == (53, 40)
+    assert decode.rescaled_size(48, 64, 40) == (40, 53)
+    assert decode.rescaled_size(500, 375, 256) == (341, 256)
 
 
 def test_sample_scale_fixed_and_uniform_over_the_whole_range():
@@ -57,14 +60,14 @@ def test_train_transform_shapes_dtypes_and_scale_range():
 def test_crop_corners_stay_inside_the_rescaled_image(width, height, scale):
     rng = np.random.default_rng(0)
     crop = 32 if scale < 256 else 224
-    rw, rh = transforms.rescaled_size(width, height, scale)
+    rw, rh = decode.rescaled_size(width, height, scale)
     corners = np.array(
         [transforms.sample_crop_corner(rng, width, height, scale, crop) for _ in range(2000)]
     )
     assert corners.min() == 0
     assert corners[:, 0].max() == rw - crop and corners[:, 1].max() == rh - crop
     for left, top in corners[:50]:
-        box = transforms.source_box(width, height, scale, left, top, crop)
+        box = decode.source_box(width, height, scale, left, top, crop)
         assert 0 <= box[0] < box[2] <= width + 1e-9 and 0 <= box[1] < box[3] <= height + 1e-9
 
 
@@ -113,8 +116,11 @@ def test_pca_colour_shift_statistics():
 def test_mean_subtraction_semantics_of_the_train_step():
     images = np.full((2, 4, 4, 3), 200, np.uint8)
     shift = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], np.float32)
-    out = transforms.subtract_mean(images, (100.0, 50.0, 0.0), shift)
-    assert out.dtype == np.float32
+    # The normalisation that the train step runs on the device (std 1: the paper's recipe).
+    out = preprocess.normalize_images(
+        jnp.asarray(images), (100.0, 50.0, 0.0), (1.0, 1.0, 1.0), jnp.asarray(shift))
+    assert out.dtype == jnp.float32
+    out = np.asarray(out)
     np.testing.assert_allclose(out[0, 1, 2], [101.0, 152.0, 203.0])
     np.testing.assert_allclose(out[1, 3, 3], [100.0, 150.0, 200.0])
 
@@ -136,7 +142,7 @@ def test_fast_path_matches_rescale_then_crop(height, width, scale, crop, max_dif
     diffs = []
     for _ in range(5):
         left, top = transforms.sample_crop_corner(rng, width, height, scale, crop)
-        fast = transforms.resample_crop(data, scale, left, top, crop)
+        fast = decode.resample_crop(data, scale, left, top, crop)
         reference = _reference_crop(data, scale, left, top, crop)
         assert fast.shape == reference.shape == (crop, crop, 3)
         diffs.append(np.abs(fast.astype(float) - reference).mean())
@@ -144,20 +150,20 @@ def test_fast_path_matches_rescale_then_crop(height, width, scale, crop, max_dif
 
 
 def test_reduced_scale_decoding_only_when_the_jpeg_is_twice_the_needed_size():
-    assert transforms.decode_factor(500, 375, transforms.rescaled_size(500, 375, 80)) == 4
-    assert transforms.decode_factor(500, 375, transforms.rescaled_size(500, 375, 256)) == 1
-    assert transforms.decode_factor(500, 375, (250, 187)) == 2
-    assert transforms.decode_factor(4000, 3000, (341, 256)) == 8  # never beyond 1/8
+    assert decode.decode_factor(500, 375, decode.rescaled_size(500, 375, 80)) == 4
+    assert decode.decode_factor(500, 375, decode.rescaled_size(500, 375, 256)) == 1
+    assert decode.decode_factor(500, 375, (250, 187)) == 2
+    assert decode.decode_factor(4000, 3000, (341, 256)) == 8  # never beyond 1/8
     data = _jpeg(np.random.default_rng(0), 375, 500)
-    image, factor, size = transforms._decode_for_scale(data, 80)
+    image, factor, size = decode._decode_for_scale(data, 80)
     assert (image.size, factor, size) == ((125, 94), 4, (500, 375))  # decoded at 1/4 scale
-    image, factor, _ = transforms._decode_for_scale(data, 256)
+    image, factor, _ = decode._decode_for_scale(data, 256)
     assert (image.size, factor) == ((500, 375), 1)
 
 
 def _pil_only(monkeypatch):
     """Sends every file through PIL's decoder, as if simplejpeg had rejected it."""
-    monkeypatch.setattr(transforms, "_jpeg_header", lambda data: None)
+    monkeypatch.setattr(decode, "_jpeg_header", lambda data: None)
 
 
 @pytest.mark.parametrize("scale,crop", [(256, 224), (80, 64), (40, 32)])
@@ -170,17 +176,17 @@ def test_simplejpeg_path_gives_the_pixels_of_the_pil_path(monkeypatch, scale, cr
     rgb = testing.encode(testing.smooth_image(rng, 300, 200), "JPEG", quality=90, keep_rgb=True)
     cases = []
     for data in (*images, grey, rgb):
-        width, height = transforms.image_size(data)
+        width, height = decode.image_size(data)
         left, top = transforms.sample_crop_corner(rng, width, height, scale, crop)
         cases.append((data, left, top))
-    fast = [transforms.resample_crop(d, scale, x, y, crop, flip=True) for d, x, y in cases]
-    full = [transforms.decode_image(d) for d, _, _ in cases]
-    rescaled = [transforms.decode_rescaled(d, scale) for d, _, _ in cases]
+    fast = [decode.resample_crop(d, scale, x, y, crop, flip=True) for d, x, y in cases]
+    full = [decode.decode_image(d) for d, _, _ in cases]
+    rescaled = [decode.decode_rescaled(d, scale) for d, _, _ in cases]
     _pil_only(monkeypatch)
     for (data, left, top), a, b, c in zip(cases, fast, full, rescaled):
-        np.testing.assert_array_equal(a, transforms.resample_crop(data, scale, left, top, crop, flip=True))
-        np.testing.assert_array_equal(b, transforms.decode_image(data))
-        np.testing.assert_array_equal(c, transforms.decode_rescaled(data, scale))
+        np.testing.assert_array_equal(a, decode.resample_crop(data, scale, left, top, crop, flip=True))
+        np.testing.assert_array_equal(b, decode.decode_image(data))
+        np.testing.assert_array_equal(c, decode.decode_rescaled(data, scale))
 
 
 def test_baseline_jpegs_skip_pil_and_others_use_it(monkeypatch):
@@ -191,12 +197,12 @@ def test_baseline_jpegs_skip_pil_and_others_use_it(monkeypatch):
         np.asarray(Image.fromarray(testing.smooth_image(rng, 48, 64)).convert("CMYK")),
         "JPEG", mode="CMYK", quality=95,
     )
-    assert transforms._jpeg_header(jpeg) == (64, 48)
-    assert transforms._jpeg_header(png) is None and transforms._jpeg_header(cmyk) is None
-    assert transforms.image_size(png) == transforms.image_size(cmyk) == (64, 48)
+    assert decode._jpeg_header(jpeg) == (64, 48)
+    assert decode._jpeg_header(png) is None and decode._jpeg_header(cmyk) is None
+    assert decode.image_size(png) == decode.image_size(cmyk) == (64, 48)
     opened = []
-    real_open = transforms.open_image
-    monkeypatch.setattr(transforms, "open_image", lambda data: opened.append(1) or real_open(data))
+    real_open = decode.open_image
+    monkeypatch.setattr(decode, "open_image", lambda data: opened.append(1) or real_open(data))
     transforms.TrainTransform(testing.data_config()).random_map(_record(jpeg), np.random.default_rng(0))
     assert not opened
     transforms.TrainTransform(testing.data_config()).random_map(_record(png), np.random.default_rng(0))
@@ -212,7 +218,7 @@ def test_jpeg_with_stray_bytes_still_decodes():
         _record(stray), np.random.default_rng(0)
     )
     assert out["mask"] and out["image"].any()
-    np.testing.assert_array_equal(transforms.decode_image(stray), transforms.decode_image(data))
+    np.testing.assert_array_equal(decode.decode_image(stray), decode.decode_image(data))
 
 
 def test_quirky_files_decode_to_rgb(tmp_path):
@@ -229,7 +235,7 @@ def test_quirky_files_decode_to_rgb(tmp_path):
     transform = transforms.TrainTransform(testing.data_config())
     evaluate = transforms.EvalTransform(32, 40)
     for data, name in ((cmyk, "cmyk.JPEG"), (grey, "grey.JPEG"), (png, "png.JPEG"), (palette, "p.JPEG")):
-        assert transforms.decode_image(data).shape == (48, 64, 3)
+        assert decode.decode_image(data).shape == (48, 64, 3)
         for out in (
             transform.random_map(_record(data, name=name), np.random.default_rng(0)),
             evaluate.map(_record(data, name=name)),
@@ -260,7 +266,7 @@ def test_truncated_file_gives_masked_zero_image_and_a_warning(caplog):
 def test_eval_transform_centre_crop_and_padding():
     data = _jpeg(np.random.default_rng(0))
     out = transforms.EvalTransform(32, 40).map(_record(data))
-    reference = transforms.centre_crop(transforms.rescale_shorter_side(transforms.decode_image(data), 40), 32)
+    reference = transforms.centre_crop(transforms.rescale_shorter_side(decode.decode_image(data), 40), 32)
     assert np.abs(out["image"].astype(float) - reference).mean() < 1
     pad = transforms.EvalTransform(32, 40).map({"image": None, "label": 0, "name": "<padding>"})
     assert not pad["mask"] and not pad["image"].any()
@@ -273,7 +279,7 @@ def test_rescale_shorter_side_and_multi_crop_grid():
     rescaled = transforms.rescale_shorter_side(image, 40)
     assert rescaled.shape == (40, 53, 3) and rescaled.dtype == np.uint8
     assert transforms.rescale_shorter_side(image, 48) is not None
-    views = transforms.multi_crop_views(image, 40, 32, 5)
+    views = transforms.grid_crops(rescaled, 32, 5)
     assert views.shape == (50, 32, 32, 3) and views.dtype == np.uint8
     np.testing.assert_array_equal(views[0], rescaled[:32, :32])  # top-left
     np.testing.assert_array_equal(views[24], rescaled[-32:, -32:])  # bottom-right
@@ -283,8 +289,8 @@ def test_rescale_shorter_side_and_multi_crop_grid():
 
 def test_decode_rescaled_matches_decode_then_rescale():
     data = _jpeg(np.random.default_rng(0), 375, 500)
-    fast = transforms.decode_rescaled(data, 80)
-    reference = transforms.rescale_shorter_side(transforms.decode_image(data), 80)
+    fast = decode.decode_rescaled(data, 80)
+    reference = transforms.rescale_shorter_side(decode.decode_image(data), 80)
     assert fast.shape == reference.shape == (80, 107, 3)
     assert np.abs(fast.astype(float) - reference).mean() < 3
 

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from vgg_jax.data import transforms
+from vgg_jax.data import decode, transforms
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +46,15 @@ def dense_shape(height: int, width: int, q: int, image_size: int, step: int) -> 
 
     The rescaled shape, rounded down to a multiple of `step` (never below image_size).
     """
-    rw, rh = transforms.rescaled_size(width, height, q)
+    rw, rh = decode.rescaled_size(width, height, q)
     return max(image_size, rh // step * step), max(image_size, rw // step * step)
 
 
 def fit_to_shape(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Centre-crops a rescaled image to its bucket shape (from `dense_shape`)."""
     if image.shape[0] < shape[0] or image.shape[1] < shape[1]:
-        # Cannot happen with transforms' own rounding; stretch rather than fail if it does.
-        resized = Image.fromarray(image).resize(shape[::-1], transforms.RESAMPLE)
+        # Cannot happen with decode's own rounding; stretch rather than fail if it does.
+        resized = Image.fromarray(image).resize(shape[::-1], decode.RESAMPLE)
         return np.asarray(resized)
     top, left = (image.shape[0] - shape[0]) // 2, (image.shape[1] - shape[1]) // 2
     return image[top : top + shape[0], left : left + shape[1]]
@@ -242,13 +242,13 @@ def gather_dense_keys(
     import grain
 
     def key(index):
-        w, h = transforms.image_size(source[int(index)]["image"])
+        w, h = decode.image_size(source[int(index)]["image"])
         return np.array(dense_shape(h, w, q, image_size, step), np.int64)
 
     def safe_key(index):
         try:
             return key(index)
-        except transforms.DECODE_ERRORS:
+        except decode.DECODE_ERRORS:
             # Undecodable: any bucket will do, the image is masked when it fails to load.
             return np.array((image_size, image_size), np.int64)
 
@@ -297,10 +297,10 @@ class ViewMaker:
             if self.component == SINGLE_CROP:  # exactly the training loop's validation view
                 views = transforms.centre_view(record["image"], self.q, self.image_size)[None]
             else:
-                image = transforms.decode_rescaled(record["image"], self.q)
+                image = decode.decode_rescaled(record["image"], self.q)
                 views = protocol_views(image, self.component, self.image_size, self.grid,
                                        self.flip, self.shape)
-        except transforms.DECODE_ERRORS as e:
+        except decode.DECODE_ERRORS as e:
             logger.warning("Skipping undecodable image %s (%s: %s).",
                            record.get("name", row), e.__class__.__name__, e)
             return self._example(empty, False, row, record["label"])

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from vgg_jax import eval_plan, evaluate, imagenet_classes, models
-from vgg_jax.data import digits, transforms
+from vgg_jax.data import decode, digits
 
 PREDICT_PROTOCOLS = (eval_plan.SINGLE_CROP, eval_plan.DENSE, eval_plan.MULTI_CROP)
 
@@ -60,7 +60,7 @@ def class_names_for(run_config, num_classes: int) -> list[str]:
 
 
 def _views(data: bytes, protocol: str, q: int, image_size: int, grid: int) -> np.ndarray:
-    image = transforms.decode_rescaled(data, q)
+    image = decode.decode_rescaled(data, q)
     # The dense view is cropped to a multiple of the net's stride, as in evaluation.
     h, w = image.shape[:2]
     shape = (max(image_size, h // models.TOTAL_STRIDE * models.TOTAL_STRIDE),
@@ -118,7 +118,7 @@ def predict(
         try:
             with open(path, "rb") as f:
                 views = _views(f.read(), protocol, q, image_size, multi_crop_grid)
-        except transforms.DECODE_ERRORS as e:
+        except decode.DECODE_ERRORS as e:
             results.append({"path": path, "error": f"cannot read image: {e}"})
             continue
         probs = np.asarray(fn(params, views[None]))[0]

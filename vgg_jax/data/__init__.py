@@ -1,1 +1,1 @@
-"""Input pipeline: sources, per-image transforms and the grain datasets built from them."""
+"""Input pipeline: sources, decoding, per-image transforms and the grain datasets on them."""

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vgg_jax.data import sources, transforms
+from vgg_jax.data import decode, sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vgg_a.py.")
 _MAX_IMAGES = flags.DEFINE_integer(
@@ -35,8 +35,8 @@ _THREADS = flags.DEFINE_integer(
 
 def _pixel_sums(record: dict[str, Any], scale: int) -> tuple[np.ndarray, int]:
     try:
-        array = transforms.decode_rescaled(record["image"], scale)
-    except transforms.DECODE_ERRORS:
+        array = decode.decode_rescaled(record["image"], scale)
+    except decode.DECODE_ERRORS:
         return np.zeros(3), 0
     return array.reshape(-1, 3).sum(0, dtype=np.float64), array.shape[0] * array.shape[1]
 

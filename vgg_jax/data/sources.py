@@ -4,11 +4,11 @@ Every source is a picklable module-level class with `__len__`, `__getitem__` and
 `__repr__` (grain pickles sources into its worker processes and compares `repr(source)`
 when an iterator state is restored). A record is a dict:
 
-  {"image": bytes (the encoded file, decoded later by `transforms`),
+  {"image": bytes (the encoded file, decoded later by `decode`),
    "label": int,
    "name": str (a file path or "<tfds name>/<split>[<index>]", for warnings)}
 
-Images stay encoded here so that the transforms can decode them at reduced scale. Source
+Images stay encoded here so that `decode` can decode them at reduced scale. Source
 "digits" is an image folder that `digits.prepare_digits` writes once.
 """
 
