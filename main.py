@@ -23,7 +23,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def _last_line(error: BaseException) -> str:
     """The innermost message of a config loading failure, without its traceback."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])  # the message, not its class
 
 
 def _config_error_text(error: BaseException) -> str:
@@ -151,7 +153,7 @@ def main(argv):
         # Bad input found once work started (a missing checkpoint, a wrong path, a layer
         # name): one line; the traceback is there for a bug report at --verbosity=1.
         logging.debug("".join(traceback.format_exception(error)))
-        sys.exit(f"Error: {error} (the traceback: rerun with --verbosity=1)")
+        sys.exit(f"Error: {error} (for the traceback, rerun with --verbosity=1)")
 
 
 if __name__ == "__main__":

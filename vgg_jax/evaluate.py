@@ -444,7 +444,12 @@ def run_evaluation(
     net, run_config = load_net(workdir, step)
     _warn_about_other_data(run_config, config)
     ensemble = string_list(ev.ensemble)
-    nets = [net] + [load_net(path)[0] for path in ensemble]
+    nets = [net]
+    for path in ensemble:
+        try:
+            nets.append(load_net(path)[0])
+        except ValueError as error:
+            raise ValueError(f"config.eval.ensemble names {path!r}: {error}") from None
     train_scales = {n.train_scale for n in nets}
     if not ev.scales and len(train_scales) > 1:
         # The paper's test scales follow from S, and every net here sees the same views.

@@ -320,7 +320,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_eval = meta.get("metrics") or {}
         logging.info("Resumed from step %d of %s.", start_step, manager.directory)
     elif config.init_from:
-        source, _ = checkpoint.load_variables(config.init_from)
+        try:
+            source, _ = checkpoint.load_variables(config.init_from)
+        except ValueError as error:
+            raise config_checks.ConfigError(
+                f"config.init_from={config.init_from!r}: {error}") from None
         params, copied = transfer_parameters(
             jax.device_get(state.params), source["params"], string_list(config.init_from_layers))
         state = state.replace(params=parallel.replicate(params, mesh))

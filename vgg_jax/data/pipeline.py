@@ -82,17 +82,19 @@ def _to_iter_dataset(
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
-            worker_init_fn=_ignore_interrupts,
+            worker_init_fn=_ignore_stop_signals,
         )
     return it
 
 
-def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
-    # Ctrl-C reaches every process of the terminal's group. The training loop takes it as a
-    # request to save and stop, which needs no new batch; workers that died of it instead
-    # would only print tracebacks and leak their shared memory. The loop stops them itself.
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group, and a preemption's SIGTERM
+    # often every process of the job. The training loop takes either as a request to save
+    # and stop, which needs no new batch, and then stops the workers itself; workers that
+    # died of the signal instead would only print tracebacks and leak their shared memory.
     del worker_index, worker_count
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def train_dataset(
