@@ -2,7 +2,20 @@
 cadence and constant of training and evaluation lives here, and each net's config changes
 only what the paper changes.
 
-Not a runnable config on its own: use configs/vgg_a.py ... configs/vgg_e.py.
+Not a runnable config on its own: use configs/vgg_a.py ... configs/vgg_e.py, e.g.
+
+  python main.py --config=configs/vgg_d.py --workdir=runs/vgg_d \
+      --config.data.data_dir=/path/to/tensorflow_datasets          # a TFDS imagenet2012 build
+  python main.py --config=configs/vgg_d.py --workdir=runs/vgg_d \
+      --config.data.source=folder --config.data.data_dir=/path/to/imagenet  # train/, val/
+
+A ':384' or ':256-512' suffix selects the paper's other training scales (`set_train_scale`).
+The paper initialised B-E from a trained net A (its first four conv layers and its three FC
+layers); Glorot initialisation, the default here, trains them from scratch as well. To
+follow the paper, add
+  --config.init_from=runs/vgg_a \
+  --config.init_from_layers="('conv1_1','conv2_1','conv3_1','conv3_2','fc6','fc7','fc8')"
+Each net's file lists the paper's results for it (vgg_jax/paper_results.py holds them all).
 """
 
 import ml_collections
@@ -193,3 +206,18 @@ def set_train_scale(config: ml_collections.ConfigDict, scale: str) -> ml_collect
         config.train.learning_rate = 1e-3
         return config
     raise ValueError(f"Unknown training scale {scale!r}; use '256', '384' or '256-512'.")
+
+
+def paper_config(version: str, train_scale: str = "256") -> ml_collections.ConfigDict:
+    """The recipe for one of the paper's nets at one of its training scales.
+
+    Args:
+      version: "A", "A_LRN", "B", "C", "D" or "E".
+      train_scale: "256", "384" or "256-512" (see `set_train_scale`).
+
+    Returns:
+      The base recipe with model.version and the training scale set.
+    """
+    config = set_train_scale(get_config(), train_scale)
+    config.model.version = version
+    return config

@@ -2,29 +2,18 @@
 
 The paper trained it from random initialisation and used it to initialise the deeper nets.
 
-Train on ImageNet (a TFDS imagenet2012 build, or an image folder with train/ and val/):
   python main.py --config=configs/vgg_a.py --workdir=runs/vgg_a \
       --config.data.data_dir=/path/to/tensorflow_datasets
-  python main.py --config=configs/vgg_a.py --workdir=runs/vgg_a \
-      --config.data.source=folder --config.data.data_dir=/path/to/imagenet
-Training scale variants (paper 3.1): configs/vgg_a.py:384 and configs/vgg_a.py:256-512.
+Variants ':384' and ':256-512', image folders and the paper's initialisation from net A:
+see configs/base.py.
 
-Expected result on the ILSVRC-2012 validation set, from the paper:
-  S=256, Q=256, dense evaluation: top-1 29.6%, top-5 10.4% (Table 3).
+The paper's results on the ILSVRC-2012 validation set (top-1 / top-5 error, %):
+  Table 3 (dense, one test scale): S=256 29.6 / 10.4.
 """
 
 from configs import base
 
 
 def get_config(train_scale: str = "256"):
-    """Returns the recipe for net A.
-
-    Args:
-      train_scale: "256", "384" or "256-512" (see `base.set_train_scale`).
-
-    Returns:
-      The base recipe with model.version set to "A".
-    """
-    config = base.set_train_scale(base.get_config(), train_scale)
-    config.model.version = "A"
-    return config
+    """Returns net A's recipe; `train_scale` as in `base.paper_config`."""
+    return base.paper_config("A", train_scale)
