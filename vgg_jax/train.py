@@ -9,8 +9,6 @@ iterator's position) is checkpointed together, so a killed run continues exactly
 from __future__ import annotations
 
 import gc
-import signal
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -22,9 +20,8 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
-from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoint, config_checks, optim, parallel, profiling, writers
+from vgg_jax import checkpoint, config_checks, optim, parallel, profiling, stop_signals, writers
 from vgg_jax import metric_names as names
 from vgg_jax.config_values import string_list
 from vgg_jax.data import pipeline
@@ -224,48 +221,6 @@ def transfer_parameters(params, source_params, layers: Iterable[str]):
     return new_params, layers
 
 
-class _Preemption:
-    """Notices SIGTERM (preemption) or Ctrl-C so the loop can finish its step, save and exit.
-
-    One process: signal handlers set a flag; a second Ctrl-C interrupts at once, without
-    saving. Several processes: they must stop at the same step, or the collective save
-    would hang; jax's preemption service (started by jax.distributed, which catches
-    SIGTERM itself) propagates the notice to every process and names a common step,
-    without blocking the steps in between.
-    """
-
-    def __init__(self):
-        self._distributed = jax.process_count() > 1
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-        if not self._distributed:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        self.signal_name = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            # The next Ctrl-C gets Python's default: an immediate KeyboardInterrupt.
-            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
-            print("\nCtrl-C: saving after this step (press it again to stop without saving).",
-                  file=sys.stderr, flush=True)
-
-    def reached(self, step: int) -> bool:
-        """Whether to save and stop after `step`; every process calls it at every step."""
-        if self._distributed:
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signal_name = "SIGTERM"
-                return True
-            return False
-        return self.signal_name is not None
-
-    def restore(self):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains with periodic validation and checkpoints; resumes from the workdir if possible.
 
@@ -340,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, workdir, is_main_process=process_index == 0,
         total_steps=total_steps, initial_step=start_step,
     )
-    preemption = _Preemption()
+    preemption = stop_signals.StopSignals()
     profiler = profiling.StepProfiler(workdir, tc.profile_first_step, tc.profile_num_steps)
     pending: list[Mapping[str, jax.Array]] = []
     last_saved = start_step if resume_step is not None else None
