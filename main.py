@@ -117,6 +117,12 @@ def main(argv):
 
     from vgg_jax import config_checks, parallel
 
+    try:
+        # Everything that does not depend on the device count, before a multi-host start
+        # that may wait for the other processes.
+        config_checks.validate_config(config, device_count=1, check_data=False)
+    except config_checks.ConfigError as error:
+        sys.exit(f"Config error: {error}")
     if _NUM_PROCESSES.value > 1 or _COORDINATOR.value:
         logging.info("Joining %s processes through coordinator %s ...",
                      _NUM_PROCESSES.value or "auto-detected", _COORDINATOR.value or "auto")
