@@ -7,7 +7,7 @@ import pytest
 
 from configs import base
 from vgg_jax import checkpoint, imagenet_classes, predict
-from vgg_jax.data import decode, testing, transforms
+from vgg_jax.data import testing, transforms
 from vgg_jax.models import create_model
 
 MEAN, STD = (120.0, 115.0, 100.0), (60.0, 55.0, 50.0)
@@ -67,7 +67,7 @@ def test_predict_single_crop_matches_the_model(workdir, images):
         probs = [p["probability"] for p in predictions]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
         with open(image_path, "rb") as f:
-            view = transforms.centre_crop(decode.decode_rescaled(f.read(), 40), 32)
+            view = transforms.centre_view(f.read(), 40, 32)  # the validation view
         x = (jnp.asarray(view, jnp.float32)[None] - jnp.asarray(MEAN)) / jnp.asarray(STD)
         expected = np.asarray(jax.nn.softmax(model.apply({"params": params}, x)))[0]
         top = np.argsort(-expected)[:5]

@@ -89,6 +89,37 @@ def protocol_views(
     raise ValueError(f"Unknown protocol component {component!r}.")
 
 
+def encoded_image_views(
+    data: bytes, component: str, q: int, image_size: int, grid: int = 5, flip: bool = True,
+    shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The net inputs of one encoded image at test scale q, [V, H, W, 3] uint8.
+
+    Single crop is exactly the validation view of training (`transforms.centre_view`: only
+    the crop window is resampled), so both report the same error for one checkpoint; the
+    other components rescale the whole image first.
+
+    Args:
+      data: the encoded image.
+      component: "single_crop", "dense" or "multi_crop".
+      q: the test scale.
+      image_size: the crop side.
+      grid: crops per side for multi_crop.
+      flip: include flipped multi-crop views.
+      shape: the dense bucket shape (default: the rescaled image's own).
+
+    Returns:
+      The views, as `protocol_views`.
+
+    Raises:
+      One of decode.DECODE_ERRORS for an undecodable image.
+    """
+    if component == SINGLE_CROP:
+        return transforms.centre_view(data, q, image_size)[None]
+    image = decode.decode_rescaled(data, q)
+    return protocol_views(image, component, image_size, grid, flip, shape)
+
+
 # --------------------------------------------------------------------------------------
 # The images and the batch plan
 # --------------------------------------------------------------------------------------
@@ -294,12 +325,8 @@ class ViewMaker:
             return self._example(empty, False, -1, -1)
         record = self.source[int(self.global_indices[row])]
         try:
-            if self.component == SINGLE_CROP:  # exactly the training loop's validation view
-                views = transforms.centre_view(record["image"], self.q, self.image_size)[None]
-            else:
-                image = decode.decode_rescaled(record["image"], self.q)
-                views = protocol_views(image, self.component, self.image_size, self.grid,
-                                       self.flip, self.shape)
+            views = encoded_image_views(record["image"], self.component, self.q,
+                                        self.image_size, self.grid, self.flip, self.shape)
         except decode.DECODE_ERRORS as e:
             logger.warning("Skipping undecodable image %s (%s: %s).",
                            record.get("name", row), e.__class__.__name__, e)

@@ -59,13 +59,12 @@ def class_names_for(run_config, num_classes: int) -> list[str]:
     return list(names)
 
 
-def _views(data: bytes, protocol: str, q: int, image_size: int, grid: int) -> np.ndarray:
-    image = decode.decode_rescaled(data, q)
-    # The dense view is cropped to a multiple of the net's stride, as in evaluation.
-    h, w = image.shape[:2]
-    shape = (max(image_size, h // models.TOTAL_STRIDE * models.TOTAL_STRIDE),
-             max(image_size, w // models.TOTAL_STRIDE * models.TOTAL_STRIDE))
-    return eval_plan.protocol_views(image, protocol, image_size, grid, flip=True, shape=shape)
+def _views(data: bytes, protocol: str, q: int, image_size: int, grid: int,
+           dense_size_step: int) -> np.ndarray:
+    # The views evaluation makes, the dense one cropped to the same bucket shape.
+    width, height = decode.image_size(data)
+    shape = eval_plan.dense_shape(height, width, q, image_size, dense_size_step)
+    return eval_plan.encoded_image_views(data, protocol, q, image_size, grid, True, shape)
 
 
 def predict(
@@ -106,6 +105,7 @@ def predict(
     if q < image_size:
         raise ValueError(f"Test scale {q} is smaller than the net's crop size {image_size}.")
     names = class_names_for(run_config, num_classes)
+    dense_size_step = int(run_config.get("eval", {}).get("dense_size_step", models.TOTAL_STRIDE))
     # Multi-crop views come with their flips; dense flips are made on the device.
     flip = protocol == eval_plan.DENSE
     # One image at a time: dense views differ in shape, and a handful of images is cheap.
@@ -117,7 +117,8 @@ def predict(
     for path in image_paths:
         try:
             with open(path, "rb") as f:
-                views = _views(f.read(), protocol, q, image_size, multi_crop_grid)
+                views = _views(f.read(), protocol, q, image_size, multi_crop_grid,
+                               dense_size_step)
         except decode.DECODE_ERRORS as e:
             results.append({"path": path, "error": f"cannot read image: {e}"})
             continue
