@@ -118,9 +118,9 @@ def main(argv):
     from vgg_jax import config_checks, parallel
 
     try:
-        # Everything that does not depend on the device count, before a multi-host start
-        # that may wait for the other processes.
-        config_checks.validate_config(config, device_count=1, check_data=False)
+        # Every mistake but the batch split, before a multi-host start that may wait for
+        # the other processes.
+        config_checks.validate_config(config, check_data=_MODE.value == "train")
     except config_checks.ConfigError as error:
         sys.exit(f"Config error: {error}")
     if _NUM_PROCESSES.value > 1 or _COORDINATOR.value:
@@ -133,16 +133,9 @@ def main(argv):
         sys.exit(f"Multi-host error: {error}")
     workdir = _WORKDIR.value or _default_workdir()
     try:
-        config_checks.validate_config(
-            config, device_count=jax.device_count(), process_count=jax.process_count(),
-            check_data=_MODE.value == "train",
-        )
-    except config_checks.ConfigError as error:
-        sys.exit(f"Config error: {error}")
-
-    logging.info("%s on %d device(s) in %d process(es); workdir %s.",
-                 _MODE.value, jax.device_count(), jax.process_count(), workdir)
-    try:
+        config_checks.check_batch_split(config, jax.device_count(), jax.process_count())
+        logging.info("%s on %d device(s) in %d process(es); workdir %s.",
+                     _MODE.value, jax.device_count(), jax.process_count(), workdir)
         if _MODE.value == "train":
             from vgg_jax import train
 

@@ -39,14 +39,16 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate_config(
-    config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1,
-    check_data: bool = True,
+    config: ml_collections.ConfigDict, *, device_count: int | None = None,
+    process_count: int = 1, check_data: bool = True,
 ) -> None:
     """Raises ConfigError for the first field that cannot work.
 
     Args:
       config: the full run config.
-      device_count: devices over all processes (the batch is split over them).
+      device_count: devices over all processes (the batch is split over them); None
+        leaves `check_batch_split` for later (main.py runs it once jax.distributed has
+        joined the processes, which it need not wait for to find other mistakes).
       process_count: number of processes (each reads its share of every batch).
       check_data: also check that the data set exists (cheap; no image is decoded).
 
@@ -114,15 +116,10 @@ def validate_config(
              f"config.train.batch_size={t.batch_size} is not divisible by "
              f"config.train.grad_accum_steps={t.grad_accum_steps}; pick an accumulation count "
              "that divides the batch.")
-    micro_batch = t.batch_size // t.grad_accum_steps
-    _require(micro_batch % device_count == 0 and micro_batch % process_count == 0,
-             f"config.train.batch_size={t.batch_size} (per accumulation step {micro_batch}) is "
-             f"not divisible by the {device_count} devices; use a multiple of {device_count}.")
-    _require(t.eval_batch_size % device_count == 0,
-             f"config.train.eval_batch_size={t.eval_batch_size} is not divisible by the "
-             f"{device_count} devices; use a multiple of {device_count}.")
     _require(t.eval_batch_size >= 1,
              f"config.train.eval_batch_size={t.eval_batch_size} must be positive.")
+    if device_count is not None:
+        check_batch_split(config, device_count, process_count)
     _require(t.num_epochs >= 1, f"config.train.num_epochs={t.num_epochs} must be at least 1.")
     _require(t.profile_num_steps >= 1,
              f"config.train.profile_num_steps={t.profile_num_steps} must be at least 1 "
@@ -174,6 +171,28 @@ def validate_config(
                  f"classes; pass --config.model.num_classes={data_classes}.")
 
 
+def check_batch_split(config: ml_collections.ConfigDict, device_count: int,
+                      process_count: int = 1) -> None:
+    """Checks that the training and validation batches split evenly over the devices.
+
+    Args:
+      config: the full run config (batch fields already checked by `validate_config`).
+      device_count: devices over all processes.
+      process_count: number of processes.
+
+    Raises:
+      ConfigError: naming the batch field and a size that divides.
+    """
+    t = config.train
+    micro_batch = t.batch_size // t.grad_accum_steps
+    _require(micro_batch % device_count == 0 and micro_batch % process_count == 0,
+             f"config.train.batch_size={t.batch_size} (per accumulation step {micro_batch}) is "
+             f"not divisible by the {device_count} devices; use a multiple of {device_count}.")
+    _require(t.eval_batch_size % device_count == 0,
+             f"config.train.eval_batch_size={t.eval_batch_size} is not divisible by the "
+             f"{device_count} devices; use a multiple of {device_count}.")
+
+
 def check_resumable(saved_config: Mapping[str, Any], config: ml_collections.ConfigDict,
                     workdir: str) -> None:
     """Checks that a run can resume from a checkpoint saved under `saved_config`.
@@ -186,9 +205,9 @@ def check_resumable(saved_config: Mapping[str, Any], config: ml_collections.Conf
     Raises:
       ConfigError: naming every field of RESUME_FIELDS whose value differs.
     """
-    differences = []
+    differences, current_config = [], config.to_dict()
     for path in RESUME_FIELDS:
-        saved, current = saved_config, config.to_dict()
+        saved, current = saved_config, current_config
         for key in path.split("."):
             saved = saved.get(key, _MISSING) if isinstance(saved, Mapping) else _MISSING
             current = current.get(key, _MISSING) if isinstance(current, Mapping) else _MISSING
