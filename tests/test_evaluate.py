@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from vgg_jax import checkpoint, eval_plan, eval_results, evaluate
+from vgg_jax import checkpoint, eval_plan, eval_results, evaluate, paper_results
 from vgg_jax.data import testing, transforms
 from vgg_jax.models import create_model
 
@@ -63,11 +63,11 @@ def by_index(result):
 
 
 def test_test_scales_follow_the_paper():
-    assert evaluate.test_scales((), 256, 256) == (256,)
-    assert evaluate.test_scales((), 256, 256, multi_scale=True) == (224, 256, 288)
-    assert evaluate.test_scales((), 256, 512) == (384,)
-    assert evaluate.test_scales((), 256, 512, multi_scale=True) == (256, 384, 512)
-    assert evaluate.test_scales((300, 400), 256, 256, multi_scale=True) == (300, 400)
+    assert paper_results.test_scales((), 256, 256) == (256,)
+    assert paper_results.test_scales((), 256, 256, multi_scale=True) == (224, 256, 288)
+    assert paper_results.test_scales((), 256, 512) == (384,)
+    assert paper_results.test_scales((), 256, 512, multi_scale=True) == (256, 384, 512)
+    assert paper_results.test_scales((300, 400), 256, 256, multi_scale=True) == (300, 400)
 
 
 def test_unknown_protocol_is_a_clear_error(net):

@@ -66,26 +66,25 @@ def protocol_views(
 ) -> np.ndarray:
     """The net inputs of one image already rescaled to the test scale Q, [V, H, W, 3] uint8.
 
+    Single crop never rescales the whole image: `encoded_image_views` makes it.
+
     Args:
       image: uint8 [H, W, 3] with shorter side Q.
-      component: "single_crop" (the centre crop), "dense" (the whole image, cropped to
-        `shape`; its flip is made on the device) or "multi_crop" (the grid x grid crops,
-        then their flips when `flip`).
+      component: "dense" (the whole image, cropped to `shape`; its flip is made on the
+        device) or "multi_crop" (the grid x grid crops, then their flips when `flip`).
       image_size: the crop side.
       grid: crops per side for multi_crop.
       flip: include flipped multi-crop views.
       shape: the dense bucket shape (default: the image's own).
 
     Returns:
-      1 view for single_crop and dense, (2 if flip else 1) * grid^2 for multi_crop.
+      1 view for dense, (2 if flip else 1) * grid^2 for multi_crop.
     """
     if component == DENSE:
         return fit_to_shape(image, shape or image.shape[:2])[None]
     if component == MULTI_CROP:
         views = transforms.grid_crops(image, image_size, grid)
         return views if flip else views[: grid * grid]
-    if component == SINGLE_CROP:
-        return transforms.centre_crop(image, image_size)[None]
     raise ValueError(f"Unknown protocol component {component!r}.")
 
 

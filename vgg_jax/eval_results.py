@@ -19,10 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from vgg_jax import paper_results
+from vgg_jax import metric_names, paper_results
 
-# The paper reports top-1 and top-5 error.
-TOP_K = 5
 RESULTS_BASENAME = "eval_results"
 HISTORY_FILENAME = "eval_history.jsonl"
 
@@ -32,7 +30,8 @@ HISTORY_FILENAME = "eval_history.jsonl"
 # --------------------------------------------------------------------------------------
 
 
-def top_k_correct(probs: np.ndarray, labels: np.ndarray, k: int = TOP_K) -> tuple[int, int]:
+def top_k_correct(probs: np.ndarray, labels: np.ndarray,
+                  k: int = metric_names.TOP_K) -> tuple[int, int]:
     """(top-1 correct, top-k correct) counts of a batch of class probabilities."""
     if len(labels) == 0:
         return 0, 0

@@ -48,7 +48,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from vgg_jax import parallel
+from vgg_jax import paper_results, parallel
 from vgg_jax.config_values import string_list
 from vgg_jax.eval_plan import (
     DENSE,
@@ -75,42 +75,8 @@ logger = logging.getLogger(__name__)
 # The protocols, made of the components named in vgg_jax.eval_plan (whose views it makes).
 DENSE_MULTI_CROP = "dense+multi_crop"
 PROTOCOLS = (SINGLE_CROP, DENSE, MULTI_CROP, DENSE_MULTI_CROP)
-# Paper 3.2: multi-scale testing of a fixed-S net uses Q in {S - 32, S, S + 32}.
-MULTI_SCALE_OFFSET = 32
 # Data fields that, when they differ from the checkpoint's run, mean another data set.
 _DATA_IDENTITY_FIELDS = ("source", "name", "data_dir", "eval_split")
-
-
-# --------------------------------------------------------------------------------------
-# Test scales
-# --------------------------------------------------------------------------------------
-
-
-def test_scales(
-    scales: Sequence[int], train_scale_min: int, train_scale_max: int, multi_scale: bool = False
-) -> tuple[int, ...]:
-    """The test scales Q of the paper's protocols (3.2, 4.1, 4.2).
-
-    Args:
-      scales: explicit scales (config.eval.scales); used as given when not empty.
-      train_scale_min, train_scale_max: the net's training scale S (equal for fixed S).
-      multi_scale: with no explicit scales, the paper's multi-scale set: {S-32, S, S+32}
-        for fixed S, {S_min, (S_min+S_max)/2, S_max} ({256, 384, 512}) for jittered S.
-        Otherwise the single-scale protocol: Q = S for fixed S, (S_min+S_max)/2 (384)
-        for jittered S.
-
-    Returns:
-      A tuple of test scales.
-    """
-    if len(scales):
-        return tuple(int(q) for q in scales)
-    lo, hi = int(train_scale_min), int(train_scale_max)
-    mid = (lo + hi) // 2
-    if not multi_scale:
-        return (mid,)
-    if lo == hi:
-        return (lo - MULTI_SCALE_OFFSET, lo, lo + MULTI_SCALE_OFFSET)
-    return (lo, mid, hi)
 
 
 def protocol_components(protocol: str) -> tuple[str, ...]:
@@ -457,7 +423,8 @@ def run_evaluation(
             f"config.eval.ensemble mixes nets trained at different scales S "
             f"{sorted(train_scales)}, so the paper's test scales are ambiguous; set "
             "config.eval.scales explicitly (e.g. --config.eval.scales=256,384,512).")
-    scales = test_scales(ev.scales, *net.train_scale, multi_scale=bool(ev.multi_scale))
+    scales = paper_results.test_scales(ev.scales, *net.train_scale,
+                                       multi_scale=bool(ev.multi_scale))
     source = sources.make_source(config.data, str(config.data.eval_split))
     data_classes = sources.num_classes(config.data)
     for n in nets:

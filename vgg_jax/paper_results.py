@@ -1,4 +1,5 @@
-"""The paper's ILSVRC-2012 validation results (Tables 3-6), and which of our rows they match.
+"""The paper's test scales and ILSVRC-2012 validation results (Tables 3-6), and which of our
+result rows they match.
 
 Every figure is a (top-1, top-5) error in percent. The test protocol of each table:
 
@@ -18,7 +19,7 @@ from typing import Any, NamedTuple
 
 # Training scales as evaluation rows label them (EvalNet.train_scale_label).
 FIXED_256, FIXED_384, JITTERED = "256", "384", "[256;512]"
-_JITTERED_RANGE = (256, 512)
+# Paper 3.2: multi-scale testing of a fixed-S net uses Q in {S - 32, S, S + 32}.
 _MULTI_SCALE_OFFSET = 32
 
 # (version, train S) -> (top-1, top-5).
@@ -55,15 +56,41 @@ class PaperResult(NamedTuple):
     top5_error: float
 
 
-def _paper_scales(train_s: str) -> tuple[str, str] | None:
-    """(single test scale, multi-scale set) of the paper's protocols for a training scale."""
-    if train_s == JITTERED:
-        lo, hi = _JITTERED_RANGE
-        return str((lo + hi) // 2), f"{lo},{(lo + hi) // 2},{hi}"
-    if train_s.isdigit():
-        s = int(train_s)
-        return train_s, f"{s - _MULTI_SCALE_OFFSET},{s},{s + _MULTI_SCALE_OFFSET}"
-    return None
+def test_scales(
+    scales: Sequence[int], train_scale_min: int, train_scale_max: int, multi_scale: bool = False
+) -> tuple[int, ...]:
+    """The test scales Q of the paper's protocols (3.2, 4.1, 4.2).
+
+    Args:
+      scales: explicit scales (config.eval.scales); used as given when not empty.
+      train_scale_min, train_scale_max: the net's training scale S (equal for fixed S).
+      multi_scale: with no explicit scales, the paper's multi-scale set: {S-32, S, S+32}
+        for fixed S, {S_min, (S_min+S_max)/2, S_max} ({256, 384, 512}) for jittered S.
+        Otherwise the single-scale protocol: Q = S for fixed S, (S_min+S_max)/2 (384)
+        for jittered S.
+
+    Returns:
+      A tuple of test scales.
+    """
+    if len(scales):
+        return tuple(int(q) for q in scales)
+    lo, hi = int(train_scale_min), int(train_scale_max)
+    mid = (lo + hi) // 2
+    if not multi_scale:
+        return (mid,)
+    if lo == hi:
+        return (lo - _MULTI_SCALE_OFFSET, lo, lo + _MULTI_SCALE_OFFSET)
+    return (lo, mid, hi)
+
+
+def _scale_labels(train_s: str) -> tuple[str, str] | None:
+    """(single test scale, multi-scale set) of the paper's protocols, as rows label them."""
+    bounds = train_s.strip("[]").split(";")
+    if not all(b.isdigit() for b in bounds):
+        return None
+    lo, hi = int(bounds[0]), int(bounds[-1])
+    single, multi = test_scales((), lo, hi), test_scales((), lo, hi, multi_scale=True)
+    return ",".join(map(str, single)), ",".join(map(str, multi))
 
 
 def paper_result(row: Mapping[str, Any]) -> PaperResult | None:
@@ -82,13 +109,13 @@ def paper_result(row: Mapping[str, Any]) -> PaperResult | None:
     protocol, test_q = row["protocol"], str(row["test_Q"])
     if len(versions) == 2 and all(s == JITTERED for s in train_scales):
         figures = TABLE_6.get((tuple(sorted(versions)), protocol))
-        if figures and test_q == _paper_scales(JITTERED)[1]:
+        if figures and test_q == _scale_labels(JITTERED)[1]:
             return PaperResult("Table 6", *figures)
         return None
     if len(versions) != 1 or len(train_scales) != 1:
         return None
     version, train_s = versions[0], train_scales[0]
-    scales = _paper_scales(train_s)
+    scales = _scale_labels(train_s)
     if scales is None:
         return None
     single, multi = scales

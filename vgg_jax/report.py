@@ -89,7 +89,11 @@ def build_report(workdirs: Sequence[str]) -> str:
     matched = sum(row["paper_table"] is not None for row in compared)
     header = (f"{len(compared)} settings evaluated, {matched} with a figure in the paper "
               "(top-1 / top-5 validation error, %).")
-    return header + "\n\n" + eval_results.format_table(compared, extra_columns=SOURCE_COLUMNS)
+    # The rows are compared already: the paper's columns come as plain extra columns.
+    table = eval_results.format_table(
+        compared, with_paper=False,
+        extra_columns=eval_results.PAPER_COLUMNS + SOURCE_COLUMNS)
+    return header + "\n\n" + table
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,8 +28,6 @@ from vgg_jax.data import pipeline
 from vgg_jax.models import VGG, create_model_from_config
 from vgg_jax.preprocess import normalize_images
 
-# Top-k error reported besides top-1 (the paper reports top-1 and top-5).
-TOP_K = 5
 # Guards the images/s division when a log interval measured no time.
 _TINY_SECONDS = 1e-9
 
@@ -54,7 +52,7 @@ def classification_sums(
       {"loss": sum of cross-entropy, "top1_errors", "top5_errors", "count"}.
     """
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    k = min(TOP_K, logits.shape[-1])
+    k = min(names.TOP_K, logits.shape[-1])
     _, top_k = jax.lax.top_k(logits, k)
     in_top_k = jnp.any(top_k == labels[:, None], axis=-1)
     top1_wrong = top_k[:, 0] != labels

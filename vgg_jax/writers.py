@@ -262,14 +262,9 @@ class JsonLinesWriter(MetricWriter):
     def _keep_records_up_to(self, step: int) -> None:
         if not os.path.exists(self.path):
             return
-        # read_metrics also ignores a last line cut short by a kill, which appending after
-        # would glue to the next record.
-        records = read_metrics(self.path)
-        kept = [record for record in records if record.get(STEP, 0) <= step]
-        with open(self.path, "rb") as f:
-            clean = f.read().endswith(b"\n") or not os.path.getsize(self.path)
-        if len(kept) == len(records) and clean:
-            return
+        # read_metrics also drops a last line cut short by a kill, which appending after
+        # would glue to the next record; rewriting the file is cheap (a line per log step).
+        kept = [record for record in read_metrics(self.path) if record.get(STEP, 0) <= step]
         partial = self.path + ".tmp"
         with open(partial, "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in kept)

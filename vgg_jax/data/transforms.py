@@ -228,7 +228,11 @@ def rescale_shorter_side(image: np.ndarray, q: int) -> np.ndarray:
 
 
 def centre_crop(image: np.ndarray, crop_size: int) -> np.ndarray:
-    """The central crop_size x crop_size window of an [H, W, C] image (H, W >= crop_size)."""
+    """The central crop_size x crop_size window of an [H, W, C] image (H, W >= crop_size).
+
+    The plain rescale-then-crop that `centre_view` computes without building the rescaled
+    image; tests compare the two.
+    """
     height, width = image.shape[:2]
     top, left = (height - crop_size) // 2, (width - crop_size) // 2
     return image[top : top + crop_size, left : left + crop_size]
