@@ -155,10 +155,10 @@ def test_reduced_scale_decoding_only_when_the_jpeg_is_twice_the_needed_size():
     assert decode.decode_factor(500, 375, (250, 187)) == 2
     assert decode.decode_factor(4000, 3000, (341, 256)) == 8  # never beyond 1/8
     data = _jpeg(np.random.default_rng(0), 375, 500)
-    image, factor, size = decode._decode_for_scale(data, 80)
-    assert (image.size, factor, size) == ((125, 94), 4, (500, 375))  # decoded at 1/4 scale
-    image, factor, _ = decode._decode_for_scale(data, 256)
-    assert (image.size, factor) == ((500, 375), 1)
+    array, factor, size = decode._decode_array_for_scale(data, 80)
+    assert (array.shape, factor, size) == ((94, 125, 3), 4, (500, 375))  # decoded at 1/4 scale
+    array, factor, _ = decode._decode_array_for_scale(data, 256)
+    assert (array.shape, factor) == ((375, 500, 3), 1)
 
 
 def _pil_only(monkeypatch):
