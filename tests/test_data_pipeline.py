@@ -1,6 +1,7 @@
 """The grain pipelines: determinism, worker independence, resume, sharding, eval padding."""
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -88,6 +89,21 @@ def test_restored_iterator_continues_the_exact_stream(folder, tmp_path, workers)
     again = iter(pipeline.train_dataset(config, global_batch_size=4, seed=0))
     again.set_state(state)
     _assert_same(_take(again, 3), reference[5:8])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_undecodable_file_is_skipped_every_time_but_warned_once(tmp_path, caplog, workers):
+    testing.write_folder(str(tmp_path), {"train": 7}, grey_ids=True)
+    broken = tmp_path / "train" / "cat" / "003.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    config = _config(tmp_path, num_workers=workers)
+    with caplog.at_level(logging.WARNING):
+        # Two epochs of 14 consumed; with workers, later epochs are decoded ahead as well.
+        batches = _take(iter(pipeline.train_dataset(config, global_batch_size=7, seed=0)), 4)
+    assert sum(int((~b["mask"]).sum()) for b in batches) == 2
+    assert all(b.keys() == {"image", "label", "rgb_shift", "mask"} for b in batches)
+    warnings = [r.getMessage() for r in caplog.records if "Could not decode" in r.getMessage()]
+    assert len(warnings) == 1 and str(broken) in warnings[0], warnings
 
 
 def test_two_processes_read_disjoint_complete_shards_of_one_stream(folder):

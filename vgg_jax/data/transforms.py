@@ -30,6 +30,9 @@ from PIL import Image
 from vgg_jax.data import decode
 
 logger = logging.getLogger(__name__)
+# Training examples carry why their file could not be decoded (empty bytes when it could);
+# the pipeline turns it into one warning per file and removes the key from the batch.
+DECODE_ERROR_KEY = "decode_error"
 
 
 # --------------------------------------------------------------------------------------
@@ -81,12 +84,15 @@ def pca_colour_shift(
     return (shift * pixel_scale).astype(np.float32)
 
 
+def failure_note(name: str, error: Exception) -> str:
+    """The one-line account of an undecodable file: its name and the decoder's error."""
+    return f"{name} ({error.__class__.__name__}: {error})"
+
+
 def _failed(name: str, error: Exception, crop_size: int, label: int) -> dict[str, Any]:
     logger.warning(
-        "Could not decode image %s (%s: %s); using a zero image with mask=False.",
-        name,
-        error.__class__.__name__,
-        error,
+        "Could not decode image %s; using a zero image with mask=False.",
+        failure_note(name, error),
     )
     return _example(np.zeros((crop_size, crop_size, 3), np.uint8), label, None, False)
 
@@ -107,7 +113,10 @@ class TrainTransform(grain.transforms.RandomMap):
 
     Output: {"image": uint8 [size, size, 3], "label": int32, "rgb_shift": float32 [3]
     (0-255 units, zeros when disabled), "mask": bool (False for an undecodable file,
-    whose image is zeros)}.
+    whose image is zeros), DECODE_ERROR_KEY: bytes (empty, or the `failure_note` of an
+    undecodable file)}. It does not log: a worker decodes ahead of what training
+    consumes and may decode a file once per epoch and per worker, so the pipeline warns
+    where batches are consumed, once per file (vgg_jax.data.pipeline).
 
     Args:
       data_config: config.data (image_size, train_scale_min/max, random_flip,
@@ -144,8 +153,12 @@ class TrainTransform(grain.transforms.RandomMap):
             left, top = sample_crop_corner(rng, *decode.image_size(data), scale, self.crop_size)
             array = decode.resample_crop(data, scale, left, top, self.crop_size, flip)
         except decode.DECODE_ERRORS as e:
-            return _failed(element["name"], e, self.crop_size, element["label"])
-        return _example(array, element["label"], rgb_shift, True)
+            note = failure_note(element["name"], e).encode("utf-8", "backslashreplace")
+            failed = np.zeros((self.crop_size, self.crop_size, 3), np.uint8)
+            return {**_example(failed, element["label"], None, False),
+                    DECODE_ERROR_KEY: np.bytes_(note)}
+        return {**_example(array, element["label"], rgb_shift, True),
+                DECODE_ERROR_KEY: np.bytes_(b"")}
 
 
 def centre_view(data: bytes, scale: int, crop_size: int) -> np.ndarray:
@@ -175,7 +188,7 @@ class EvalTransform(grain.transforms.Map):
     """Validation view of one record: rescale to shortest side Q, centre image_size crop.
 
     A record whose image is None (padding added by the eval pipeline) gives a zero image,
-    label 0 and mask False, silently. Output keys as `TrainTransform`, with rgb_shift zeros.
+    label 0 and mask False, silently. Output keys image, label, rgb_shift (zeros), mask.
 
     Args:
       crop_size: config.data.image_size.
