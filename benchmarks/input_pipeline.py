@@ -1,29 +1,43 @@
-"""Throughput of the training transform against a torchvision-style PIL reference.
+"""Training input throughput: the transform per core against PIL and TensorFlow recipes,
+and how much of it the grain pipeline delivers with N workers.
 
-  python benchmarks/input_pipeline.py                      # ImageNet-like JPEGs, 1..2 workers
-  python benchmarks/input_pipeline.py --folder=/data/imagenet/train --num-images=2000
-  python benchmarks/input_pipeline.py --num-images=16 --max-workers=1   # smoke run, seconds
+  python benchmarks/input_pipeline.py                     # crops of real photos, 1..cpus workers
+  python benchmarks/input_pipeline.py --data_dir=/data/imagenet --num_images=2000
+  python benchmarks/input_pipeline.py --num_images=16 --max_workers=1 --rounds=1  # smoke run
 
-For each training-scale setting (S = 256, and S uniform in [256, 512]) and each worker
-count N in 1..--max-workers, both transforms run in N processes over the same files
-(read from disk, decoded, augmented to uint8 crops):
+Images: by default --num_images crops of the real photos that scikit-learn and matplotlib
+ship (resized to ImageNet's typical 500x375, saved at JPEG quality 90) are written to an
+image folder; --data_dir reads an image-folder root instead, through the same folder source
+and checks as training (config.data.source=folder, the train split); undecodable files are
+left out of the transform timings (training skips them too) and counted. The file
+statistics printed first (KiB, bits per pixel, entropy of the luma gradient) show how
+photo-like the timed files are.
 
-  ours:      vgg_jax.data.transforms.TrainTransform (simplejpeg decode, reduced-scale
-             JPEG decoding, crop-window resize, flip, PCA colour shift);
-  reference: the usual torchvision recipe with PIL only: decode, resize the whole image to
-             shortest side S, random 224 crop, random flip, uint8 array.
+1. Per core: images per CPU-second of one process, per training-scale setting (S = 256 and
+   S uniform in [256, 512]), for
+     ours:       vgg_jax.data.transforms.TrainTransform;
+     tuned PIL:  Image.draft (DCT scaling), crop the source window, resize only it, flip;
+     plain PIL:  torchvision's recipe: decode, resize the whole image to S, crop, flip;
+     tf (flax):  flax's ImageNet recipe, when TensorFlow is installed: random distorted box
+                 (area 8-100%, aspect 3/4-4/3), tf.image.decode_and_crop_jpeg, bicubic
+                 resize to 224, random flip, in tf.data with one thread.
+   Rounds are interleaved (load from other programs biases no side) and every figure is
+   the range over the rounds.
+2. The grain pipeline (`pipeline.train_dataset`, folder source) with N workers: images/s
+   (wall) and its efficiency, N workers against N x the single-process transform rate
+   measured in the same round; CPU efficiency (transform CPU per image over the CPU per
+   image of the pipeline's processes, consumer included), which other programs on a shared
+   machine disturb far less; and where the rest goes, per image: reading the file, grain's
+   per-element work (shuffle, RNG, bookkeeping), batching, the consuming process.
+3. An extrapolation (not a measurement) to 14 workers per accelerator next to the
+   4,500 images/s one H100/H200 trains VGG at, and to 8 such accelerators (36,000 images/s).
 
-It prints images/s in total and per worker process (wall clock), ours / reference, and
-images per CPU-second of the worker processes (process_time), which other jobs on a shared
-machine disturb far less than the wall-clock figures: on a busy machine compare those
-("ours/cpu", "ref/cpu", "cpu ratio"). Then it times
-the whole grain pipeline (`train_dataset`, batches of --batch-size) with N workers.
 --json writes every figure to a file.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import io
 import json
 import multiprocessing
@@ -31,262 +45,442 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import psutil
+from absl import app, flags
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import base
-from vgg_jax.data import decode, pipeline, transforms
+from vgg_jax.data import decode, pipeline, sources, transforms
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "data_dir", None,
+    "an image-folder root (root/train/<class>/<image>), read as training reads it; "
+    "default: write crops of real photos")
+flags.DEFINE_integer("num_images", 256, "images to write, or to take from --data_dir")
+flags.DEFINE_integer("max_workers", os.cpu_count() or 1, "pipeline worker counts 1..this")
+flags.DEFINE_integer("repeats", 2, "passes over the images per transform timing")
+flags.DEFINE_integer("rounds", 3, "interleaved rounds; figures are ranges over them")
+flags.DEFINE_integer("batch_size", 32, "pipeline batch size")
+flags.DEFINE_integer("pipeline_batches", 16, "timed pipeline batches per worker count")
+flags.DEFINE_string("json", None, "write the figures to this JSON file")
 
 # ImageNet's typical photo: 500x375, saved at JPEG quality 90.
 IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 500, 375, 90
 CROP_SIZE = 224
 SCALE_SETTINGS = {"S=256": (256, 256), "S=[256,512]": (256, 512)}
-# Low-frequency base grid of the synthetic photos (upsampled) and the noise on top, so the
-# files compress like photos (~100 KB at 500x375, q90) rather than like flat colour.
-_BASE_GRID = (12, 16)
-_NOISE_AMPLITUDE = 20
+# A benchmark crop keeps at least this fraction of the photo's side, so that it is
+# downscaled to 500x375 (keeping a photo's detail per pixel), never upscaled.
+_MIN_CROP_FRACTION = 0.6
+# flax's ImageNet recipe (examples/imagenet/input_pipeline.py): the distorted box.
+TF_AREA_RANGE, TF_ASPECT_RANGE, TF_MIN_OBJECT, TF_ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 0.1, 10
+# One H100/H200 trains VGG-16 at about this many images/s (docs/benchmarks.md); an 8-GPU
+# host needs 8 times that; 14 decoding cores per accelerator is the extrapolated host.
+IMAGES_PER_S_ONE_GPU, GPUS_PER_HOST, WORKERS_PER_GPU = 4_500, 8, 14
+# tf.data hands the recipe's crops to Python in batches of this size (one per element
+# would add Python's per-element cost, which the recipe does not have in training).
+_TF_BATCH = 32
 
 
-def write_images(folder: str, count: int, seed: int) -> list[str]:
-    """Writes `count` ImageNet-like JPEGs into folder/train/<class>/ and returns their paths.
+def real_photos() -> list[np.ndarray]:
+    """The real photos installed with scikit-learn (2) and matplotlib (1), RGB uint8."""
+    from matplotlib import cbook
+    from sklearn.datasets import load_sample_images
 
-    Args:
-      folder: the image-folder root; images alternate between class0 and class1.
-      count: how many JPEGs to write.
-      seed: seed of the random pixels.
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        hopper = np.asarray(Image.open(f).convert("RGB"))
+    return [*load_sample_images().images, hopper]
 
-    Returns:
-      The paths written, in order.
+
+def write_photo_crops(folder: str, count: int, seed: int) -> list[str]:
+    """Writes `count` 500x375 quality-90 JPEG crops of `real_photos()` into
+    folder/train/class{0,1}/ and returns their paths.
+
+    Each crop is a random 4:3 window of at least _MIN_CROP_FRACTION of a photo's side,
+    resized (shrunk) to 500x375 and mirrored at random, so the files have real photos'
+    statistics (edges, textures, flat areas) at ImageNet's typical size and quality.
     """
     rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(p) for p in real_photos()]
+    aspect = IMAGE_WIDTH / IMAGE_HEIGHT
     paths = []
     for i in range(count):
-        base_grid = rng.integers(0, 256, (*_BASE_GRID, 3), dtype=np.uint8)
-        image = Image.fromarray(base_grid).resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.BICUBIC)
-        noise = rng.integers(
-            -_NOISE_AMPLITUDE, _NOISE_AMPLITUDE + 1, (IMAGE_HEIGHT, IMAGE_WIDTH, 3))
-        pixels = np.clip(np.asarray(image, np.int16) + noise, 0, 255).astype(np.uint8)
+        photo = photos[i % len(photos)]
+        width = min(photo.width, round(photo.height * aspect))
+        width = int(rng.integers(round(width * _MIN_CROP_FRACTION), width + 1))
+        height = round(width / aspect)
+        left = int(rng.integers(0, photo.width - width + 1))
+        top = int(rng.integers(0, photo.height - height + 1))
+        image = photo.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.Resampling.BICUBIC,
+                             box=(left, top, left + width, top + height))
+        if rng.integers(0, 2):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         class_dir = os.path.join(folder, "train", f"class{i % 2}")
         os.makedirs(class_dir, exist_ok=True)
-        path = os.path.join(class_dir, f"{i:05d}.JPEG")
-        Image.fromarray(pixels).save(path, "JPEG", quality=JPEG_QUALITY)
-        paths.append(path)
+        paths.append(os.path.join(class_dir, f"{i:05d}.JPEG"))
+        image.save(paths[-1], "JPEG", quality=JPEG_QUALITY)
     return paths
 
 
-def list_images(folder: str, limit: int) -> list[str]:
-    """Up to `limit` image files under `folder` (recursively, sorted).
-
-    Args:
-      folder: the directory to walk.
-      limit: the most paths returned.
-
-    Returns:
-      Paths of .jpg, .jpeg and .png files (any case).
-    """
-    paths = []
-    for directory, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            if os.path.splitext(name)[1].lower() in (".jpg", ".jpeg", ".png"):
-                paths.append(os.path.join(directory, name))
-                if len(paths) >= limit:
-                    return paths
-    return paths
+def file_statistics(images: list[bytes]) -> dict[str, float]:
+    """Mean file size (KiB), bits per pixel and entropy (bits) of the horizontal luma
+    gradient of encoded images: the figures that make JPEG decoding cheap or expensive."""
+    bits, pixels, entropies = 0, 0, []
+    for data in images:
+        grey = np.asarray(Image.open(io.BytesIO(data)).convert("L"), np.int16)
+        _, counts = np.unique(np.diff(grey, axis=1), return_counts=True)
+        p = counts / counts.sum()
+        entropies.append(float(-(p * np.log2(p)).sum()))
+        bits, pixels = bits + 8 * len(data), pixels + grey.size
+    return {"kib": sum(map(len, images)) / len(images) / 1024, "bits_per_pixel": bits / pixels,
+            "gradient_entropy_bits": float(np.mean(entropies))}
 
 
-def reference_transform(
-    data: bytes, rng: np.random.Generator, scale_range: tuple[int, int]
-) -> np.ndarray:
-    """torchvision's Resize(S) + RandomCrop(224) + RandomHorizontalFlip, with PIL only.
+# --------------------------------------------------------------------------------------
+# The transforms compared per core
+# --------------------------------------------------------------------------------------
 
-    Args:
-      data: the encoded image.
-      rng: draws the scale, the crop and the flip.
-      scale_range: (S min, S max), inclusive; S is drawn uniformly.
 
-    Returns:
-      A CROP_SIZE x CROP_SIZE x 3 uint8 array.
-    """
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+def tuned_pil_transform(data: bytes, rng: np.random.Generator,
+                        scale_range: tuple[int, int]) -> np.ndarray:
+    """PIL at its best for this job: DCT-scaled decode (draft), then only the crop's
+    source window resized (antialiased bilinear), flipped; a uint8 [224, 224, 3] crop."""
+    image = Image.open(io.BytesIO(data))
     scale = int(rng.integers(scale_range[0], scale_range[1] + 1))
     width, height = image.size
-    size = decode.rescaled_size(width, height, scale)
-    image = image.resize(size, Image.Resampling.BILINEAR)
+    rescaled = decode.rescaled_size(width, height, scale)
+    left = int(rng.integers(0, rescaled[0] - CROP_SIZE + 1))
+    top = int(rng.integers(0, rescaled[1] - CROP_SIZE + 1))
+    image.draft("RGB", rescaled)
+    factor = width / image.size[0]
+    box = [v / factor for v in decode.source_box(width, height, scale, left, top, CROP_SIZE)]
+    crop = image.convert("RGB").resize((CROP_SIZE, CROP_SIZE), decode.RESAMPLE, box=box)
+    if rng.integers(0, 2):
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(crop)
+
+
+def plain_pil_transform(data: bytes, rng: np.random.Generator,
+                        scale_range: tuple[int, int]) -> np.ndarray:
+    """torchvision's Resize(S) + RandomCrop(224) + RandomHorizontalFlip, with PIL only."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = int(rng.integers(scale_range[0], scale_range[1] + 1))
+    size = decode.rescaled_size(*image.size, scale)
+    image = image.resize(size, decode.RESAMPLE)
     left = int(rng.integers(0, size[0] - CROP_SIZE + 1))
     top = int(rng.integers(0, size[1] - CROP_SIZE + 1))
     image = image.crop((left, top, left + CROP_SIZE, top + CROP_SIZE))
     if rng.integers(0, 2):
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(image)
 
 
-def _data_config(scale_range: tuple[int, int]) -> Any:
+def _ours(scale_range: tuple[int, int]) -> Callable[..., Any]:
     config = base.get_config().data
+    config.image_size = CROP_SIZE
+    config.train_scale_min, config.train_scale_max = scale_range
+    transform = transforms.TrainTransform(config)
+    return lambda data, rng, _: transform.random_map(
+        {"image": data, "label": 0, "name": "benchmark"}, rng)
+
+
+PYTHON_TRANSFORMS = {"ours": None, "tuned_pil": tuned_pil_transform,
+                     "plain_pil": plain_pil_transform}
+
+
+def time_transform(which: str, images: list[bytes], scale_range: tuple[int, int],
+                   repeats: int, seed: int) -> tuple[float, float]:
+    """(images per CPU-second, images per wall second) of one transform in this process.
+
+    Runs in a pool process of its own (see `main`), over encoded images held in memory.
+    """
+    if which == "tf":
+        return _time_tf_recipe(images, repeats, seed)
+    transform = _ours(scale_range) if which == "ours" else PYTHON_TRANSFORMS[which]
+    rng = np.random.default_rng(seed)
+    for data in images[:2]:  # First-call costs outside the timing.
+        transform(data, rng, scale_range)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(repeats):
+        for data in images:
+            transform(data, rng, scale_range)
+    count = repeats * len(images)
+    return count / (time.process_time() - cpu), count / (time.perf_counter() - wall)
+
+
+def _time_tf_recipe(images: list[bytes], repeats: int, seed: int) -> tuple[float, float]:
+    """flax's ImageNet training recipe in tf.data, one thread (see the module docstring)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.random.set_seed(seed)
+
+    def recipe(data: Any) -> Any:
+        begin, size, _ = tf.image.sample_distorted_bounding_box(
+            tf.image.extract_jpeg_shape(data), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            min_object_covered=TF_MIN_OBJECT, aspect_ratio_range=TF_ASPECT_RANGE,
+            area_range=TF_AREA_RANGE, max_attempts=TF_ATTEMPTS,
+            use_image_if_no_bounding_boxes=True)
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        image = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+        image = tf.image.resize(image, [CROP_SIZE, CROP_SIZE], method="bicubic")
+        return tf.image.random_flip_left_right(image)
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    ds = tf.data.Dataset.from_tensor_slices(images).map(recipe).with_options(options)
+    for _ in ds.take(2):  # Tracing and first-call costs outside the timing.
+        pass
+    ds = ds.repeat(repeats).batch(_TF_BATCH)
+    cpu, wall = time.process_time(), time.perf_counter()
+    count = sum(int(batch.shape[0]) for batch in ds)
+    return count / (time.process_time() - cpu), count / (time.perf_counter() - wall)
+
+
+def tensorflow_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+# --------------------------------------------------------------------------------------
+# The grain pipeline
+# --------------------------------------------------------------------------------------
+
+
+def folder_config(root: str, scale_range: tuple[int, int], workers: int) -> Any:
+    """config.data reading the image folder `root` exactly as training does (its train
+    split only: the benchmark needs no validation split)."""
+    config = base.get_config().data
+    config.source, config.data_dir, config.num_workers = "folder", root, workers
+    config.eval_split = config.train_split
     config.image_size = CROP_SIZE
     config.train_scale_min, config.train_scale_max = scale_range
     return config
 
 
-def _worker(args: tuple[str, list[str], tuple[int, int], int]) -> tuple[int, float, float]:
-    """Runs one transform over `paths` in this process; returns (images, wall seconds,
-    CPU seconds of this process)."""
-    which, paths, scale_range, seed = args
-    rng = np.random.default_rng(seed)
-    train_transform = transforms.TrainTransform(_data_config(scale_range))
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for path in paths:
-        with open(path, "rb") as f:
-            data = f.read()
-        if which == "ours":
-            out = train_transform.random_map({"image": data, "label": 0, "name": path}, rng)
-            assert out["mask"], path
-        else:
-            reference_transform(data, rng, scale_range)
-    return len(paths), time.perf_counter() - start, time.process_time() - cpu_start
+def _cpu_seconds(process: psutil.Process) -> float:
+    """CPU seconds used so far by `process` and its live children (grain's workers)."""
+    total = sum(process.cpu_times()[:2])
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # A worker that just exited.
+            total += sum(child.cpu_times()[:2])
+    return total
 
 
-def transform_throughput(
-    which: str, paths: list[str], scale_range: tuple[int, int], workers: int, repeats: int
-) -> tuple[float, float]:
-    """(images/s, images per CPU-second) of `which` transform over `paths` (x repeats) split
-    across `workers` processes.
-
-    Args:
-      which: "ours" (TrainTransform) or "reference" (`reference_transform`).
-      paths: the image files.
-      scale_range: (S min, S max) of the training scale.
-      workers: number of spawned worker processes.
-      repeats: passes over `paths`.
-
-    Returns:
-      (images per wall-clock second, bounded by the slowest worker; images per CPU-second
-      summed over the workers).
-    """
-    work = paths * repeats
-    chunks = [work[i::workers] for i in range(workers)]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) as pool:
-        # Warm-up: imports and first-call costs in every worker, outside the timing.
-        pool.map(_worker, [(which, c[:2], scale_range, i) for i, c in enumerate(chunks)])
-        results = pool.map(_worker, [(which, c, scale_range, i) for i, c in enumerate(chunks)])
-    images = sum(n for n, _, _ in results)
-    # Processes run concurrently: the slowest one bounds the wall time.
-    return images / max(s for _, s, _ in results), images / sum(c for _, _, c in results)
-
-
-def pipeline_throughput(
-    folder: str, scale_range: tuple[int, int], workers: int, batch_size: int, num_batches: int
-) -> float:
-    """Images/s of the full grain training pipeline with `workers` processes (after warm-up).
-
-    Args:
-      folder: an image-folder root with a train/ split.
-      scale_range: (S min, S max) of the training scale.
-      workers: grain worker processes (0: in this process).
-      batch_size: global batch size.
-      num_batches: batches timed after the first one.
-
-    Returns:
-      Images per second over the timed batches.
-    """
-    config = _data_config(scale_range)
-    config.source, config.data_dir, config.num_workers = "folder", folder, workers
-    config.eval_split = config.train_split  # The benchmark folder has no validation split.
+def pipeline_rate(root: str, scale_range: tuple[int, int], workers: int, batch_size: int,
+                  num_batches: int) -> dict[str, float]:
+    """Images/s of `pipeline.train_dataset` with `workers` processes (after start-up), CPU
+    seconds per image of all its processes, and the consuming process's share of them."""
+    config = folder_config(root, scale_range, workers)
     iterator = iter(pipeline.train_dataset(config, global_batch_size=batch_size, seed=0))
-    next(iterator)  # Worker start-up.
-    start = time.perf_counter()
+    # Start-up, then drain what the workers buffered meanwhile (a thread's buffer and the
+    # hand-off queue per worker): from then on every timed batch is produced in the timed
+    # interval, and the CPU counted is the CPU of the batches consumed.
+    for _ in range(1 + 2 * int(config.prefetch_buffer_size) * max(1, workers)):
+        next(iterator)
+    me = psutil.Process()
+    cpu, own_cpu, wall = _cpu_seconds(me), time.process_time(), time.perf_counter()
     for _ in range(num_batches):
         next(iterator)
-    seconds = time.perf_counter() - start
+    wall, images = time.perf_counter() - wall, num_batches * batch_size
+    result = {"images_per_s": images / wall, "cpu_ms_per_image": 1e3 * (_cpu_seconds(me) - cpu)
+              / images, "consumer_ms_per_image": 1e3 * (time.process_time() - own_cpu) / images}
     del iterator
-    return num_batches * batch_size / seconds
+    return result
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line (see the module docstring); returns the figures it prints."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--folder", default=None, help="benchmark these images (default: write JPEGs)")
-    parser.add_argument("--num-images", type=int, default=256, help="images to write or read")
-    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeats", type=int, default=2, help="passes over the images per run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; best kept")
-    parser.add_argument("--batch-size", type=int, default=32, help="pipeline batch size")
-    parser.add_argument("--pipeline-batches", type=int, default=16, help="timed pipeline batches")
-    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
+def overhead_breakdown(root: str, scale_range: tuple[int, int], batch_size: int,
+                       count: int) -> dict[str, float]:
+    """CPU ms per image of each layer of the training stream, in this process, no workers:
+    reading the file, the transform, grain's per-element work around them (shuffle,
+    repeat, per-element RNG, bookkeeping), and batching."""
+    config = folder_config(root, scale_range, 0)
+    source = sources.make_source(config, str(config.train_split))
+    transform = transforms.TrainTransform(config)
+    elements = grain_elements(source, transform)
+    records = [source[i % len(source)] for i in range(count)]
+    rng = np.random.default_rng(0)
+    examples = [transform.random_map(r, rng) for r in records]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.folder:
-            paths = list_images(args.folder, args.num_images)
-            folder = args.folder
-        else:
-            folder = tmp
-            paths = write_images(tmp, args.num_images, seed=0)
-        if not paths:
-            raise SystemExit(f"No images found under {args.folder}.")
-        sizes = [os.path.getsize(p) for p in paths]
-        print(
-            f"{len(paths)} images, mean file {np.mean(sizes) / 1024:.0f} KiB, cpus "
-            f"{os.cpu_count()}, load average at start {os.getloadavg()[0]:.2f}"
-        )
-        results: dict[str, Any] = {"num_images": len(paths), "cpus": os.cpu_count(), "runs": []}
-        header = (
-            f"{'setting':<12} {'workers':>7} {'ours img/s':>11} {'per worker':>10} "
-            f"{'ref img/s':>10} {'per worker':>10} {'ratio':>6} {'ours/cpu':>9} {'ref/cpu':>8} "
-            f"{'cpu ratio':>9}"
-        )
-        print(header)
-        for name, scale_range in SCALE_SETTINGS.items():
-            for workers in range(1, args.max_workers + 1):
-                # Alternate the two and keep each one's best round, so that load from other
-                # programs on a shared machine biases neither side.
-                ours = ref = ours_cpu = ref_cpu = 0.0
-                for _ in range(args.rounds):
-                    timing = (paths, scale_range, workers, args.repeats)
-                    wall, cpu = transform_throughput("ours", *timing)
-                    ours, ours_cpu = max(ours, wall), max(ours_cpu, cpu)
-                    wall, cpu = transform_throughput("reference", *timing)
-                    ref, ref_cpu = max(ref, wall), max(ref_cpu, cpu)
-                run = {
-                    "setting": name,
-                    "workers": workers,
-                    "ours": ours,
-                    "ours_per_worker": ours / workers,
-                    "reference": ref,
-                    "reference_per_worker": ref / workers,
-                    "ratio": ours / ref,
-                    "ours_per_cpu_second": ours_cpu,
-                    "reference_per_cpu_second": ref_cpu,
-                    "cpu_ratio": ours_cpu / ref_cpu,
-                }
-                results["runs"].append(run)
-                print(
-                    f"{name:<12} {workers:>7} {ours:>11.1f} {ours / workers:>10.1f} "
-                    f"{ref:>10.1f} {ref / workers:>10.1f} {ours / ref:>6.2f} "
-                    f"{ours_cpu:>9.1f} {ref_cpu:>8.1f} {ours_cpu / ref_cpu:>9.2f}"
-                )
-        if not args.folder or os.path.isdir(os.path.join(args.folder, "train")):
-            print(f"grain pipeline (train_dataset, batch {args.batch_size}):")
-            results["pipeline"] = []
+    def ms(work: Callable[[], Any]) -> float:
+        start = time.process_time()
+        work()
+        return 1e3 * (time.process_time() - start) / count
+
+    read = ms(lambda: [source[i % len(source)] for i in range(count)])
+    transform_ms = ms(lambda: [transform.random_map(r, rng) for r in records])
+    element = ms(lambda: [elements[i] for i in range(count)])
+    batches = [examples[i:i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
+    batch = ms(lambda: [pipeline.stack_examples(b) for b in batches]) * count / max(
+        1, len(batches) * batch_size)
+    return {"read_ms": read, "transform_ms": transform_ms,
+            "grain_per_element_ms": element - read - transform_ms, "batching_ms": batch}
+
+
+def grain_elements(source: Any, transform: Any) -> Any:
+    """The per-element part of `pipeline.train_dataset`'s stream (before batching)."""
+    import grain
+
+    return grain.MapDataset.source(source).shuffle(seed=0).repeat(None).random_map(
+        transform, seed=1)
+
+
+# --------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------
+
+
+def load_images(root: str, limit: int) -> tuple[list[bytes], list[str]]:
+    """Up to `limit` decodable training images of the folder, evenly spaced over the split
+    (its classes in order), read through the folder source; and the undecodable ones'
+    names, which training skips too."""
+    config = folder_config(root, SCALE_SETTINGS["S=256"], 0)
+    source = sources.make_source(config, str(config.train_split))
+    images, undecodable = [], []
+    for index in np.linspace(0, len(source) - 1, min(limit, len(source))).round().astype(int):
+        record = source[int(index)]
+        try:
+            decode.decode_image(record["image"])
+        except decode.DECODE_ERRORS:
+            undecodable.append(record["name"])
+            continue
+        images.append(record["image"])
+    return images, undecodable
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.0f}-{max(values):.0f}" if len(values) > 1 else f"{values[0]:.0f}"
+
+
+def per_core_section(images: list[bytes], kinds: list[str]) -> dict[str, dict[str, list]]:
+    """Interleaved rounds of every transform kind, one spawned process per kind (warm)."""
+    ctx = multiprocessing.get_context("spawn")
+    pools = {kind: ctx.Pool(1) for kind in kinds}
+    figures: dict[str, dict[str, list]] = {
+        name: {kind: [] for kind in (*kinds, *(f"{k}_wall" for k in kinds))}
+        for name in SCALE_SETTINGS}
+    try:
+        for round_index in range(FLAGS.rounds):
             for name, scale_range in SCALE_SETTINGS.items():
-                for workers in range(0, args.max_workers + 1):
-                    rate = pipeline_throughput(
-                        folder, scale_range, workers, args.batch_size, args.pipeline_batches
-                    )
-                    results["pipeline"].append(
-                        {"setting": name, "workers": workers, "images_per_s": rate})
-                    print(f"{name:<12} {workers:>7} {rate:>11.1f} img/s")
-    print(f"load average at end {os.getloadavg()[0]:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
+                for kind in kinds:
+                    cpu, wall = pools[kind].apply(
+                        time_transform, (kind, images, scale_range, FLAGS.repeats, round_index))
+                    figures[name][kind].append(cpu)
+                    figures[name][f"{kind}_wall"].append(wall)
+    finally:
+        for pool in pools.values():
+            pool.terminate()
+    return figures
+
+
+def pipeline_section(root: str, ours_wall: dict[str, list[float]],
+                     ours_cpu: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """Pipeline rates and efficiencies for 1..max_workers workers, per setting."""
+    runs = []
+    for name, scale_range in SCALE_SETTINGS.items():
+        for workers in range(1, FLAGS.max_workers + 1):
+            rates = [pipeline_rate(root, scale_range, workers, FLAGS.batch_size,
+                                   FLAGS.pipeline_batches) for _ in range(FLAGS.rounds)]
+            best_transform = max(ours_wall[name])
+            run = {
+                "setting": name, "workers": workers,
+                "images_per_s": [r["images_per_s"] for r in rates],
+                "efficiency": [r["images_per_s"] / (workers * best_transform) for r in rates],
+                "cpu_efficiency": [1e3 / max(ours_cpu[name]) / r["cpu_ms_per_image"]
+                                   for r in rates],
+                "consumer_ms_per_image": [r["consumer_ms_per_image"] for r in rates],
+            }
+            runs.append(run)
+            print(f"{name:<12} {workers:>7} {_span(run['images_per_s']):>13} "
+                  f"{min(run['efficiency']):>6.0%}-{max(run['efficiency']):<4.0%} "
+                  f"{min(run['cpu_efficiency']):>6.0%}-{max(run['cpu_efficiency']):<4.0%} "
+                  f"{np.median(run['consumer_ms_per_image']):>9.3f}")
+    return runs
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    with tempfile.TemporaryDirectory() as tmp:
+        root = FLAGS.data_dir or tmp
+        if FLAGS.data_dir is None:
+            write_photo_crops(tmp, FLAGS.num_images, seed=0)
+        try:
+            sources.validate_source(folder_config(root, SCALE_SETTINGS["S=256"], 0))
+        except ValueError as e:
+            sys.exit(f"--data_dir: {e}")
+        images, undecodable = load_images(root, FLAGS.num_images)
+        if not images:
+            sys.exit(f"--data_dir: no decodable training image under {root!r}.")
+        results = run_all(root, images, undecodable)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump(results, f, indent=1)
-    return results
+
+
+def run_all(root: str, images: list[bytes], undecodable: list[str]) -> dict[str, Any]:
+    """Prints and returns every section's figures (see the module docstring)."""
+    stats = file_statistics(images)
+    print(f"{len(images)} images ({len(undecodable)} undecodable left out, as training skips "
+          f"them), {stats['kib']:.0f} KiB, {stats['bits_per_pixel']:.2f} bits/pixel, luma "
+          f"gradient entropy {stats['gradient_entropy_bits']:.2f} bits; cpus {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    kinds = ["ours", "tuned_pil", "plain_pil"] + (["tf"] if tensorflow_installed() else [])
+    figures = per_core_section(images, kinds)
+    print("per core, images per CPU-second of one process (range over rounds):")
+    print(f"{'setting':<12} " + " ".join(f"{k:>11}" for k in kinds)
+          + f" {'ours/tuned':>11}" + (f" {'ours/tf':>9}" if "tf" in kinds else ""))
+    for name, fig in figures.items():
+        ratios = [o / t for o, t in zip(fig["ours"], fig["tuned_pil"])]
+        line = f"{name:<12} " + " ".join(f"{_span(fig[k]):>11}" for k in kinds)
+        line += f" {min(ratios):>5.2f}-{max(ratios):<5.2f}"
+        if "tf" in kinds:
+            tf_ratio = [o / t for o, t in zip(fig["ours"], fig["tf"])]
+            line += f" {min(tf_ratio):>4.2f}-{max(tf_ratio):<4.2f}"
+        print(line)
+    breakdown = {name: overhead_breakdown(root, scale_range, FLAGS.batch_size,
+                                          max(FLAGS.batch_size, len(images)))
+                 for name, scale_range in SCALE_SETTINGS.items()}
+    print("CPU ms per image, in one process: " + "; ".join(
+        f"{name}: " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in b.items())
+        for name, b in breakdown.items()))
+    print(f"grain pipeline (train_dataset, batch {FLAGS.batch_size}); efficiency = images/s "
+          "over workers x the best single-process transform rate:")
+    print(f"{'setting':<12} {'workers':>7} {'images/s':>13} {'efficiency':>11} "
+          f"{'cpu effic.':>11} {'consumer ms/img':>9}")
+    ours_wall = {name: fig["ours_wall"] for name, fig in figures.items()}
+    ours_cpu = {name: fig["ours"] for name, fig in figures.items()}
+    runs = pipeline_section(root, ours_wall, ours_cpu)
+    extrapolation = print_extrapolation(runs)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    return {"num_images": len(images), "undecodable": undecodable, "files": stats,
+            "cpus": os.cpu_count(), "per_core": figures, "breakdown": breakdown,
+            "pipeline": runs, "extrapolation": extrapolation}
+
+
+def print_extrapolation(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Per setting: WORKERS_PER_GPU x the best images/s per worker measured at the largest
+    worker count (which includes the sharing of cores with the consuming process)."""
+    out = {}
+    for name in SCALE_SETTINGS:
+        run = [r for r in runs if r["setting"] == name][-1]
+        per_worker = max(run["images_per_s"]) / run["workers"]
+        out[name] = WORKERS_PER_GPU * per_worker
+        print(f"extrapolation, not measured ({name}): {WORKERS_PER_GPU} workers x "
+              f"{per_worker:.0f} images/s (per worker at {run['workers']}) = {out[name]:,.0f} "
+              f"images/s, one H100/H200 needs {IMAGES_PER_S_ONE_GPU:,}; {GPUS_PER_HOST} x "
+              f"{WORKERS_PER_GPU} workers = {GPUS_PER_HOST * out[name]:,.0f}, an 8-GPU host "
+              f"needs {GPUS_PER_HOST * IMAGES_PER_S_ONE_GPU:,}")
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -10,6 +10,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from vgg_jax.data import pipeline, testing
 
@@ -153,17 +154,52 @@ def test_invalid_batch_and_process_arguments(folder):
         pipeline.eval_dataset(_config(folder), batch_size=4, scale=40, process_index=2, process_count=2)
 
 
-def test_benchmark_smoke_run(tmp_path):
+_SMALL_BENCHMARK = ["--max_workers=1", "--repeats=1", "--rounds=1", "--batch_size=4",
+                    "--pipeline_batches=1"]
+
+
+def test_benchmark_images_are_crops_of_real_photos(tmp_path):
+    sys.path.insert(0, "benchmarks")
+    try:
+        import input_pipeline as benchmark
+    finally:
+        sys.path.remove("benchmarks")
+    paths = benchmark.write_photo_crops(str(tmp_path), 3, seed=0)
+    images = [open(p, "rb").read() for p in paths]
+    assert {Image.open(p).size for p in paths} == {(500, 375)}
+    stats = benchmark.file_statistics(images)
+    # Real photos at ImageNet's typical size and quality: ~2 bits per pixel, not the ~0.2 of
+    # a flat or smooth image, nor the ~8 of noise.
+    assert 1 < stats["bits_per_pixel"] < 6 and stats["gradient_entropy_bits"] > 3
+
+
+def test_benchmark_reads_a_folder_as_training_does(tmp_path):
+    # A root with train/ and val/, one truncated training image: the benchmark times the
+    # training split's decodable images (val is not read), names the skipped file, and
+    # still runs its pipeline section, which warns about the file once.
+    testing.write_folder(str(tmp_path), {"train": 3, "val": 2}, size=(300, 400))
+    broken = tmp_path / "train" / "dog" / "001.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
     out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable, "benchmarks/input_pipeline.py", "--num-images=8", "--max-workers=1",
-        "--repeats=1", "--rounds=1", "--batch-size=4", "--pipeline-batches=1", f"--json={out}",
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    cmd = [sys.executable, "benchmarks/input_pipeline.py", f"--data_dir={tmp_path}",
+           *_SMALL_BENCHMARK, f"--json={out}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads(out.read_text())
-    figures = [v for run in results["runs"] for k, v in run.items() if k not in ("setting", "workers")]
-    figures += [run["images_per_s"] for run in results["pipeline"]]
+    assert results["num_images"] == 5 and results["undecodable"] == [str(broken)]
+    assert {r["setting"] for r in results["pipeline"]} == {"S=256", "S=[256,512]"}
+    figures = [v for per_setting in results["per_core"].values() for values in per_setting.values()
+               for v in values]
+    figures += [v for run in results["pipeline"] for key in ("images_per_s", "efficiency")
+                for v in run[key]]
+    figures += list(results["extrapolation"].values())
     assert figures and all(np.isfinite(f) and f > 0 for f in figures)
+    assert run.stderr.count(f"Could not decode training image {broken}") == 2  # once per setting
+    # Given the split folder itself, it fails at once as training would: one line, no traceback.
+    bad = subprocess.run([*cmd[:2], f"--data_dir={tmp_path / 'train'}"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("--data_dir: ")
 
 
 def test_mean_rgb_command(folder):

@@ -303,14 +303,15 @@ def _window_maps(
 
     The map is separable (x depends on the column only, y on the row only), so it is built
     from two 1-D axes; remap with fixed-point maps skips the per-pixel coordinate
-    arithmetic of warpAffine (0.18 + 0.06 ms against 0.31 ms for a 224 crop).
+    arithmetic of warpAffine (0.18 + 0.07 ms against 0.31 ms for a 224 crop).
     """
     ix, fx = _axis_taps(x0, sx, crop_size)
     iy, fy = _axis_taps(y0, sy, crop_size)
     indices = np.empty((crop_size, crop_size, 2), np.int16)
-    indices[..., 0] = ix
-    indices[..., 1] = iy[:, None]
-    fractions = (fy[:, None] * REMAP_SUBPIXELS + fx).astype(np.uint16)
+    indices[..., 0] = ix.astype(np.int16)
+    indices[..., 1] = iy.astype(np.int16)[:, None]
+    # Built from 16-bit axes: a full-size int64 intermediate costs more than the remap.
+    fractions = np.add.outer((fy * REMAP_SUBPIXELS).astype(np.uint16), fx.astype(np.uint16))
     return indices, fractions
 
 
