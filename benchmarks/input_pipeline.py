@@ -301,8 +301,8 @@ def pipeline_rate(root: str, scale_range: tuple[int, int], workers: int, batch_s
 def overhead_breakdown(root: str, scale_range: tuple[int, int], batch_size: int,
                        count: int) -> dict[str, float]:
     """CPU ms per image of each layer of the training stream, in this process, no workers:
-    reading the file, the transform, grain's per-element work around them (shuffle,
-    repeat, per-element RNG, bookkeeping), and batching."""
+    reading the file, the transform, grain's shuffle, grain's other per-element work
+    (repeat, per-element RNG, statistics), and batching."""
     config = folder_config(root, scale_range, 0)
     source = sources.make_source(config, str(config.train_split))
     transform = transforms.TrainTransform(config)
@@ -316,14 +316,21 @@ def overhead_breakdown(root: str, scale_range: tuple[int, int], batch_size: int,
         work()
         return 1e3 * (time.process_time() - start) / count
 
+    import grain
+
+    shuffled = grain.MapDataset.range(len(source)).shuffle(seed=0)
+    shuffle = ms(lambda: [shuffled[i % len(source)] for i in range(count)])
     read = ms(lambda: [source[i % len(source)] for i in range(count)])
     transform_ms = ms(lambda: [transform.random_map(r, rng) for r in records])
     element = ms(lambda: [elements[i] for i in range(count)])
     batches = [examples[i:i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
     batch = ms(lambda: [pipeline.stack_examples(b) for b in batches]) * count / max(
         1, len(batches) * batch_size)
-    return {"read_ms": read, "transform_ms": transform_ms,
-            "grain_per_element_ms": element - read - transform_ms, "batching_ms": batch}
+    # grain's shuffle (index_shuffle) costs about 10 us + 20 ms / split size per element:
+    # noticeable on a benchmark folder, ~10 us on ImageNet; shown apart for that reason.
+    return {"read_ms": read, "transform_ms": transform_ms, "shuffle_ms": shuffle,
+            "grain_other_per_element_ms": element - read - transform_ms - shuffle,
+            "batching_ms": batch}
 
 
 def grain_elements(source: Any, transform: Any) -> Any:
