@@ -29,8 +29,9 @@ photo-like the timed files are.
    image of the pipeline's processes, consumer included), which other programs on a shared
    machine disturb far less; and where the rest goes, per image: reading the file, grain's
    per-element work (shuffle, RNG, bookkeeping), batching, the consuming process.
-3. An extrapolation (not a measurement) to 14 workers per accelerator next to the
-   4,500 images/s one H100/H200 trains VGG at, and to 8 such accelerators (36,000 images/s).
+3. An extrapolation (not a measurement) to 14 workers per accelerator, each on a core of
+   its own at the pipeline's images per CPU-second, next to the 4,500 images/s one
+   H100/H200 trains VGG at, and to 8 such accelerators (36,000 images/s).
 
 --json writes every figure to a file.
 """
@@ -467,26 +468,30 @@ def run_all(root: str, images: list[bytes], undecodable: list[str]) -> dict[str,
     ours_wall = {name: fig["ours_wall"] for name, fig in figures.items()}
     ours_cpu = {name: fig["ours"] for name, fig in figures.items()}
     runs = pipeline_section(root, ours_wall, ours_cpu)
-    extrapolation = print_extrapolation(runs)
+    extrapolation = print_extrapolation(runs, ours_cpu)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     return {"num_images": len(images), "undecodable": undecodable, "files": stats,
             "cpus": os.cpu_count(), "per_core": figures, "breakdown": breakdown,
             "pipeline": runs, "extrapolation": extrapolation}
 
 
-def print_extrapolation(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Per setting: WORKERS_PER_GPU x the best images/s per worker measured at the largest
-    worker count (which includes the sharing of cores with the consuming process)."""
+def print_extrapolation(runs: list[dict[str, Any]],
+                        ours_cpu: dict[str, list[float]]) -> dict[str, float]:
+    """Per setting: WORKERS_PER_GPU workers, each on a core of its own, at the pipeline's
+    images per CPU-second (the best transform rate times the best CPU efficiency at the
+    largest worker count, which counts the consuming process too). CPU-based, since the
+    wall-clock rate of a shared machine says nothing about a dedicated host."""
     out = {}
     for name in SCALE_SETTINGS:
         run = [r for r in runs if r["setting"] == name][-1]
-        per_worker = max(run["images_per_s"]) / run["workers"]
+        per_worker = max(ours_cpu[name]) * max(run["cpu_efficiency"])
         out[name] = WORKERS_PER_GPU * per_worker
         print(f"extrapolation, not measured ({name}): {WORKERS_PER_GPU} workers x "
-              f"{per_worker:.0f} images/s (per worker at {run['workers']}) = {out[name]:,.0f} "
-              f"images/s, one H100/H200 needs {IMAGES_PER_S_ONE_GPU:,}; {GPUS_PER_HOST} x "
-              f"{WORKERS_PER_GPU} workers = {GPUS_PER_HOST * out[name]:,.0f}, an 8-GPU host "
-              f"needs {GPUS_PER_HOST * IMAGES_PER_S_ONE_GPU:,}")
+              f"{per_worker:.0f} images per CPU-second (transform x CPU efficiency at "
+              f"{run['workers']} workers) = {out[name]:,.0f} images/s, one H100/H200 needs "
+              f"{IMAGES_PER_S_ONE_GPU:,}; {GPUS_PER_HOST} x {WORKERS_PER_GPU} workers = "
+              f"{GPUS_PER_HOST * out[name]:,.0f}, an 8-GPU host needs "
+              f"{GPUS_PER_HOST * IMAGES_PER_S_ONE_GPU:,}")
     return out
 
 
