@@ -127,7 +127,9 @@ def stack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
             out = grain.python.SharedMemoryArray((len(values), *first.shape), first.dtype)
             batch[key] = np.stack(values, out=out)
         else:
-            batch[key] = np.stack(values)
+            # np.array, not np.stack: for the small per-example entries (scalars, RGB
+            # shifts, notes) stack's per-item overhead costs as much as stacking the images.
+            batch[key] = np.array(values)
     return batch
 
 
