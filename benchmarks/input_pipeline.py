@@ -25,10 +25,10 @@ photo-like the timed files are.
    the range over the rounds.
 2. The grain pipeline (`pipeline.train_dataset`, folder source) with N workers: images/s
    (wall) and its efficiency, N workers against N x the single-process transform rate
-   measured in the same round; CPU efficiency (transform CPU per image over the CPU per
-   image of the pipeline's processes, consumer included), which other programs on a shared
-   machine disturb far less; and where the rest goes, per image: reading the file, grain's
-   per-element work (shuffle, RNG, bookkeeping), batching, the consuming process.
+   of the same run (its best round); CPU efficiency (transform CPU per image over the
+   CPU per image of the pipeline's processes, consumer included), which other programs
+   on a shared machine disturb far less; and where the rest goes, per image: reading the
+   file, grain's shuffle and other per-element work, batching, the consuming process.
 3. An extrapolation (not a measurement) to 14 workers per accelerator, each on a core of
    its own at the pipeline's images per CPU-second, next to the 4,500 images/s one
    H100/H200 trains VGG at, and to 8 such accelerators (36,000 images/s).
