@@ -85,12 +85,18 @@ def _to_iter_dataset(
     """
     buffer = int(data_config.prefetch_buffer_size)
     num_workers = int(data_config.num_workers)
+    processes = num_workers > 0 and worker_processes
     # Each thread produces whole batches; one per process: grain's default (16 threads,
-    # 500 elements) would hold hundreds of batches of images in memory per worker.
-    num_threads = 1 if worker_processes else max(1, num_workers)
-    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer)
+    # 500 elements) would hold hundreds of batches of images in memory per worker. A
+    # worker process needs no thread of its own: its hand-off queue (per_worker_buffer_size)
+    # is its buffer, and a batch built in shared memory (`stack_examples`) must go straight
+    # into that queue, which grain empties and unlinks when it stops the workers; a
+    # thread's buffer would strand those blocks (leaked shared memory at a SIGTERM).
+    num_threads = 0 if processes else max(1, num_workers)
+    read_options = grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=0 if processes else buffer)
     it = ds.to_iter_dataset(read_options)
-    if num_workers > 0 and worker_processes:
+    if processes:
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
