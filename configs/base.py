@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (zero mean, variance 1e-2, the paper's random init).
     config.model.initializer = "glorot_uniform"
     config.model.normal_init_stddev = 0.1
+    # Not the paper: a BatchNorm after every convolution, before its ReLU (torchvision's
+    # vgg11_bn ... vgg19_bn layout, for any version). Running statistics are checkpointed
+    # and used by evaluation.
+    config.model.batch_norm = False
     # "auto": bfloat16 on GPU/TPU, float32 on CPU. Parameters are always float32.
     config.model.compute_dtype = "auto"
 

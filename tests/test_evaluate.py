@@ -39,7 +39,7 @@ def random_params(model, seed=0):
 @pytest.fixture(scope="module")
 def net():
     model = tiny_model()
-    return evaluate.EvalNet("A", model, random_params(model), MEAN, STD, (32, 32))
+    return evaluate.EvalNet("A", model, {"params": random_params(model)}, MEAN, STD, (32, 32))
 
 
 def random_images(sizes, seed=0):
@@ -89,7 +89,7 @@ def test_dense_score_map_shape(image_size, height, width):
 
 def _reference_probabilities(net, views):
     return np.stack([evaluate.class_probabilities(
-        net.model, MEAN, STD, False, net.params, jnp.asarray(view)[None, None])[0]
+        net.model, MEAN, STD, False, net.variables, jnp.asarray(view)[None, None])[0]
         for view in views])
 
 
@@ -113,15 +113,15 @@ def test_dense_equals_single_crop_when_rescaled_to_image_size(net):
     # And the on-device core agrees with a plain forward pass.
     view = jnp.asarray(random_images([(32, 32)])[0])[None]
     x = (view.astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
-    expected = jax.nn.softmax(net.model.apply({"params": net.params}, x))
-    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.params, view[:, None])
+    expected = jax.nn.softmax(net.model.apply(net.variables, x))
+    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.variables, view[:, None])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_flip_averaging_is_symmetric(net):
     image = random_images([(64, 96)])[0]
     views = jnp.asarray(np.stack([image, image[:, ::-1]]))[:, None]
-    probs = evaluate.class_probabilities(net.model, MEAN, STD, True, net.params, views)
+    probs = evaluate.class_probabilities(net.model, MEAN, STD, True, net.variables, views)
     np.testing.assert_allclose(probs[0], probs[1], rtol=1e-5, atol=1e-7)
     # Whole protocols on mirrored images (sizes whose crops and grids are mirror-symmetric).
     images = random_images([(64, 96), (32, 64), (96, 64)], seed=1)
@@ -151,8 +151,8 @@ def test_multi_crop_feeds_every_crop_to_the_net(net):
     example = maker(0)
     assert example["views"].shape == (50, 32, 32, 3)
     views = jnp.asarray(example["views"])[None]
-    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.params, views)
-    per_crop = [evaluate.class_probabilities(net.model, MEAN, STD, False, net.params,
+    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.variables, views)
+    per_crop = [evaluate.class_probabilities(net.model, MEAN, STD, False, net.variables,
                                              views[:, i : i + 1]) for i in range(50)]
     np.testing.assert_allclose(got, np.mean(per_crop, axis=0), rtol=1e-5, atol=1e-7)
 
@@ -236,7 +236,7 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
     testing.write_folder(str(tmp_path / "data"), {"train": 1, "val": 1}, size=(40, 56),
                          classes=tuple(f"c{i}" for i in range(NUM_CLASSES)))
     workdir = str(tmp_path / "run")
-    checkpoint.save_variables(workdir, {"params": net.params}, config)
+    checkpoint.save_variables(workdir, net.variables, config)
 
     config.eval.protocol = "dense+multi_crop"
     config.eval.multi_crop_grid = 2
@@ -263,7 +263,7 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
     jittered_config = config.copy_and_resolve_references()
     jittered_config.data.train_scale_max = 48
     jittered = str(tmp_path / "jittered")
-    checkpoint.save_variables(jittered, {"params": net.params}, jittered_config)
+    checkpoint.save_variables(jittered, net.variables, jittered_config)
     config.eval.ensemble = (jittered,)
     with pytest.raises(ValueError, match="config.eval.scales"):
         evaluate.run_evaluation(config, workdir)

@@ -90,14 +90,14 @@ def test_no_recompilation_after_the_first_step():
 def test_masked_examples_do_not_count():
     config = _config()
     model = models.create_model_from_config(config)
-    params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     eval_step = jax.jit(train.make_eval_step(model, config.data))
     full = _batch(size=8)
     half = {key: value[:4] for key, value in full.items()}
     masked = dict(full, mask=np.array([True] * 4 + [False] * 4))
     mesh = parallel.create_mesh()
-    sums_half = train.summarize([eval_step(params, parallel.shard_batch(half, mesh))])
-    sums_masked = train.summarize([eval_step(params, parallel.shard_batch(masked, mesh))])
+    sums_half = train.summarize([eval_step(variables, parallel.shard_batch(half, mesh))])
+    sums_masked = train.summarize([eval_step(variables, parallel.shard_batch(masked, mesh))])
     assert sums_masked["count"] == 4
     for key in ("loss", "top1_error", "top5_error"):
         np.testing.assert_allclose(sums_masked[key], sums_half[key], rtol=1e-5)
@@ -155,7 +155,7 @@ def test_checkpoint_round_trip(tmp_path):
 
     _, fresh, _ = _setup(config, mesh)
     fresh_iterator = _grain_iterator()
-    params, restored_train, meta = checkpoint.restore_training(
+    params, restored_train, meta, batch_stats = checkpoint.restore_training(
         manager, 1, params_target=fresh.params,
         train_target={"step": fresh.step, "opt_state": fresh.opt_state, "rng": fresh.rng,
                       "plateau": jax.device_get(plateau)},
@@ -168,6 +168,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert int(restored_train["step"]) == 1
     assert [next(fresh_iterator) for _ in range(3)] == expected_next
     assert consumed and meta["config"]["model"]["version"] == "A"
+    assert batch_stats == {}  # a net without batch norm saves none
 
     variables, loaded_config = checkpoint.load_variables(str(tmp_path))
     for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params)):

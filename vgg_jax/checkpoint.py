@@ -1,8 +1,10 @@
 """Checkpoints: orbax CheckpointManager holding everything a resume needs.
 
-A checkpoint is a step directory under `<workdir>/checkpoints/` with up to four items:
+A checkpoint is a step directory under `<workdir>/checkpoints/` with up to five items:
 
-  params  the network parameters (all that evaluation, prediction and transfer read);
+  params       the network parameters (with batch_stats, all that evaluation, prediction
+               and transfer read);
+  batch_stats  the running batch-norm statistics, for nets with batch norm only;
   train   optimiser state, step counter, RNG key and learning-rate plateau state;
   data    the grain iterator's position (one file per process), so the data stream resumes
           exactly where it stopped;
@@ -34,7 +36,7 @@ from vgg_jax import metric_names
 BEST_METRIC = metric_names.VAL_TOP1_ERROR
 CHECKPOINT_SUBDIR = "checkpoints"
 
-PARAMS, TRAIN, DATA, META = "params", "train", "data", "meta"
+PARAMS, BATCH_STATS, TRAIN, DATA, META = "params", "batch_stats", "train", "data", "meta"
 
 
 def checkpoint_dir(path: str) -> str:
@@ -50,6 +52,7 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
 
     return {
         PARAMS: ocp.StandardCheckpointHandler(),
+        BATCH_STATS: ocp.StandardCheckpointHandler(),
         TRAIN: ocp.StandardCheckpointHandler(),
         DATA: grain.checkpoint.CheckpointHandler(),
         META: ocp.JsonCheckpointHandler(),
@@ -96,6 +99,7 @@ def save(
     step: int,
     *,
     params: Any,
+    batch_stats: Any | None = None,
     train: Any | None = None,
     data_iterator: Any | None = None,
     meta: Mapping[str, Any],
@@ -107,6 +111,7 @@ def save(
       manager: from `create_manager`.
       step: the step number, the directory name.
       params: parameters pytree.
+      batch_stats: running batch-norm statistics; None or empty for nets without.
       train: optimiser state, step, RNG and plateau state (omitted for weight files).
       data_iterator: the grain iterator whose position to save (omitted for weight files).
       meta: JSON-safe metadata; must hold "config".
@@ -114,6 +119,8 @@ def save(
         for the best-checkpoint slots.
     """
     items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(dict(meta))}
+    if batch_stats:
+        items[BATCH_STATS] = ocp.args.StandardSave(batch_stats)
     if train is not None:
         items[TRAIN] = ocp.args.StandardSave(train)
     if data_iterator is not None:
@@ -128,6 +135,15 @@ def save(
     )
 
 
+class RestoredTraining(NamedTuple):
+    """What `restore_training` read; batch_stats is {} for nets without batch norm."""
+
+    params: Any
+    train: Any
+    meta: dict[str, Any]
+    batch_stats: Any
+
+
 def restore_training(
     manager: ocp.CheckpointManager,
     step: int,
@@ -135,7 +151,8 @@ def restore_training(
     params_target: Any,
     train_target: Any,
     data_iterator: Any,
-) -> tuple[Any, Any, dict[str, Any]]:
+    batch_stats_target: Any | None = None,
+) -> RestoredTraining:
     """Restores everything a resume needs, with the shardings and dtypes of the targets.
 
     Args:
@@ -144,23 +161,26 @@ def restore_training(
       params_target: a pytree of arrays (or ShapeDtypeStructs) shaped like the params.
       train_target: the same for the train item.
       data_iterator: a fresh grain iterator; its position is restored in place.
+      batch_stats_target: the same for the batch-norm statistics; None or empty for nets
+        without batch norm.
 
     Returns:
-      (params, train, meta).
+      RestoredTraining(params, train, meta, batch_stats).
     """
     import grain
 
     abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardRestore(abstract(params_target)),
-            TRAIN: ocp.args.StandardRestore(abstract(train_target)),
-            DATA: grain.checkpoint.CheckpointRestore(data_iterator),
-            META: ocp.args.JsonRestore(),
-        }),
-    )
-    return restored[PARAMS], restored[TRAIN], restored[META]
+    items = {
+        PARAMS: ocp.args.StandardRestore(abstract(params_target)),
+        TRAIN: ocp.args.StandardRestore(abstract(train_target)),
+        DATA: grain.checkpoint.CheckpointRestore(data_iterator),
+        META: ocp.args.JsonRestore(),
+    }
+    if batch_stats_target:
+        items[BATCH_STATS] = ocp.args.StandardRestore(abstract(batch_stats_target))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return RestoredTraining(restored[PARAMS], restored[TRAIN], restored[META],
+                            restored[BATCH_STATS] if batch_stats_target else {})
 
 
 # Written last by orbax when a step's save is complete.
@@ -269,7 +289,7 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | str | None) -> int:
 
 
 class LoadedCheckpoint(NamedTuple):
-    """What `load_checkpoint` read: {"params": ...}, the run's config and the step."""
+    """What `load_checkpoint` read: the variables, the run's config and the step."""
 
     variables: dict[str, Any]
     config: ml_collections.ConfigDict
@@ -286,7 +306,8 @@ def load_variables(
       step: a step number, "latest", "best", or None (best if any was evaluated, else latest).
 
     Returns:
-      ({"params": params} as host arrays, the run's config).
+      ({"params": params[, "batch_stats": running statistics]} as host arrays, the run's
+      config).
 
     Raises:
       ValueError: if the path holds no checkpoint (or not the step asked for).
@@ -303,7 +324,8 @@ def load_checkpoint(path: str, step: int | str | None = None) -> LoadedCheckpoin
       step: a step number, "latest", "best", or None (best if any was evaluated, else latest).
 
     Returns:
-      A LoadedCheckpoint: ({"params": params} as host arrays, the run's config, the step).
+      A LoadedCheckpoint: ({"params": params} as host arrays, with "batch_stats" for nets
+      with batch norm; the run's config; the step).
 
     Raises:
       ValueError: if the path holds no checkpoint (or not the step asked for).
@@ -317,24 +339,23 @@ def load_checkpoint(path: str, step: int | str | None = None) -> LoadedCheckpoin
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
         item_handlers={
             PARAMS: ocp.StandardCheckpointHandler(),
+            BATCH_STATS: ocp.StandardCheckpointHandler(),
             META: ocp.JsonCheckpointHandler(),
         },
     )
     chosen = resolve_step(manager, step)
     # Host numpy targets: the checkpoint may come from another device layout (e.g. a
     # multi-host run), which a restore without targets would try to rebuild.
-    shapes = manager.item_metadata(chosen)[PARAMS]
-    target = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
+    metadata = manager.item_metadata(chosen)
+    collections = [PARAMS] + ([BATCH_STATS] if metadata.get(BATCH_STATS) else [])
+    items = {name: ocp.args.StandardRestore(jax.tree.map(
+        lambda leaf: np.zeros(leaf.shape, leaf.dtype), metadata[name]))
+        for name in collections}
     restored = manager.restore(
-        chosen,
-        args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardRestore(target),
-            META: ocp.args.JsonRestore(),
-        }),
-    )
+        chosen, args=ocp.args.Composite(**items, **{META: ocp.args.JsonRestore()}))
     manager.close()
     config = ml_collections.ConfigDict(restored[META]["config"])
-    return LoadedCheckpoint({"params": restored[PARAMS]}, config, chosen)
+    return LoadedCheckpoint({name: restored[name] for name in collections}, config, chosen)
 
 
 def save_variables(directory: str, variables: Mapping[str, Any], config, step: int = 0) -> str:
@@ -342,7 +363,7 @@ def save_variables(directory: str, variables: Mapping[str, Any], config, step: i
 
     Args:
       directory: the workdir to write into (created; its checkpoints/ holds the step).
-      variables: {"params": ...}.
+      variables: {"params": ...}, with "batch_stats" for nets with batch norm.
       config: the config describing the net and its preprocessing.
       step: the step number to record.
 
@@ -354,13 +375,15 @@ def save_variables(directory: str, variables: Mapping[str, Any], config, step: i
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
         item_handlers={
             PARAMS: ocp.StandardCheckpointHandler(),
+            BATCH_STATS: ocp.StandardCheckpointHandler(),
             META: ocp.JsonCheckpointHandler(),
         },
     )
+    items = {name: ocp.args.StandardSave(variables[name])
+             for name in (PARAMS, BATCH_STATS) if variables.get(name)}
     manager.save(
         step,
-        args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardSave(variables["params"]),
+        args=ocp.args.Composite(**items, **{
             META: ocp.args.JsonSave({"config": config_to_json(config), "metrics": {}}),
         }),
         force=True,

@@ -21,6 +21,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # shapes of the saved state, what a step means, and the data iterator's saved position.
 RESUME_FIELDS = (
     "model.version", "model.num_classes", "model.width_divisor", "model.fc_features",
+    "model.batch_norm",
     "data.image_size", "data.source", "data.name", "data.train_split", "data.num_workers",
     "train.batch_size", "train.grad_accum_steps", "seed",
 )

@@ -95,12 +95,12 @@ def protocol_components(protocol: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass
 class EvalNet:
-    """One net to evaluate: its module, parameters and the preprocessing it was trained with.
+    """One net to evaluate: its module, variables and the preprocessing it was trained with.
 
     Attributes:
       name: shown in the results table.
       model: the flax module (its image_size is the crop size).
-      params: parameters (host or device arrays).
+      variables: {"params"[, "batch_stats"]} (host or device arrays).
       mean_rgb, std_rgb: the net's input normalisation (0-255 scale).
       train_scale: (S_min, S_max) the net was trained with.
       step: the checkpoint step the parameters come from (None: not from a checkpoint).
@@ -110,7 +110,7 @@ class EvalNet:
 
     name: str
     model: Any
-    params: Any
+    variables: Any
     mean_rgb: Sequence[float]
     std_rgb: Sequence[float] = (1.0, 1.0, 1.0)
     train_scale: tuple[int, int] = (256, 256)
@@ -124,7 +124,7 @@ class EvalNet:
 
 
 def class_probabilities(
-    model, mean_rgb, std_rgb, flip: bool, params, views: jax.Array
+    model, mean_rgb, std_rgb, flip: bool, variables, views: jax.Array
 ) -> jax.Array:
     """Softmax averaged over an image's views (and their flips): the core of every protocol.
 
@@ -132,7 +132,8 @@ def class_probabilities(
       model: the VGG module.
       mean_rgb, std_rgb: input normalisation.
       flip: also run every view flipped horizontally and average the two softmax outputs.
-      params: the net's parameters.
+      variables: the net's {"params"[, "batch_stats"]} (batch norm uses the running
+        averages).
       views: uint8 [B, V, H, W, 3]; V crops of one image (V = 1 for single crop and dense),
         each at least image_size on both sides.
 
@@ -146,7 +147,7 @@ def class_probabilities(
     if flip:
         # Stacked next to each original so that a device's rows stay on that device.
         x = jnp.stack([x, jnp.flip(x, axis=2)], axis=1).reshape((-1,) + x.shape[1:])
-    scores = model.apply({"params": params}, x, train=False, dense=True)
+    scores = model.apply(variables, x, train=False, dense=True)
     scores = scores.astype(jnp.float32).mean(axis=(1, 2))
     probs = jax.nn.softmax(scores, axis=-1)
     return probs.reshape(b, -1, probs.shape[-1]).mean(axis=1)
@@ -241,7 +242,7 @@ def evaluate_nets(
     labels = np.full(num_local, -1, np.int64)
     decoded = np.zeros(num_local, bool)
 
-    params = [parallel.replicate(net.params, mesh) for net in nets]
+    variables = [parallel.replicate(net.variables, mesh) for net in nets]
     # Nets with the same module and preprocessing (an ensemble of snapshots of one net)
     # share one jitted function, so they also share its compilations.
     jitted: dict[tuple, Callable] = {}
@@ -293,7 +294,7 @@ def evaluate_nets(
                 pending = None
                 for batch in view_batches(maker, bucket, num_threads):
                     device_batch = parallel.shard_batch({"views": batch["views"]}, mesh)
-                    outputs = [fns[(i, component)](params[i], device_batch["views"])
+                    outputs = [fns[(i, component)](variables[i], device_batch["views"])
                                for i in range(len(nets))]
                     compiled.update((fn_keys[(i, component)], device_batch["views"].shape)
                                     for i in range(len(nets)))
@@ -380,7 +381,7 @@ def load_net(path: str, step: int | str | None = None) -> tuple[EvalNet, ml_coll
     d = run_config.data
     name = f"{run_config.model.version} ({os.path.basename(os.path.normpath(path))})"
     net = EvalNet(
-        name=name, model=model, params=variables["params"], mean_rgb=tuple(d.mean_rgb),
+        name=name, model=model, variables=variables, mean_rgb=tuple(d.mean_rgb),
         std_rgb=tuple(d.get("std_rgb", (1.0, 1.0, 1.0))),
         train_scale=(int(d.train_scale_min), int(d.train_scale_max)), step=chosen_step,
         version=canonical_version(run_config.model.version),

@@ -8,6 +8,14 @@ size this is exactly the paper's flatten + fully-connected head (the NHWC flatte
 of parameters. On a larger input the very same parameters slide over the image and give
 the class score map of the paper's dense evaluation (section 3.2), with no second copy
 of the weights to keep in sync.
+
+Beyond the paper, for the uses VGG has today:
+- `batch_norm=True` builds torchvision's vgg*_bn layout for any configuration: a
+  BatchNorm after every convolution, before its ReLU, with torchvision's epsilon and
+  momentum. Its running statistics live in the `batch_stats` collection.
+- `outputs=(...)` returns intermediate activations by name (`feature_names`), computing
+  no layer after the last one asked for; `include_head=False` is the convolutional trunk
+  alone, for any input size, optionally pooled globally (`pooling="avg"` or `"max"`).
 """
 
 from __future__ import annotations
@@ -50,6 +58,18 @@ LRN_VERSIONS = frozenset({"A_LRN"})
 
 # Five 2x2 pools of stride 2 divide the spatial size by 2**5.
 TOTAL_STRIDE = 32
+
+# torchvision's BatchNorm2d defaults, which its vgg*_bn weights were trained with. PyTorch
+# updates running = (1 - momentum) * running + momentum * batch; flax keeps
+# momentum * running + (1 - momentum) * batch, so flax's momentum is 1 - PyTorch's.
+TORCH_BN_MOMENTUM = 0.1
+TORCH_BN_EPSILON = 1e-5
+# A conv layer's BatchNorm is named after it: "conv4_3" -> "conv4_3_bn".
+BN_SUFFIX = "_bn"
+# The classifier head's layers, in order; fc6 and fc7 outputs are taken after their ReLU.
+HEAD_LAYERS = ("fc6", "fc7", "fc8")
+# Global pooling of the trunk's output when the head is left out.
+POOLINGS = ("avg", "max")
 
 
 def canonical_version(version: str) -> str:
@@ -124,6 +144,29 @@ def kernel_initializer(name: str, normal_stddev: float, in_axis=-2, out_axis=-1)
     raise ValueError(f"Unknown init {name!r}; use 'glorot_uniform' or 'normal'.")
 
 
+def layer_names(architecture: Sequence[BlockSpec], use_lrn: bool = False,
+                include_head: bool = True) -> tuple[str, ...]:
+    """The names of a net's activations in forward order, as `VGG(outputs=...)` takes them.
+
+    Args:
+      architecture: the conv blocks (a value of ARCHITECTURES).
+      use_lrn: the net has A-LRN's normalisation after conv1_1 (named "lrn").
+      include_head: add fc6, fc7 (after their ReLU) and fc8 (the logits).
+
+    Returns:
+      ("conv1_1", ["lrn",] ..., "pool1", "conv2_1", ..., "pool5"[, "fc6", "fc7", "fc8"]):
+      every conv's output after its ReLU and every max-pool's output.
+    """
+    names = []
+    for block_index, block in enumerate(architecture, start=1):
+        for layer_index in range(1, len(block) + 1):
+            names.append(f"conv{block_index}_{layer_index}")
+            if use_lrn and block_index == 1 and layer_index == 1:
+                names.append("lrn")
+        names.append(f"pool{block_index}")
+    return tuple(names) + (HEAD_LAYERS if include_head else ())
+
+
 class VGG(nn.Module):
     """A VGG network (paper Table 1), optionally narrowed for small data and tests.
 
@@ -139,6 +182,17 @@ class VGG(nn.Module):
       lrn_size, lrn_alpha, lrn_beta, lrn_k: AlexNet's LRN constants, as used by the paper.
       initializer: "glorot_uniform" or "normal"; biases always start at zero.
       normal_init_stddev: standard deviation of the "normal" initialiser.
+      batch_norm: a BatchNorm after every convolution, before its ReLU (torchvision's
+        vgg*_bn; not in the paper). Training updates the `batch_stats` collection
+        (`apply(..., train=True, mutable=["batch_stats"])`) from the statistics of the
+        whole batch, which under jit is the global batch however it is sharded;
+        evaluation uses the running averages.
+      bn_momentum: flax's momentum of the running averages (1 - PyTorch's momentum).
+      bn_epsilon: added to the variance before its square root.
+      include_head: False leaves out FC6-FC8: the net is the convolutional trunk, for
+        any input size, and returns pool5 (pooled globally with `pooling`).
+      pooling: without the head, "avg" or "max" pools pool5 over space to [N, channels];
+        None returns the map.
       dtype: the compute dtype (bfloat16 on accelerators); parameters stay `param_dtype`.
       param_dtype: the parameter dtype.
     """
@@ -156,6 +210,11 @@ class VGG(nn.Module):
     lrn_k: float = 2.0
     initializer: str = "glorot_uniform"
     normal_init_stddev: float = 0.1
+    batch_norm: bool = False
+    bn_momentum: float = 1.0 - TORCH_BN_MOMENTUM
+    bn_epsilon: float = TORCH_BN_EPSILON
+    include_head: bool = True
+    pooling: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -167,6 +226,15 @@ class VGG(nn.Module):
           image_size // TOTAL_STRIDE (7 for 224x224).
         """
         return self.image_size // TOTAL_STRIDE
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The activation names `outputs=` accepts, in forward order (see `layer_names`).
+
+        Returns:
+          "conv1_1", ..., "pool5", and "fc6", "fc7", "fc8" when the head is included.
+        """
+        return layer_names(self.architecture, self.use_lrn, self.include_head)
 
     def _conv(self, features, kernel, name, *, padding="SAME", fc=False):
         # A fully-connected layer written as a convolution keeps the fan-in/fan-out of the
@@ -185,63 +253,122 @@ class VGG(nn.Module):
             name=name,
         )
 
-    def features(self, x: jax.Array) -> jax.Array:
-        """The convolutional trunk: conv blocks, each ending in a 2x2 max-pool.
+    def _batch_norm(self, x, name, train, mask):
+        # Two-pass variance (as PyTorch computes it): E[x^2] - E[x]^2 loses precision when
+        # a channel's mean is large against its spread. Statistics are kept in float32.
+        return nn.BatchNorm(
+            use_running_average=not train, momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon, use_fast_variance=False, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name + BN_SUFFIX,
+        )(x, mask=None if mask is None else mask[:, None, None, None])
 
-        Args:
-          x: images, NHWC; cast to the compute dtype.
+    def _trunk(self, x, train, mask):
+        """Yields (name, activation) for every conv (after its ReLU) and every pool.
 
-        Returns:
-          The final feature map in the compute dtype, [N, H // 32, W // 32, channels].
+        A generator, so that a caller who stops iterating computes nothing further.
         """
-        x = x.astype(self.dtype)
         for block_index, block in enumerate(self.architecture, start=1):
             for layer_index, (channels, kernel) in enumerate(block, start=1):
-                x = self._conv(
-                    max(channels // self.width_divisor, 1),
-                    kernel,
-                    name=f"conv{block_index}_{layer_index}",
-                )(x)
+                name = f"conv{block_index}_{layer_index}"
+                x = self._conv(max(channels // self.width_divisor, 1), kernel, name)(x)
+                if self.batch_norm:
+                    x = self._batch_norm(x, name, train, mask)
                 x = nn.relu(x)
+                yield name, x
                 if self.use_lrn and block_index == 1 and layer_index == 1:
                     x = local_response_norm(
-                        x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k
-                    )
+                        x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k)
+                    yield "lrn", x
+            if min(x.shape[1:3]) < 2:
+                raise ValueError(
+                    f"The input is too small: pool{block_index} needs at least 2x2, got "
+                    f"{x.shape[1]}x{x.shape[2]}; VGG needs images of at least "
+                    f"{TOTAL_STRIDE}x{TOTAL_STRIDE}.")
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        return x
+            yield f"pool{block_index}", x
 
-    @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, dense: bool = False):
-        """Computes class logits.
-
-        Args:
-          images: float images, NHWC. Without `dense` they must be image_size x image_size;
-            with `dense` any size whose sides are at least image_size.
-          train: enables dropout.
-          dense: the paper's dense evaluation: return the class score map of the
-            fully-convolutional net, (H/32 - head_window + 1) x (W/32 - head_window + 1).
-
-        Returns:
-          Logits in float32: [N, num_classes], or [N, h, w, num_classes] when `dense`.
-        """
-        if not dense and images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"Expected {self.image_size}x{self.image_size} images, got "
-                f"{images.shape[1]}x{images.shape[2]}; pass dense=True for whole images."
-            )
-        x = self.features(images)
-        window = self.head_window
-        x = self._conv(self.fc_features, window, "fc6", padding="VALID", fc=True)(x)
+    def _head(self, x, train):
+        """Yields ("fc6", ...), ("fc7", ...) after their ReLU and ("fc8", logits map)."""
+        x = self._conv(self.fc_features, self.head_window, "fc6", padding="VALID", fc=True)(x)
         x = nn.relu(x)
+        yield "fc6", x
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = self._conv(self.fc_features, 1, "fc7", fc=True)(x)
         x = nn.relu(x)
+        yield "fc7", x
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = self._conv(self.num_classes, 1, "fc8", fc=True)(x)
-        x = x.astype(jnp.float32)
-        if dense:
-            return x
-        return x.reshape(x.shape[0], self.num_classes)
+        yield "fc8", x.astype(jnp.float32)
+
+    def _activations(self, images, train, mask, with_head):
+        x = None
+        for name, x in self._trunk(images.astype(self.dtype), train, mask):
+            yield name, x
+        if with_head:
+            yield from self._head(x, train)
+
+    def _check_outputs(self, outputs: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(outputs, str):
+            outputs = (outputs,)
+        valid = self.feature_names
+        unknown = [name for name in outputs if name not in valid]
+        if unknown or not outputs:
+            raise ValueError(
+                f"Unknown feature name(s) {unknown or list(outputs)}; this net's are: "
+                f"{', '.join(valid)}.")
+        return tuple(outputs)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False, dense: bool = False, *,
+                 outputs: Sequence[str] | None = None, mask: jax.Array | None = None):
+        """Computes class logits, the trunk's output, or the named activations.
+
+        Args:
+          images: float images, NHWC. With the head and without `dense` they must be
+            image_size x image_size; with `dense` any size whose sides are at least
+            image_size; without the head (or asking only for trunk outputs) any size of
+            at least 32x32.
+          train: enables dropout and, with batch_norm, normalises by the batch's own
+            statistics and updates the running ones (pass mutable=["batch_stats"]).
+          dense: the paper's dense evaluation: return the class score map of the
+            fully-convolutional net, (H/32 - head_window + 1) x (W/32 - head_window + 1).
+          outputs: names from `feature_names` (e.g. ("conv4_3", "pool5")); the layers
+            after the last one named are not computed.
+          mask: [N] bool, the examples that count in the batch-norm statistics of
+            training (padding and undecodable images do not); None = all.
+
+        Returns:
+          With `outputs`: {name: activation} in the order asked, maps [N, h, w, C] in the
+          compute dtype (fc6/fc7/fc8 as [N, C] unless `dense`; fc8 in float32).
+          Otherwise, with the head: logits in float32, [N, num_classes], or
+          [N, h, w, num_classes] when `dense`. Without the head: pool5, [N, h, w, C], or
+          [N, C] when pooled.
+
+        Raises:
+          ValueError: for an unknown output name (listing the valid ones) or an input of
+            the wrong size.
+        """
+        wanted = None if outputs is None else self._check_outputs(outputs)
+        with_head = self.include_head and (
+            wanted is None or any(name in HEAD_LAYERS for name in wanted))
+        if with_head and not dense and images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"Expected {self.image_size}x{self.image_size} images, got "
+                f"{images.shape[1]}x{images.shape[2]}; pass dense=True for whole images.")
+        flat = lambda x: x if dense else x.reshape(x.shape[0], x.shape[-1])
+        captured = {}
+        for name, x in self._activations(images, train, mask, with_head):
+            if wanted is not None and name in wanted:
+                captured[name] = flat(x) if name in HEAD_LAYERS else x
+                if len(captured) == len(set(wanted)):
+                    return {name: captured[name] for name in wanted}
+        if self.include_head:
+            return flat(x)
+        if self.pooling == "avg":
+            return jnp.mean(x, axis=(1, 2))
+        if self.pooling == "max":
+            return jnp.max(x, axis=(1, 2))
+        return x
 
 
 def create_model(version: str, num_classes: int = 1000, **variant: Any) -> VGG:
@@ -251,14 +378,16 @@ def create_model(version: str, num_classes: int = 1000, **variant: Any) -> VGG:
       version: "A", "A_LRN" (or "A-LRN"), "B", "C", "D" or "E", case-insensitive.
       num_classes: number of output classes.
       **variant: any other VGG attribute: image_size, width_divisor, fc_features,
-        dropout_rate, initializer, normal_init_stddev, dtype, param_dtype, LRN constants.
+        dropout_rate, initializer, normal_init_stddev, batch_norm, include_head,
+        pooling, dtype, param_dtype, LRN and batch-norm constants.
 
     Returns:
       The flax module; `model.apply(variables, images, train=False)` gives logits.
 
     Raises:
-      ValueError: for an unknown version, an unknown attribute, or an image size that is
-        not a positive multiple of 32.
+      ValueError: for an unknown version, an unknown attribute, an image size that is
+        not a positive multiple of 32, or a pooling other than None, "avg" and "max"
+        (pooling needs include_head=False).
     """
     key = canonical_version(version)
     known = {field.name for field in dataclasses.fields(VGG)} - {
@@ -272,6 +401,11 @@ def create_model(version: str, num_classes: int = 1000, **variant: Any) -> VGG:
             f"image_size={image_size} must be a positive multiple of {TOTAL_STRIDE} "
             "(five 2x2 max-pools)."
         )
+    pooling = variant.get("pooling")
+    if pooling is not None and (pooling not in POOLINGS or variant.get("include_head", True)):
+        raise ValueError(
+            f"pooling={pooling!r}: global pooling is 'avg' or 'max', and replaces the "
+            "classifier head: pass include_head=False with it.")
     return VGG(
         architecture=ARCHITECTURES[key],
         num_classes=num_classes,
@@ -314,6 +448,8 @@ def create_model_from_config(config: Any) -> VGG:
         dropout_rate=m.dropout_rate,
         initializer=m.initializer,
         normal_init_stddev=m.normal_init_stddev,
+        # Configs saved before batch norm existed have no such field.
+        batch_norm=bool(m.get("batch_norm", False)),
         dtype=compute_dtype(m.compute_dtype),
     )
 

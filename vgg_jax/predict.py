@@ -109,9 +109,9 @@ def predict(
     # Multi-crop views come with their flips; dense flips are made on the device.
     flip = protocol == eval_plan.DENSE
     # One image at a time: dense views differ in shape, and a handful of images is cheap.
-    fn = jax.jit(lambda params, views: evaluate.class_probabilities(
-        net.model, tuple(net.mean_rgb), tuple(net.std_rgb), flip, params, views))
-    params = jax.device_put(net.params)
+    fn = jax.jit(lambda variables, views: evaluate.class_probabilities(
+        net.model, tuple(net.mean_rgb), tuple(net.std_rgb), flip, variables, views))
+    variables = jax.device_put(net.variables)
     k = max(1, min(int(top_k), num_classes))
     results = []
     for path in image_paths:
@@ -122,7 +122,7 @@ def predict(
         except decode.DECODE_ERRORS as e:
             results.append({"path": path, "error": f"cannot read image: {e}"})
             continue
-        probs = np.asarray(fn(params, views[None]))[0]
+        probs = np.asarray(fn(variables, views[None]))[0]
         order = np.argsort(-probs, kind="stable")[:k]
         results.append({"path": path, "predictions": [
             {"class": int(c), "name": names[c], "probability": float(probs[c])} for c in order

@@ -25,7 +25,7 @@ from vgg_jax import checkpoint, config_checks, optim, parallel, profiling, stop_
 from vgg_jax import metric_names as names
 from vgg_jax.config_values import string_list
 from vgg_jax.data import pipeline
-from vgg_jax.models import VGG, create_model_from_config
+from vgg_jax.models import BN_SUFFIX, VGG, create_model_from_config
 from vgg_jax.preprocess import normalize_images
 
 # Guards the images/s division when a log interval measured no time.
@@ -33,9 +33,18 @@ _TINY_SECONDS = 1e-9
 
 
 class TrainState(train_state.TrainState):
-    """Flax's train state plus the raw RNG key that seeds dropout at every step."""
+    """Flax's train state plus the raw RNG key that seeds dropout at every step and the
+    running batch-norm statistics ({} for nets without batch norm)."""
 
     rng: jax.Array
+    batch_stats: Any
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The model's variables: {"params"} and, with batch norm, {"batch_stats"}."""
+        if self.batch_stats:
+            return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params}
 
 
 def classification_sums(
@@ -68,7 +77,8 @@ def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
     """Returns the un-jitted train step: (state, batch) -> (new state, metric sums).
 
     The loss is the mean over the valid examples of the global batch; under jit with the
-    batch sharded over devices XLA turns the gradient into an all-reduce.
+    batch sharded over devices XLA turns the gradient into an all-reduce, and the batch-norm
+    statistics (means over the batch axis) into global ones, as on one device.
     """
     mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
 
@@ -79,15 +89,18 @@ def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
             batch["image"], mean_rgb, std_rgb, batch["rgb_shift"], model.dtype)
 
         def loss_fn(params):
-            logits = model.apply(
-                {"params": params}, images, train=True, rngs={"dropout": dropout_key}
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                mask=batch["mask"], rngs={"dropout": dropout_key}, mutable=["batch_stats"],
             )
             sums = classification_sums(logits, batch["label"], weights)
-            return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+            return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
 
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
         grad_norm = optax.tree.norm(grads)
-        new_state = state.apply_gradients(grads=grads)
+        new_state = state.apply_gradients(
+            grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
         metrics = dict(
             sums,
             skipped=jnp.sum(1.0 - weights),
@@ -114,12 +127,13 @@ def jit_train_step(model: VGG, data_config: ml_collections.ConfigDict):
 
 
 def make_eval_step(model: VGG, data_config: ml_collections.ConfigDict):
-    """Returns the un-jitted eval step: (params, batch) -> metric sums over valid examples."""
+    """Returns the un-jitted eval step: (variables, batch) -> metric sums over valid
+    examples (batch norm normalises by the running averages in `variables`)."""
     mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
 
-    def eval_step(params, batch: Mapping[str, jax.Array]):
+    def eval_step(variables, batch: Mapping[str, jax.Array]):
         images = normalize_images(batch["image"], mean_rgb, std_rgb, None, model.dtype)
-        logits = model.apply({"params": params}, images, train=False)
+        logits = model.apply(variables, images, train=False)
         return classification_sums(logits, batch["label"], batch["mask"].astype(jnp.float32))
 
     return eval_step
@@ -143,29 +157,30 @@ def create_train_state(
     images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
 
     def init(key):
-        params = model.init(key, images, train=False)["params"]
+        variables = model.init(key, images, train=False)
         return TrainState.create(
-            apply_fn=model.apply, params=params, tx=tx, rng=jax.random.key_data(dropout_key)
+            apply_fn=model.apply, params=variables["params"], tx=tx,
+            rng=jax.random.key_data(dropout_key), batch_stats=variables.get("batch_stats", {}),
         )
 
     return jax.jit(init, out_shardings=parallel.replicated(mesh))(init_key)
 
 
 def evaluate(
-    eval_step, params, batches: Iterable[Mapping[str, np.ndarray]], mesh
+    eval_step, variables, batches: Iterable[Mapping[str, np.ndarray]], mesh
 ) -> dict[str, float]:
     """Runs the eval step over a whole split and turns the sums into mean metrics.
 
     Args:
       eval_step: the jitted eval step.
-      params: replicated parameters.
+      variables: replicated variables ({"params"[, "batch_stats"]}).
       batches: per-process batches with "image", "label", "mask" (padding masked out).
       mesh: the data mesh.
 
     Returns:
       {"loss", "top1_error", "top5_error", "count"} over the valid examples.
     """
-    pending = [eval_step(params, parallel.shard_batch(batch, mesh)) for batch in batches]
+    pending = [eval_step(variables, parallel.shard_batch(batch, mesh)) for batch in batches]
     return summarize(pending)
 
 
@@ -186,6 +201,8 @@ def summarize(sums_list: list[Mapping[str, jax.Array]]) -> dict[str, float]:
 def transfer_parameters(params, source_params, layers: Iterable[str]):
     """Copies named layers from another net's parameters (the paper's initialisation).
 
+    A conv layer's batch norm ("conv1_1_bn") goes with it.
+
     Args:
       params: this net's freshly initialised parameters.
       source_params: parameters of the source net (e.g. a trained net A).
@@ -195,9 +212,18 @@ def transfer_parameters(params, source_params, layers: Iterable[str]):
       (new params, list of copied layer names).
 
     Raises:
-      ValueError: if a named layer is missing from either net or its shapes differ.
+      ValueError: if one net has batch norm and the other not, or a named layer is
+        missing from either net or its shapes differ.
     """
-    layers = list(layers) or [name for name in params if name in source_params and all(
+    with_bn = lambda tree: any(name.endswith(BN_SUFFIX) for name in tree)
+    if with_bn(source_params) != with_bn(params):
+        raise ValueError(
+            f"config.init_from is a net {'with' if with_bn(source_params) else 'without'} "
+            f"batch norm and this one is not; pass --config.model.batch_norm="
+            f"{with_bn(source_params)} to match it.")
+    layers = [companion for name in layers for companion in (name, name + BN_SUFFIX)
+              if companion == name or companion in params]
+    layers = layers or [name for name in params if name in source_params and all(
         np.shape(a) == np.shape(b) for a, b in zip(
             jax.tree.leaves(params[name]), jax.tree.leaves(source_params[name])))]
     new_params = dict(params)
@@ -263,12 +289,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step, last_eval = 0, {}
     if resume_step is not None:
         start_step = resume_step
-        params, train, meta = checkpoint.restore_training(
+        params, train, meta, batch_stats = checkpoint.restore_training(
             manager, start_step, params_target=state.params,
             train_target=_train_item(state, plateau), data_iterator=train_iter,
+            batch_stats_target=state.batch_stats,
         )
         state = state.replace(params=params, step=train["step"], opt_state=train["opt_state"],
-                              rng=train["rng"])
+                              rng=train["rng"], batch_stats=batch_stats)
         plateau = train["plateau"]
         last_eval = meta.get("metrics") or {}
         logging.info("Resumed from step %d of %s.", start_step, manager.directory)
@@ -280,7 +307,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f"config.init_from={config.init_from!r}: {error}") from None
         params, copied = transfer_parameters(
             jax.device_get(state.params), source["params"], string_list(config.init_from_layers))
-        state = state.replace(params=parallel.replicate(params, mesh))
+        # The copied batch norms bring their running statistics.
+        batch_stats = {name: source["batch_stats"][name] if name in copied else value
+                       for name, value in jax.device_get(state.batch_stats).items()}
+        state = state.replace(params=parallel.replicate(params, mesh),
+                              batch_stats=parallel.replicate(batch_stats, mesh))
         logging.info("Initialised %s from %s.", ", ".join(copied), config.init_from)
     # The learning rate lives in the optimiser state, set from the plateau schedule.
     state = state.replace(opt_state=optim.set_learning_rate(
@@ -324,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pending, log_start = [], time.perf_counter()
 
             if epoch_end and epoch % tc.eval_every_epochs == 0:
-                last_eval = _validate(eval_step, state.params, config, mesh)
+                last_eval = _validate(eval_step, state.variables, config, mesh)
                 writer.write_scalars(step, {**last_eval, names.EPOCH: epoch})
                 plateau, decision = optim.plateau_update(
                     plateau, optim.monitored_metric(last_eval, tc), tc)
@@ -380,7 +411,8 @@ def _train_item(state: TrainState, plateau) -> dict[str, Any]:
 
 def _save(manager, step, state, plateau, train_iter, config, epoch, metrics):
     checkpoint.save(
-        manager, step, params=state.params, train=_train_item(state, plateau),
+        manager, step, params=state.params, batch_stats=state.batch_stats,
+        train=_train_item(state, plateau),
         data_iterator=train_iter,
         meta={"config": checkpoint.config_to_json(config), "epoch": epoch,
               "metrics": dict(metrics)},
@@ -412,11 +444,11 @@ def _train_scalars(pending, micro_batch: int, elapsed: float) -> dict[str, float
     }
 
 
-def _validate(eval_step, params, config, mesh) -> dict[str, float]:
+def _validate(eval_step, variables, config, mesh) -> dict[str, float]:
     dataset = pipeline.eval_dataset(
         config.data, batch_size=config.train.eval_batch_size, scale=config.data.eval_scale,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
-    summary = evaluate(eval_step, params, dataset, mesh)
+    summary = evaluate(eval_step, variables, dataset, mesh)
     return {names.VAL_LOSS: summary["loss"], names.VAL_TOP1_ERROR: summary["top1_error"],
             names.VAL_TOP5_ERROR: summary["top5_error"], names.VAL_COUNT: summary["count"]}
