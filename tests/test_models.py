@@ -148,3 +148,137 @@ def test_dense_view_shares_parameters_and_matches_crop_at_training_size():
     assert model.apply(variables, big, dense=True).shape == (1, 3, 4, 10)
     with pytest.raises(ValueError, match="dense=True"):
         model.apply(variables, big)
+
+
+# torchvision's vgg11_bn ... vgg19_bn: the plain count plus a scale and a bias per conv
+# channel (its model documentation agrees).
+BATCH_NORM_PARAMETER_COUNTS = {
+    "A": 132_868_840, "B": 133_053_736, "D": 138_365_992, "E": 143_678_248}
+
+
+@pytest.mark.parametrize("version", sorted(BATCH_NORM_PARAMETER_COUNTS))
+def test_batch_norm_parameter_count_matches_torchvision(version):
+    model = create_model(version, batch_norm=True)
+    assert count_parameters(model) == BATCH_NORM_PARAMETER_COUNTS[version]
+
+
+def _conv_same(x, layer):
+    return jax.lax.conv_general_dilated(
+        x, layer["kernel"], (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + layer["bias"]
+
+
+def test_batch_norm_follows_torchvision_and_updates_like_pytorch():
+    model = create_model("A", num_classes=10, batch_norm=True, **SMALL)
+    images = jax.random.normal(jax.random.key(1), (6, 32, 32, 3)) * 3 + 1
+    variables = model.init(jax.random.key(0), images)
+    # A BatchNorm after every conv, named after it, with parameters and running statistics.
+    convs = [name for name in variables["params"] if name.startswith("conv")
+             and not name.endswith("_bn")]
+    assert sorted(variables["batch_stats"]) == sorted(f"{c}_bn" for c in convs)
+    assert set(variables["params"]) == set(convs) | {f"{c}_bn" for c in convs} | {
+        "fc6", "fc7", "fc8"}
+    assert (model.bn_momentum, model.bn_epsilon) == (0.9, 1e-5)  # PyTorch's 0.1 and 1e-5
+
+    # Training: normalised by the batch's own statistics (biased variance); the running
+    # ones move a tenth of the way towards them, as PyTorch's momentum 0.1 does.
+    stats = {"mean": jnp.full((4,), 0.5), "var": jnp.full((4,), 2.0)}
+    variables = {"params": variables["params"],
+                 "batch_stats": dict(variables["batch_stats"], conv1_1_bn=stats)}
+    pre = np.asarray(_conv_same(images, variables["params"]["conv1_1"]), np.float64)
+    batch_mean, batch_var = pre.mean(axis=(0, 1, 2)), pre.var(axis=(0, 1, 2))
+    bn = variables["params"]["conv1_1_bn"]
+    out, updates = model.apply(variables, images, train=True, outputs=("conv1_1",),
+                               mutable=["batch_stats"])
+    expected = np.maximum((pre - batch_mean) / np.sqrt(batch_var + 1e-5) * bn["scale"]
+                          + bn["bias"], 0)
+    np.testing.assert_allclose(out["conv1_1"], expected, rtol=1e-4, atol=1e-4)
+    new = updates["batch_stats"]["conv1_1_bn"]
+    np.testing.assert_allclose(new["mean"], 0.9 * 0.5 + 0.1 * batch_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], 0.9 * 2.0 + 0.1 * batch_var, rtol=1e-5)
+
+    # Examples outside the mask do not count in the statistics.
+    mask = jnp.array([True, True, True, False, False, False])
+    _, masked = model.apply(variables, images, train=True, outputs=("conv1_1",), mask=mask,
+                            mutable=["batch_stats"])
+    _, first_three = model.apply(variables, images[:3], train=True, outputs=("conv1_1",),
+                                 mutable=["batch_stats"])
+    np.testing.assert_allclose(masked["batch_stats"]["conv1_1_bn"]["var"],
+                               first_three["batch_stats"]["conv1_1_bn"]["var"], rtol=1e-5)
+
+    # Evaluation: the running statistics, so each image's output is its own.
+    evaluated = model.apply(variables, images, outputs=("conv1_1",))["conv1_1"]
+    expected = np.maximum((pre - 0.5) / np.sqrt(2.0 + 1e-5) * bn["scale"] + bn["bias"], 0)
+    np.testing.assert_allclose(evaluated, expected, rtol=1e-4, atol=1e-4)
+    logits = model.apply(variables, images)
+    np.testing.assert_allclose(model.apply(variables, images[:2]), logits[:2], rtol=1e-5,
+                               atol=1e-6)
+
+
+def _count_convolutions(fn, *args):
+    def count(jaxpr):
+        total = 0
+        for eqn in jaxpr.eqns:
+            total += eqn.primitive.name == "conv_general_dilated"
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", None)
+                if inner is not None:
+                    total += count(getattr(inner, "jaxpr", inner))
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_named_outputs_compute_nothing_after_the_last_asked():
+    model = create_model("D", num_classes=10, batch_norm=True, **SMALL)
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), images)
+    assert model.feature_names == (
+        "conv1_1", "conv1_2", "pool1", "conv2_1", "conv2_2", "pool2", "conv3_1", "conv3_2",
+        "conv3_3", "pool3", "conv4_1", "conv4_2", "conv4_3", "pool4", "conv5_1", "conv5_2",
+        "conv5_3", "pool5", "fc6", "fc7", "fc8")
+    full = model.apply(variables, images, outputs=model.feature_names)
+    np.testing.assert_allclose(full["fc8"], model.apply(variables, images), rtol=1e-6)
+    assert full["conv4_3"].shape == (2, 4, 4, 32) and full["pool5"].shape == (2, 1, 1, 32)
+    assert full["fc7"].shape == (2, 32) and np.all(full["fc7"] >= 0)  # after the ReLU
+
+    # Asked out of order: returned in the order asked, equal to the full pass's.
+    some = model.apply(variables, images, outputs=("conv3_1", "conv1_2"))
+    assert list(some) == ["conv3_1", "conv1_2"]
+    np.testing.assert_array_equal(some["conv3_1"], full["conv3_1"])
+
+    # Cheap: conv3_1 is the fifth of D's 13 convs + 3 FC convolutions.
+    convs = lambda names: _count_convolutions(
+        lambda x: model.apply(variables, x, outputs=names), images)
+    assert convs(("conv3_1", "conv1_2")) == 5
+    assert convs(("pool5",)) == 13
+    assert convs(("fc7",)) == 15
+    assert _count_convolutions(lambda x: model.apply(variables, x), images) == 16
+
+    with pytest.raises(ValueError, match=r"'conv6_1'.*conv1_1, conv1_2, pool1, .*pool5, fc6"):
+        model.apply(variables, images, outputs=("conv4_3", "conv6_1"))
+    assert create_model("A_LRN", **SMALL).feature_names[:3] == ("conv1_1", "lrn", "pool1")
+
+
+def test_trunk_without_head_takes_any_size_and_pools_globally():
+    with_head = create_model("B", num_classes=10, **SMALL)
+    images = jax.random.normal(jax.random.key(1), (2, 48, 80, 3))
+    variables = with_head.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    trunk = create_model("B", include_head=False, **SMALL)
+    assert set(trunk.init(jax.random.key(0), images)["params"]) == {
+        name for name in variables["params"] if name.startswith("conv")}
+    assert "fc6" not in trunk.feature_names
+    pool5 = trunk.apply(variables, images)  # the head's parameters are simply unused
+    assert pool5.shape == (2, 1, 2, 32)
+    np.testing.assert_array_equal(
+        pool5, with_head.apply(variables, images, outputs=("pool5",))["pool5"])
+    for pooling, reduce in (("avg", np.mean), ("max", np.max)):
+        pooled = create_model("B", include_head=False, pooling=pooling, **SMALL)
+        np.testing.assert_allclose(pooled.apply(variables, images),
+                                   reduce(np.asarray(pool5), axis=(1, 2)), rtol=1e-6)
+    with pytest.raises(ValueError, match="include_head=False"):
+        create_model("B", pooling="avg")
+    with pytest.raises(ValueError, match="at least 32x32"):
+        trunk.apply(variables, jnp.zeros((1, 31, 64, 3)))
+    with pytest.raises(ValueError, match="fc6"):
+        trunk.apply(variables, images, outputs=("fc6",))
