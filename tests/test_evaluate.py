@@ -269,3 +269,32 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
         evaluate.run_evaluation(config, workdir)
     config.eval.scales = (40,)
     assert len(evaluate.run_evaluation(config, workdir)) == len(ensemble)
+
+
+def test_a_batch_norm_checkpoint_evaluates_with_its_running_averages(tmp_path):
+    model = create_model("A", num_classes=NUM_CLASSES, image_size=32, width_divisor=16,
+                         fc_features=32, batch_norm=True)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    rng = np.random.default_rng(3)
+    running = jax.tree.map(lambda s: rng.uniform(0.5, 2.0, s.shape).astype(np.float32),
+                           shapes["batch_stats"])
+    variables = {"params": random_params(model), "batch_stats": running}
+    config = base.get_config()
+    config.model.num_classes = NUM_CLASSES
+    config.model.width_divisor, config.model.fc_features = 16, 32
+    config.model.batch_norm = True
+    config.model.compute_dtype = "float32"
+    config.data.image_size = 32
+    config.data.mean_rgb, config.data.std_rgb = MEAN, STD
+    checkpoint.save_variables(str(tmp_path), variables, config)
+
+    net, _ = evaluate.load_net(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, net.variables, variables)
+    views = jnp.asarray(np.stack(random_images([(32, 32)] * 2, seed=4)))[:, None]
+    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.variables, views)
+    x = (views[:, 0].astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    np.testing.assert_allclose(got, jax.nn.softmax(model.apply(variables, x)), rtol=1e-5,
+                               atol=1e-7)
+    initial = jax.tree.map(jnp.asarray, model.init(jax.random.key(0), x)["batch_stats"])
+    assert not np.allclose(got, jax.nn.softmax(model.apply(
+        dict(variables, batch_stats=initial), x)), atol=1e-4)

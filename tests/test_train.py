@@ -59,21 +59,27 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_sharded_step_equals_single_device_step():
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_sharded_step_equals_single_device_step(batch_norm):
     config = _config()
     config.model.dropout_rate = 0.5  # the dropout key must not depend on the sharding
+    # Batch norm: the statistics of the global batch, not of each device's quarter.
+    config.model.batch_norm = batch_norm
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:4]):
         mesh = parallel.create_mesh(devices)
         _, state, step = _setup(config, mesh)
         for seed in range(2):
             state, metrics = step(state, parallel.shard_batch(_batch(seed=seed), mesh))
-        results.append((jax.device_get(state.params), float(metrics["loss"])))
-    (params_1, loss_1), (params_4, loss_4) = results
+        results.append((jax.device_get(state.variables), float(metrics["loss"])))
+    (variables_1, loss_1), (variables_4, loss_4) = results
     assert len(jax.devices()) >= 4
+    assert ("batch_stats" in variables_1) == batch_norm
     np.testing.assert_allclose(loss_1, loss_4, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4)):
+    for a, b in zip(jax.tree.leaves(variables_1), jax.tree.leaves(variables_4)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    if batch_norm:  # the statistics moved, and equally
+        assert not np.allclose(variables_4["batch_stats"]["conv1_1_bn"]["var"], 1.0)
 
 
 def test_no_recompilation_after_the_first_step():
@@ -130,6 +136,19 @@ def test_transfer_copies_exactly_the_named_layers():
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="conv1_2"):
         train.transfer_parameters(target_params, source_params, ("conv1_2",))
+
+    # Batch norm: a conv's BN goes with it; a source of the other family is refused.
+    config.model.batch_norm = True
+    bn_model = models.create_model_from_config(config)
+    bn_shapes = jax.eval_shape(bn_model.init, jax.random.key(0), images)["params"]
+    bn_source = jax.tree.map(lambda s: np.full(s.shape, 7.0, np.float32), bn_shapes)
+    bn_target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), bn_shapes)
+    new, copied = train.transfer_parameters(bn_target, bn_source, ("conv1_1", "fc8"))
+    assert copied == ["conv1_1", "conv1_1_bn", "fc8"]
+    assert float(new["conv1_1_bn"]["scale"][0]) == 7.0 and float(new["conv1_2_bn"]["scale"][0]) == 0
+    with pytest.raises(ValueError, match="with batch norm and this one is not; pass "
+                       "--config.model.batch_norm=True"):
+        train.transfer_parameters(target_params, bn_source, ())
 
 
 def _grain_iterator():
@@ -206,16 +225,17 @@ def test_an_incomplete_step_directory_is_ignored_on_resume(tmp_path):
 
 
 def test_training_loop_on_a_tfds_data_set(tmp_path):
-    """configs/small_datasets.py:cifar10 end to end through TFDS's data_source (mocked)."""
+    """configs/small_datasets.py:cifar10 end to end through TFDS's data_source (mocked),
+    with batch norm: a run stopped after one epoch and resumed ends bit-identical to an
+    uninterrupted one, and validation normalises with the checkpointed running averages."""
     import tensorflow_datasets as tfds
 
     from configs import small_datasets
     from vgg_jax.data import testing
 
-    rng = np.random.default_rng(0)
-
     def as_data_source(builder, split, decoders=None, **kwargs):
         del builder, decoders, kwargs
+        rng = np.random.default_rng(len(split))  # the same images in every run
         return [{"image": testing.encode(testing.smooth_image(rng, 32, 32), "PNG"),
                  "label": i % NUM_CLASSES, "id": f"{split}_{i}"}
                 for i in range(40 if split == "train" else 12)]
@@ -224,15 +244,35 @@ def test_training_loop_on_a_tfds_data_set(tmp_path):
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.num_workers = 0  # the mock lives in this process only
     config.model.width_divisor, config.model.fc_features = 16, 32
+    config.model.batch_norm = True
     config.train.num_epochs, config.train.batch_size, config.train.eval_batch_size = 2, 8, 8
     config.train.log_every_steps = 2
     config.progress_bar = False
     config.wandb.mode = "disabled"
+    first_epoch = config.copy_and_resolve_references()
+    first_epoch.train.num_epochs = 1
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
         metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+        train.train_and_evaluate(first_epoch, str(tmp_path / "resumed"))
+        resumed_metrics = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+        variables, loaded_config = checkpoint.load_variables(str(tmp_path / "run"), "latest")
+        mesh = parallel.create_mesh()
+        eval_step = jax.jit(train.make_eval_step(
+            models.create_model_from_config(loaded_config), config.data))
+        revalidated = train._validate(eval_step, variables, config, mesh)
+        initial_stats = {name: {"mean": np.zeros_like(s["mean"]), "var": np.ones_like(s["var"])}
+                         for name, s in variables["batch_stats"].items()}
+        fresh_stats = train._validate(
+            eval_step, dict(variables, batch_stats=initial_stats), config, mesh)
     assert metrics["val/count"] == 12
     assert np.isfinite(metrics["val/loss"])
-    assert checkpoint.load_variables(str(tmp_path / "run"))[1].data.name == "cifar10"
+    assert loaded_config.data.name == "cifar10" and loaded_config.model.batch_norm
+    resumed, _ = checkpoint.load_variables(str(tmp_path / "resumed"), "latest")
+    assert set(variables) == {"params", "batch_stats"}
+    jax.tree.map(np.testing.assert_array_equal, resumed, variables)
+    assert resumed_metrics == metrics
+    assert revalidated["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+    assert abs(fresh_stats["val/loss"] - metrics["val/loss"]) > 1e-3
 
 
 def test_bfloat16_step_convolves_in_bfloat16_and_donates_the_state():
