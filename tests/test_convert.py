@@ -42,6 +42,52 @@ def test_cli_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path, capsys
     jax.tree.map(np.testing.assert_array_equal, variables,
                  convert.from_torchvision(bn_sd, "vgg11_bn"))
 
+    # And back to a state dict: the same arrays (batches are not counted here).
+    exported = str(tmp_path / "exported.npz")
+    capsys.readouterr()
+    convert.main(["--workdir", str(tmp_path / "bn"), "--out", exported])
+    printed = capsys.readouterr().out
+    assert "vgg11_bn from step 0: a narrowed vgg11_bn" in printed
+    assert "Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))" in printed
+    with np.load(exported) as back:
+        assert sorted(back.files) == sorted(bn_sd)
+        for key, value in bn_sd.items():
+            if not key.endswith("num_batches_tracked"):
+                np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_export_of_a_net_torchvision_lacks_fails_in_one_line(tmp_path):
+    from configs import base
+
+    config = base.get_config()
+    config.model.version = "C"
+    checkpoint.save_variables(str(tmp_path), {"params": {"w": np.zeros(1, np.float32)}}, config)
+    with pytest.raises(SystemExit, match="^Conversion failed: torchvision has no VGG of "
+                       "configuration C"):
+        convert.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "c.pth")])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="torch and torchvision not installed")
+def test_pth_written_by_the_command_loads_into_torchvision_layers(tmp_path):
+    import torch
+    from torchvision.models import vgg
+
+    sd = reference.state_dict("A", image_size=32, batch_norm=True)
+    np.savez(str(tmp_path / "vgg11_bn.npz"), **sd)
+    convert.main([str(tmp_path / "vgg11_bn.npz"), "--version", "vgg11_bn",
+                  "--out", str(tmp_path / "run")])
+    path = str(tmp_path / "vgg11_bn.pth")
+    convert.main(["--workdir", str(tmp_path / "run"), "--out", path])
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["features.1.num_batches_tracked"].dtype == torch.int64
+    # torchvision's own layer builder, at our width divisor, takes the features strictly.
+    narrow = [c // WIDTH_DIVISOR if c != "M" else c for c in vgg.cfgs["A"]]
+    features = vgg.make_layers(narrow, batch_norm=True)
+    features.load_state_dict({k[len("features."):]: v for k, v in loaded.items()
+                              if k.startswith("features.")}, strict=True)
+    np.testing.assert_array_equal(features[1].running_var.numpy(), sd["features.1.running_var"])
+
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch installed")
 def test_pth_without_torch_names_the_fix(tmp_path):

@@ -33,6 +33,7 @@ from vgg_jax.torchvision_weights import (  # noqa: F401  (this module's Python A
     from_torchvision,
     infer_model_options,
     to_torchvision,
+    torchvision_name,
     torchvision_version,
 )
 
@@ -118,16 +119,95 @@ def convert_file(path: str, version: str, out: str) -> str:
     return checkpoint.save_variables(out, variables, converted_config(key, options))
 
 
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+    """Writes a state dict as a .pth (torch.save of tensors) or, for a .npz name, with numpy.
+
+    Args:
+      state_dict: key -> numpy array, e.g. from `to_torchvision`.
+      path: the file to write; a name ending in .npz is written with numpy.
+
+    Raises:
+      SystemExit: if the file is not .npz and PyTorch is not installed.
+    """
+    if path.endswith(".npz"):
+        np.savez(path, **state_dict)
+        return
+    try:
+        import torch
+    except ImportError as e:
+        raise SystemExit(
+            f"Writing {path} needs PyTorch: `pip install torch` (CPU wheels suffice), or "
+            "write a .npz (numpy) of the same keys.") from e
+    # Copies: torch.from_numpy refuses read-only arrays (device_get's) for writing.
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
+
+
+def export_file(path: str, out: str, step: int | str | None = None) -> str:
+    """Writes a checkpoint's net as a torchvision state dict (the inverse of `convert_file`).
+
+    Args:
+      path: a workdir (or weights directory) holding a net A, B, D or E.
+      out: the .pth (or .npz) file to write.
+      step: the checkpoint step: a number, "best", "latest" or None (best if any).
+
+    Returns:
+      How to use it from PyTorch: the constructor that loads it and the input
+      normalisation of the net's run, in torchvision's 0-1 terms.
+
+    Raises:
+      ValueError: if the path holds no checkpoint, or a net torchvision does not have.
+    """
+    from vgg_jax import checkpoint
+
+    variables, config, chosen = checkpoint.load_checkpoint(path, step)
+    batch_norm = bool(config.model.get("batch_norm", False))
+    name = torchvision_name(config.model.version, batch_norm)
+    save_state_dict(to_torchvision(variables, name), out)
+    m, d = config.model, config.data
+    if (m.width_divisor, m.fc_features, d.image_size) == (1, 4096, 224):
+        load = (f"torchvision.models.{name}(num_classes={m.num_classes})"
+                f".load_state_dict(torch.load({out!r}), strict=True)")
+    else:
+        load = (f"a narrowed {name} (width / {m.width_divisor}, FC {m.fc_features}, "
+                f"{d.image_size}x{d.image_size} crops) that torchvision's constructor cannot "
+                "build; the keys follow its layout")
+    mean = tuple(round(v / 255.0, 6) for v in d.mean_rgb)
+    std = tuple(round(v / 255.0, 6) for v in d.get("std_rgb", (1.0, 1.0, 1.0)))
+    return (f"{name} from step {chosen}: {load}; inputs after ToTensor(): "
+            f"Normalize(mean={mean}, std={std})")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: python -m vgg_jax.convert WEIGHTS --version V --out DIR."""
+    """Command line, both ways:
+
+    python -m vgg_jax.convert WEIGHTS --version V --out DIR   torchvision -> checkpoint
+    python -m vgg_jax.convert --workdir DIR [--step S] --out FILE.pth   checkpoint -> torch
+    """
     parser = argparse.ArgumentParser(
         prog="python -m vgg_jax.convert",
-        description="Convert torchvision VGG weights (vgg11/13/16/19) to a vgg-jax checkpoint.")
-    parser.add_argument("weights", help="torchvision state dict (.pth) or .npz of its keys")
-    parser.add_argument("--version", required=True,
+        description="Convert torchvision VGG weights (vgg11 ... vgg19, vgg11_bn ... vgg19_bn) "
+                    "to a vgg-jax checkpoint, or (--workdir) a checkpoint to a torchvision "
+                    "state dict.")
+    parser.add_argument("weights", nargs="?",
+                        help="torchvision state dict (.pth) or .npz of its keys")
+    parser.add_argument("--version",
                         help="A, B, D or E (or vgg11 ... vgg19, vgg11_bn ... vgg19_bn)")
-    parser.add_argument("--out", required=True, help="directory (workdir) to write")
+    parser.add_argument("--workdir", help="a run to export as a torchvision state dict")
+    parser.add_argument("--step", help="with --workdir: best, latest or a step number")
+    parser.add_argument("--out", required=True,
+                        help="directory (workdir) to write; with --workdir the .pth to write")
     args = parser.parse_args(argv)
+    if args.workdir:
+        if args.weights or args.version:
+            parser.error("--workdir exports a checkpoint; it takes no weight file or --version.")
+        try:
+            usage = export_file(args.workdir, args.out, args.step)
+        except ValueError as e:
+            sys.exit(f"Conversion failed: {e}")
+        print(f"Wrote {args.out}: {usage}")
+        return
+    if not args.weights or not args.version:
+        parser.error("pass a weight file and --version (or --workdir to export a checkpoint).")
     if not os.path.isfile(args.weights):
         parser.error(f"{args.weights} is not a file.")
     from vgg_jax import checkpoint
