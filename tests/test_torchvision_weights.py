@@ -129,11 +129,11 @@ def test_bad_state_dicts_are_clear_errors():
 def test_our_variables_go_to_torchvision_and_back_unchanged():
     model = create_model("B", num_classes=7, batch_norm=True, image_size=64, width_divisor=16,
                          fc_features=16)
-    variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    # Running statistics as training leaves them, not the initial zeros and ones.
-    variables["batch_stats"] = jax.tree.map(
-        lambda v: np.random.default_rng(v.size).uniform(0.5, 2, v.shape).astype(np.float32),
-        variables["batch_stats"])
+    # Random values in the model's own tree (running statistics included).
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda s: rng.uniform(0.5, 2, s.shape).astype(np.float32),
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
     sd = tw.to_torchvision(variables, "vgg13_bn")
     assert len(sd) == 10 * (2 + 5) + 3 * 2  # conv weight, bias and 5 BN keys; 3 FC layers
     assert tw.infer_model_options(sd, "B") == {
