@@ -107,11 +107,12 @@ def test_bad_state_dicts_are_clear_errors():
         tw.from_torchvision(sd, "C")
     # The wrong family, either way: one sentence naming the setting that fixes it.
     with pytest.raises(ValueError, match=r"^The state dict has no batch norm .* but vgg13_bn "
-                       r"was asked for; pass --config.model.batch_norm=False"):
+                       r"was asked for; it is a vgg13: pass --config.model.batch_norm=False "
+                       r"\(or name the net vgg13\)\.$"):
         tw.from_torchvision(sd, "vgg13_bn")
     bn_sd = reference.state_dict("B", batch_norm=True)
     with pytest.raises(ValueError, match=r"has batch norm \(features.1.running_mean\) but "
-                       r"vgg13 was asked for; pass --config.model.batch_norm=True"):
+                       r"vgg13 was asked for; it is a vgg13_bn: pass --config.model.batch_norm=True"):
         tw.from_torchvision(bn_sd, "B", batch_norm=False)
     with pytest.raises(ValueError, match="has 10 classes .* but the net asked for has 1000; "
                        "pass --config.model.num_classes=10"):

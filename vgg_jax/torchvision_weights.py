@@ -268,10 +268,11 @@ def check_family(state_dict: Mapping[str, Any], version: str, *,
     if claimed is not None and claimed != (found_key is not None):
         found = (f"has batch norm ({found_key})" if found_key
                  else "has no batch norm (no running_mean keys)")
+        actual = torchvision_name(version, found_key is not None)
         raise ValueError(
             f"The state dict {found} but {torchvision_name(version, claimed)} was asked for; "
-            f"pass --config.model.batch_norm={found_key is not None} (in Python "
-            f"version={torchvision_name(version, found_key is not None)!r}).")
+            f"it is a {actual}: pass --config.model.batch_norm={found_key is not None} "
+            f"(or name the net {actual}).")
     key = torchvision_version(version)
     classes = _shape(clean_keys(state_dict), "classifier.6.weight", key)[0]
     if num_classes is not None and classes != num_classes:
