@@ -8,9 +8,10 @@ iterator's position) is checkpointed together, so a killed run continues exactly
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -248,6 +249,9 @@ def transfer_parameters(params, source_params, layers: Iterable[str]):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains with periodic validation and checkpoints; resumes from the workdir if possible.
 
+    The phases: set-up (mesh, checkpoints, net, optimiser, data), resume or weight transfer,
+    the learning rate pushed from the plateau schedule, then the loop (`_Loop.run`).
+
     Args:
       config: a validated run config.
       workdir: where checkpoints, metrics.jsonl and wandb files go.
@@ -256,168 +260,270 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       The metrics of the last validation.
     """
     mesh = parallel.create_mesh()
-    process_index, process_count = jax.process_index(), jax.process_count()
     tc = config.train
-    accum = tc.grad_accum_steps
-    micro_batch = tc.batch_size // accum
-
     manager = checkpoint.create_manager(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
     )
+    resume_step = _check_resume(manager, config, workdir)
+
+    model = create_model_from_config(config)
+    state = create_train_state(model, optim.create_optimizer(tc), config.seed, mesh)
+    plateau = optim.plateau_init(tc)
+    counts = StepCounts.from_config(config)
+    train_iter = iter(pipeline.train_dataset(
+        config.data, global_batch_size=counts.micro_batch, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    ))
+
+    last_eval = {}
+    if resume_step is not None:
+        state, plateau, last_eval = _restore(manager, resume_step, state, plateau, train_iter)
+    elif config.init_from:
+        state = _initialise_from(state, config, mesh)
+    # The learning rate lives in the optimiser state, set from the plateau schedule.
+    state = _set_learning_rate(state, optim.plateau_lr_scale(plateau, tc), tc)
+
+    start_step = resume_step or 0
+    loop = _Loop(
+        config=config, counts=counts, train_step=jit_train_step(model, config.data),
+        validate=validation_fn(model, config, mesh), mesh=mesh, train_iter=train_iter,
+        manager=manager, state=state, plateau=plateau, step=start_step, last_eval=last_eval,
+        last_saved=resume_step,
+        writer=writers.create_writer(
+            config, workdir, is_main_process=jax.process_index() == 0,
+            total_steps=counts.total_steps, initial_step=start_step),
+        preemption=stop_signals.StopSignals(),
+        profiler=profiling.StepProfiler(workdir, tc.profile_first_step, tc.profile_num_steps),
+    )
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    return loop.last_eval
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCounts:
+    """The run's step counts, fixed by its config.
+
+    Attributes:
+      micro_batch: images per train-step call (the batch over the accumulation steps).
+      steps_per_epoch: loop steps in one epoch (every training image once, in whole
+        optimiser steps).
+      total_steps: loop steps in the whole run.
+    """
+
+    micro_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> StepCounts:
+        """The counts of `config`'s run (reads the training split's size)."""
+        tc = config.train
+        accum = tc.grad_accum_steps
+        num_train = pipeline.num_examples(config.data, config.data.train_split)
+        steps_per_epoch = (num_train // tc.batch_size) * accum
+        return cls(micro_batch=tc.batch_size // accum, steps_per_epoch=steps_per_epoch,
+                   total_steps=steps_per_epoch * tc.num_epochs)
+
+
+def validation_fn(model: VGG, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """The validation that training runs after each epoch: variables -> val/ metrics.
+
+    Args:
+      model: the net.
+      config: the run config (data, eval batch size).
+      mesh: the data mesh.
+
+    Returns:
+      A function of the replicated variables returning {val/loss, val/top1_error,
+      val/top5_error, val/count}.
+    """
+    eval_step = jax.jit(make_eval_step(model, config.data))
+    return lambda variables: _validate(eval_step, variables, config, mesh)
+
+
+def _check_resume(manager, config: ml_collections.ConfigDict, workdir: str) -> int | None:
+    """The step to resume from (None for a fresh run), once the saved run is known to be
+    continuable under `config`."""
     resume_step = checkpoint.latest_complete_step(manager)
     if resume_step is not None:
         # Before any work: a resume under other settings would fail deep in orbax or grain,
         # or worse, go on with a wrong step count.
         saved_config = checkpoint.read_meta(manager, resume_step).get("config") or {}
         config_checks.check_resumable(saved_config, config, workdir)
+    return resume_step
 
-    model = create_model_from_config(config)
-    tx = optim.create_optimizer(tc)
-    state = create_train_state(model, tx, config.seed, mesh)
-    plateau = optim.plateau_init(tc)
 
-    train_ds = pipeline.train_dataset(
-        config.data, global_batch_size=micro_batch, seed=config.seed,
-        process_index=process_index, process_count=process_count,
+def _restore(manager, step: int, state: TrainState, plateau, train_iter):
+    """Restores state, plateau state and data position of `step`; returns (state, plateau,
+    the metrics of its last validation)."""
+    params, train, meta, batch_stats = checkpoint.restore_training(
+        manager, step, params_target=state.params,
+        train_target=_train_item(state, plateau), data_iterator=train_iter,
+        batch_stats_target=state.batch_stats,
     )
-    train_iter = iter(train_ds)
-    num_train = pipeline.num_examples(config.data, config.data.train_split)
-    # One epoch = every training image once, in whole optimiser steps.
-    steps_per_epoch = (num_train // tc.batch_size) * accum
-    total_steps = steps_per_epoch * tc.num_epochs
+    state = state.replace(params=params, step=train["step"], opt_state=train["opt_state"],
+                          rng=train["rng"], batch_stats=batch_stats)
+    logging.info("Resumed from step %d of %s.", step, manager.directory)
+    return state, train["plateau"], meta.get("metrics") or {}
 
-    start_step, last_eval = 0, {}
-    if resume_step is not None:
-        start_step = resume_step
-        params, train, meta, batch_stats = checkpoint.restore_training(
-            manager, start_step, params_target=state.params,
-            train_target=_train_item(state, plateau), data_iterator=train_iter,
-            batch_stats_target=state.batch_stats,
-        )
-        state = state.replace(params=params, step=train["step"], opt_state=train["opt_state"],
-                              rng=train["rng"], batch_stats=batch_stats)
-        plateau = train["plateau"]
-        last_eval = meta.get("metrics") or {}
-        logging.info("Resumed from step %d of %s.", start_step, manager.directory)
-    elif config.init_from:
-        try:
-            source, _ = checkpoint.load_variables(config.init_from)
-        except ValueError as error:
-            raise config_checks.ConfigError(
-                f"config.init_from={config.init_from!r}: {error}") from None
-        params, copied = transfer_parameters(
-            jax.device_get(state.params), source["params"], string_list(config.init_from_layers))
-        # The copied batch norms bring their running statistics.
-        batch_stats = {name: source["batch_stats"][name] if name in copied else value
-                       for name, value in jax.device_get(state.batch_stats).items()}
-        state = state.replace(params=parallel.replicate(params, mesh),
-                              batch_stats=parallel.replicate(batch_stats, mesh))
-        logging.info("Initialised %s from %s.", ", ".join(copied), config.init_from)
-    # The learning rate lives in the optimiser state, set from the plateau schedule.
-    state = state.replace(opt_state=optim.set_learning_rate(
-        state.opt_state, tc.learning_rate * optim.plateau_lr_scale(plateau, tc)))
 
-    train_step = jit_train_step(model, config.data)
-    eval_step = jax.jit(make_eval_step(model, config.data))
-
-    writer = writers.create_writer(
-        config, workdir, is_main_process=process_index == 0,
-        total_steps=total_steps, initial_step=start_step,
-    )
-    preemption = stop_signals.StopSignals()
-    profiler = profiling.StepProfiler(workdir, tc.profile_first_step, tc.profile_num_steps)
-    pending: list[Mapping[str, jax.Array]] = []
-    last_saved = start_step if resume_step is not None else None
-    log_start = time.perf_counter()
-    step = start_step
-    # A run that already stopped on the plateau rule stays stopped when restarted.
-    stalled = bool(np.asarray(plateau.should_stop))
+def _initialise_from(state: TrainState, config: ml_collections.ConfigDict, mesh) -> TrainState:
+    """The paper's initialisation: `config.init_from_layers` copied from `config.init_from`."""
     try:
-        while step < total_steps and not stalled:
-            batch = parallel.shard_batch(next(train_iter), mesh)
-            profiler.before_step(step + 1)
-            state, metrics = train_step(state, batch)
-            profiler.after_step(step + 1, (state, metrics))
-            pending.append(metrics)
-            step += 1
-            writer.advance(step)
-            epoch_end = step % steps_per_epoch == 0
-            epoch = step // steps_per_epoch
-            preempted = preemption.reached(step)
+        source, _ = checkpoint.load_variables(config.init_from)
+    except ValueError as error:
+        raise config_checks.ConfigError(
+            f"config.init_from={config.init_from!r}: {error}") from None
+    params, copied = transfer_parameters(
+        jax.device_get(state.params), source["params"], string_list(config.init_from_layers))
+    # The copied batch norms bring their running statistics.
+    batch_stats = {name: source["batch_stats"][name] if name in copied else value
+                   for name, value in jax.device_get(state.batch_stats).items()}
+    logging.info("Initialised %s from %s.", ", ".join(copied), config.init_from)
+    return state.replace(params=parallel.replicate(params, mesh),
+                         batch_stats=parallel.replicate(batch_stats, mesh))
 
-            if step % tc.log_every_steps == 0 or epoch_end:
-                _check_finite(pending, step, last_saved)
-                elapsed = time.perf_counter() - log_start
-                scalars = _train_scalars(pending, micro_batch, elapsed)
-                scalars[names.LEARNING_RATE] = float(optim.get_learning_rate(state.opt_state))
-                scalars[names.EPOCH] = step / steps_per_epoch
-                writer.write_scalars(step, scalars)
-                pending, log_start = [], time.perf_counter()
 
-            if epoch_end and epoch % tc.eval_every_epochs == 0:
-                last_eval = _validate(eval_step, state.variables, config, mesh)
-                writer.write_scalars(step, {**last_eval, names.EPOCH: epoch})
-                plateau, decision = optim.plateau_update(
-                    plateau, optim.monitored_metric(last_eval, tc), tc)
-                if decision.reduced:
-                    writer.log_text(f"Validation stalled: learning rate cut to "
-                                    f"{tc.learning_rate * decision.lr_scale:.2e}.")
-                state = state.replace(opt_state=optim.set_learning_rate(
-                    state.opt_state, tc.learning_rate * decision.lr_scale))
-                stalled = decision.should_stop
-                _save(manager, step, state, plateau, train_iter, config, epoch, last_eval)
-                last_saved = step
-            elif step % tc.checkpoint_every_steps == 0 or preempted:
-                _check_finite(pending, step, last_saved)
-                _save(manager, step, state, plateau, train_iter, config, epoch, last_eval)
-                last_saved = step
-            if stalled:
-                writer.log_text(f"Stopping at step {step}: validation stalled after the last "
-                                "learning-rate cut.")
+def _set_learning_rate(state: TrainState, lr_scale: float, tc) -> TrainState:
+    return state.replace(opt_state=optim.set_learning_rate(
+        state.opt_state, tc.learning_rate * lr_scale))
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The training loop: the state it carries from step to step, and its phases (train
+    step, log, finiteness check, validation, plateau rule, checkpoint, stop) as methods."""
+
+    config: ml_collections.ConfigDict
+    counts: StepCounts
+    train_step: Callable
+    validate: Callable[[Mapping[str, Any]], dict[str, float]]
+    mesh: jax.sharding.Mesh
+    train_iter: Any
+    manager: Any
+    writer: writers.MetricWriter
+    preemption: stop_signals.StopSignals
+    profiler: profiling.StepProfiler
+    state: TrainState
+    plateau: optim.PlateauState
+    step: int
+    last_eval: dict[str, float]
+    last_saved: int | None
+    pending: list[Mapping[str, jax.Array]] = dataclasses.field(default_factory=list)
+    log_start: float = dataclasses.field(default_factory=time.perf_counter)
+    stalled: bool = False
+
+    def run(self) -> None:
+        """Steps until the last epoch, a stall after the last learning-rate cut, or a stop
+        signal; saves the final step and reports the outcome."""
+        tc, total = self.config.train, self.counts.total_steps
+        # A run that already stopped on the plateau rule stays stopped when restarted.
+        self.stalled = bool(np.asarray(self.plateau.should_stop))
+        while self.step < total and not self.stalled:
+            self._train_step()
+            preempted = self.preemption.reached(self.step)
+            epoch_end = self.step % self.counts.steps_per_epoch == 0
+            if self.step % tc.log_every_steps == 0 or epoch_end:
+                self._log()
+            if epoch_end and self._epoch() % tc.eval_every_epochs == 0:
+                self._validate_and_adjust()
+                self._save()
+            elif self.step % tc.checkpoint_every_steps == 0 or preempted:
+                self._check_finite()
+                self._save()
+            if self.stalled:
+                self.writer.log_text(f"Stopping at step {self.step}: validation stalled after "
+                                     "the last learning-rate cut.")
                 break
             if preempted:
-                writer.log_text(f"{preemption.signal_name}: saved step {step}; rerun the same "
-                                "command to resume.")
+                self.writer.log_text(f"{self.preemption.signal_name}: saved step {self.step}; "
+                                     "rerun the same command to resume.")
                 break
-        if step == total_steps and last_saved != step:
-            _save(manager, step, state, plateau, train_iter, config, step // steps_per_epoch,
-                  last_eval)
-        if last_eval:
-            outcome = "Finished" if step == total_steps or stalled else "Stopped"
-            top1, top5 = last_eval[names.VAL_TOP1_ERROR], last_eval[names.VAL_TOP5_ERROR]
-            writer.log_text(
-                f"{outcome} at step {step}; last validation: top-1 error {100 * top1:.2f}% "
-                f"(accuracy {100 * (1 - top1):.2f}%), top-5 error {100 * top5:.2f}%. "
-                f"Checkpoints: {manager.directory}")
-    finally:
-        profiler.close()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        if self.step == total and self.last_saved != self.step:
+            self._save()
+        self._report()
+
+    def _epoch(self) -> int:
+        return self.step // self.counts.steps_per_epoch
+
+    def _train_step(self) -> None:
+        batch = parallel.shard_batch(next(self.train_iter), self.mesh)
+        self.profiler.before_step(self.step + 1)
+        self.state, metrics = self.train_step(self.state, batch)
+        self.profiler.after_step(self.step + 1, (self.state, metrics))
+        self.pending.append(metrics)
+        self.step += 1
+        self.writer.advance(self.step)
+
+    def _log(self) -> None:
+        """Writes the training metrics since the last log (after the finiteness check)."""
+        self._check_finite()
+        elapsed = time.perf_counter() - self.log_start
+        scalars = _train_scalars(self.pending, self.counts.micro_batch, elapsed)
+        scalars[names.LEARNING_RATE] = float(optim.get_learning_rate(self.state.opt_state))
+        scalars[names.EPOCH] = self.step / self.counts.steps_per_epoch
+        self.writer.write_scalars(self.step, scalars)
+        self.pending, self.log_start = [], time.perf_counter()
+
+    def _check_finite(self) -> None:
+        _check_finite(self.pending, self.step, self.last_saved)
+
+    def _validate_and_adjust(self) -> None:
+        """Validation, then the plateau rule: it may cut the learning rate or stop the run."""
+        tc = self.config.train
+        self.last_eval = self.validate(self.state.variables)
+        self.writer.write_scalars(self.step, {**self.last_eval, names.EPOCH: self._epoch()})
+        self.plateau, decision = optim.plateau_update(
+            self.plateau, optim.monitored_metric(self.last_eval, tc), tc)
+        if decision.reduced:
+            self.writer.log_text(f"Validation stalled: learning rate cut to "
+                                 f"{tc.learning_rate * decision.lr_scale:.2e}.")
+        self.state = _set_learning_rate(self.state, decision.lr_scale, tc)
+        self.stalled = decision.should_stop
+
+    def _save(self) -> None:
+        checkpoint.save(
+            self.manager, self.step, params=self.state.params,
+            batch_stats=self.state.batch_stats,
+            train=_train_item(self.state, self.plateau),
+            data_iterator=self.train_iter,
+            meta={"config": checkpoint.config_to_json(self.config), "epoch": self._epoch(),
+                  "metrics": dict(self.last_eval)},
+            metrics=self.last_eval,
+        )
+        self.last_saved = self.step
+
+    def _report(self) -> None:
+        if not self.last_eval:
+            return
+        finished = self.step == self.counts.total_steps or self.stalled
+        top1, top5 = self.last_eval[names.VAL_TOP1_ERROR], self.last_eval[names.VAL_TOP5_ERROR]
+        self.writer.log_text(
+            f"{'Finished' if finished else 'Stopped'} at step {self.step}; last validation: "
+            f"top-1 error {100 * top1:.2f}% (accuracy {100 * (1 - top1):.2f}%), top-5 error "
+            f"{100 * top5:.2f}%. Checkpoints: {self.manager.directory}")
+
+    def close(self) -> None:
+        """Waits for the last checkpoint and releases files, workers and signal handlers."""
+        self.profiler.close()
+        self.manager.wait_until_finished()
+        self.manager.close()
+        self.writer.close()
         # On CPU, jax arrays alias the batches' shared memory; collect them before grain's
         # workers stop, so every shared-memory block is unlinked rather than leaked.
-        batch = None
+        self.pending = []
         gc.collect()
-        train_iter.close()
-        preemption.restore()
-    return last_eval
+        self.train_iter.close()
+        self.preemption.restore()
 
 
 def _train_item(state: TrainState, plateau) -> dict[str, Any]:
     # The plateau state is tiny and host-side: numpy, so every process holds the same copy.
     return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
             "plateau": jax.device_get(plateau)}
-
-
-def _save(manager, step, state, plateau, train_iter, config, epoch, metrics):
-    checkpoint.save(
-        manager, step, params=state.params, batch_stats=state.batch_stats,
-        train=_train_item(state, plateau),
-        data_iterator=train_iter,
-        meta={"config": checkpoint.config_to_json(config), "epoch": epoch,
-              "metrics": dict(metrics)},
-        metrics=metrics,
-    )
 
 
 def _check_finite(pending, step: int, last_saved: int | None) -> None:
