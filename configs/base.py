@@ -121,7 +121,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.plateau_threshold = 1e-3
     config.train.plateau_max_reductions = 3
     config.train.plateau_monitor = "val/top1_error"
-    # Cadences.
+    # Cadences, in optimiser steps (one step = batch_size images, whatever grad_accum_steps).
     config.train.log_every_steps = 100
     config.train.eval_every_epochs = 1
     config.train.checkpoint_every_steps = 2000

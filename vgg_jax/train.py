@@ -304,15 +304,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 @dataclasses.dataclass(frozen=True)
 class StepCounts:
-    """The run's step counts, fixed by its config.
+    """The run's step counts, fixed by its config. A step is one optimiser update: under
+    gradient accumulation it runs `accum_steps` train-step calls on micro-batches, and every
+    count the user sees (progress, log and checkpoint cadences, metrics' step, epoch,
+    checkpoint numbers) is in these steps.
 
     Attributes:
+      accum_steps: train-step calls per optimiser step (config.train.grad_accum_steps).
       micro_batch: images per train-step call (the batch over the accumulation steps).
-      steps_per_epoch: loop steps in one epoch (every training image once, in whole
-        optimiser steps).
-      total_steps: loop steps in the whole run.
+      steps_per_epoch: optimiser steps in one epoch (every training image once, in whole
+        steps).
+      total_steps: optimiser steps in the whole run.
     """
 
+    accum_steps: int
     micro_batch: int
     steps_per_epoch: int
     total_steps: int
@@ -321,11 +326,11 @@ class StepCounts:
     def from_config(cls, config: ml_collections.ConfigDict) -> StepCounts:
         """The counts of `config`'s run (reads the training split's size)."""
         tc = config.train
-        accum = tc.grad_accum_steps
         num_train = pipeline.num_examples(config.data, config.data.train_split)
-        steps_per_epoch = (num_train // tc.batch_size) * accum
-        return cls(micro_batch=tc.batch_size // accum, steps_per_epoch=steps_per_epoch,
-                   total_steps=steps_per_epoch * tc.num_epochs)
+        steps_per_epoch = num_train // tc.batch_size
+        return cls(accum_steps=tc.grad_accum_steps,
+                   micro_batch=tc.batch_size // tc.grad_accum_steps,
+                   steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * tc.num_epochs)
 
 
 def validation_fn(model: VGG, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -450,11 +455,15 @@ class _Loop:
         return self.step // self.counts.steps_per_epoch
 
     def _train_step(self) -> None:
-        batch = parallel.shard_batch(next(self.train_iter), self.mesh)
+        """One optimiser step: `accum_steps` micro-batches (the optimiser state accumulates
+        their gradients and updates on the last), so a checkpoint, taken only between
+        steps, never holds a partial accumulation."""
         self.profiler.before_step(self.step + 1)
-        self.state, metrics = self.train_step(self.state, batch)
+        for _ in range(self.counts.accum_steps):
+            batch = parallel.shard_batch(next(self.train_iter), self.mesh)
+            self.state, metrics = self.train_step(self.state, batch)
+            self.pending.append(metrics)
         self.profiler.after_step(self.step + 1, (self.state, metrics))
-        self.pending.append(metrics)
         self.step += 1
         self.writer.advance(self.step)
 
