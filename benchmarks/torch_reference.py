@@ -1,4 +1,4 @@
-"""The PyTorch reference of benchmarks/train_step.py --compare-torch: torchvision's VGG.
+"""The PyTorch reference of benchmarks/train_step.py --compare_torch: torchvision's VGG.
 
 Times torchvision's VGG of the same configuration (A, B, D, E = vgg11/13/16/19; narrowed
 nets use torchvision's VGG class with scaled channels and a matching head) with bf16
@@ -30,8 +30,8 @@ def torch_train_step_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
 
     Args:
       spec: the net, batch, optimiser and timing settings as plain values that pickle
-        into the child (built by train_step.py's `_torch_spec`): version, torchvision_name,
-        width_divisor, fc_features, num_classes, dropout, image_size, head_window,
+        into the child (built by `benchmarks.speed.torch_compare.torch_spec`): version,
+        torchvision_name, width_divisor, fc_features, num_classes, dropout, image_size, head_window,
         compute_dtype, batch, lr, momentum, weight_decay, mean_rgb, std_rgb, steps,
         warmup, compile.
 

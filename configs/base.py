@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     # grain: worker processes decoding images (0 = in the main process) and prefetching.
     config.data.num_workers = 8
     config.data.prefetch_buffer_size = 2
+    # Batches transferred to the devices ahead of the step by a background thread, so the
+    # step never waits for its batch (0 = fetch and transfer each batch in the loop).
+    config.data.device_prefetch = 2
     # Where source "digits" writes its image folder (~ is expanded).
     config.data.cache_dir = "~/.cache/vgg_jax"
 

@@ -76,8 +76,8 @@ def test_narrowed_net_and_dense_evaluation_size():
 
 
 SMALL = [
-    "--config.model.width_divisor=16", "--config.model.fc_features=64", "--image-size=32",
-    "--batch-size=8", "--steps=3", "--warmup=1",
+    "--config.model.width_divisor=16", "--config.model.fc_features=64", "--image_size=32",
+    "--batch_size=8", "--steps=3", "--warmup=1",
 ]
 
 
@@ -96,7 +96,7 @@ def _positive(value):
 def test_train_step_benchmark_runs_on_cpu(tmp_path):
     torch_installed = importlib.util.find_spec("torch") is not None
     results, stdout = _run(
-        ["--config=configs/vgg_d.py", "--compare-torch", "--notorch-compile"], tmp_path, "step")
+        ["--config=configs/vgg_d.py", "--compare_torch", "--notorch_compile"], tmp_path, "step")
     step = results["step"]
     for key in ("images_per_s", "images_per_s_back_to_back", "tflops", "compile_s",
                 "step_s_median", "train_flops_per_image", "forward_macs_per_image"):
@@ -109,18 +109,30 @@ def test_train_step_benchmark_runs_on_cpu(tmp_path):
     if torch_installed:
         assert _positive(results["torch"]["jax_over_torch"])
     else:
-        assert "torch/torchvision not importable" in stdout and "torch" not in results
+        assert "torch/torchvision not importable" in stdout
+        assert "not importable" in results["torch"]["skipped"]
 
 
 def test_training_loop_benchmark_runs_on_cpu(tmp_path):
     results, stdout = _run(
         ["--config=configs/vgg_c.py", "--mode=loop", "--config.data.num_workers=1",
-         "--jpeg-size=48x64", "--num-images=16", "--compare-torch", "--max-batch"],
+         "--jpeg_size=48x64", "--num_images=16", "--compare_torch", "--max_batch",
+         "--feeders=thread,grain"],
         tmp_path, "loop")
     loop = results["loop"]
-    for key in ("images_per_s", "fraction_of_synthetic", "wall_s", "startup_s"):
-        assert _positive(loop[key]), (key, loop[key])
-    assert 0 <= loop["data_wait_fraction"] <= 1 and loop["bound_by"]
+    assert list(loop["feeders"]) == ["thread", "grain"]
+    for feeder in loop["feeders"].values():
+        for key in ("images_per_s", "fraction_of_synthetic", "wall_s", "startup_s",
+                    "on_step_s"):
+            assert _positive(feeder[key]), (key, feeder[key])
+        assert 0 <= feeder["blocked_fraction"] <= 1
+        assert feeder["bound_by"] in ("step", "data", "transfer", "input")
+    thread = loop["feeders"]["thread"]
+    assert thread["depth"] == 2 and thread["feeder"] == loop["feeder"] == "thread"
+    # Our thread tells the two input waits apart; the parts add up to the whole wait.
+    assert thread["blocked_on_data_s"] + thread["blocked_on_transfer_s"] == pytest.approx(
+        thread["blocked_on_input_s"], rel=0.05, abs=0.02)
+    assert loop["feeders"]["grain"]["blocked_on_data_s"] is None
     assert _positive(results["step"]["images_per_s"])
-    assert "unsupported for VGG-C" in stdout
+    assert "unsupported for VGG-C" in stdout and "unsupported" in results["torch"]["skipped"]
     assert "skipped on CPU" in stdout and results["max_batch"] is None

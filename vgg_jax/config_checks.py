@@ -97,6 +97,9 @@ def validate_config(
     _require(d.num_workers >= 0, f"config.data.num_workers={d.num_workers} must be 0 or more.")
     _require(d.prefetch_buffer_size >= 1,
              f"config.data.prefetch_buffer_size={d.prefetch_buffer_size} must be at least 1.")
+    _require(d.device_prefetch >= 0,
+             f"config.data.device_prefetch={d.device_prefetch} must be 0 (no prefetch) or "
+             "more.")
     _require(d.colour_shift_std >= 0,
              f"config.data.colour_shift_std={d.colour_shift_std} must be >= 0 (0 turns the "
              "colour shift off; the paper: 0.1).")
