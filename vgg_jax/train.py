@@ -25,7 +25,7 @@ from flax.training import train_state
 from vgg_jax import checkpoint, config_checks, optim, parallel, profiling, stop_signals, writers
 from vgg_jax import metric_names as names
 from vgg_jax.config_values import string_list
-from vgg_jax.data import pipeline
+from vgg_jax.data import device_prefetch, pipeline
 from vgg_jax.models import BN_SUFFIX, VGG, create_model_from_config
 from vgg_jax.preprocess import normalize_images
 
@@ -270,10 +270,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = create_train_state(model, optim.create_optimizer(tc), config.seed, mesh)
     plateau = optim.plateau_init(tc)
     counts = StepCounts.from_config(config)
-    train_iter = iter(pipeline.train_dataset(
+    # Batches reach the devices on a background thread, `device_prefetch` ahead of the step;
+    # checkpoints record the position of the batches consumed.
+    train_iter = device_prefetch.on_devices(iter(pipeline.train_dataset(
         config.data, global_batch_size=counts.micro_batch, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-    ))
+    )), mesh, config.data.device_prefetch)
 
     last_eval = {}
     if resume_step is not None:
@@ -460,8 +462,7 @@ class _Loop:
         steps, never holds a partial accumulation."""
         self.profiler.before_step(self.step + 1)
         for _ in range(self.counts.accum_steps):
-            batch = parallel.shard_batch(next(self.train_iter), self.mesh)
-            self.state, metrics = self.train_step(self.state, batch)
+            self.state, metrics = self.train_step(self.state, next(self.train_iter))
             self.pending.append(metrics)
         self.profiler.after_step(self.step + 1, (self.state, metrics))
         self.step += 1
