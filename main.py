@@ -141,9 +141,9 @@ def main(argv):
 
             train.train_and_evaluate(config, workdir)
         else:
-            from vgg_jax import evaluate
+            from vgg_jax.evaluation import run
 
-            evaluate.run_evaluation(config, workdir, step=_STEP.value)
+            run.run_evaluation(config, workdir, step=_STEP.value)
     except config_checks.ConfigError as error:
         sys.exit(f"Config error: {error}")
     except FloatingPointError as error:

@@ -15,7 +15,7 @@ layers); Glorot initialisation, the default here, trains them from scratch as we
 follow the paper, add
   --config.init_from=runs/vgg_a \
   --config.init_from_layers="('conv1_1','conv2_1','conv3_1','conv3_2','fc6','fc7','fc8')"
-Each net's file lists the paper's results for it (vgg_jax/paper_results.py holds them all).
+Each net's file lists the paper's results for it (vgg_jax/evaluation/paper.py holds them all).
 """
 
 import ml_collections

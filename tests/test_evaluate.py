@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from configs import base
-from vgg_jax import checkpoint, eval_plan, eval_results, evaluate, paper_results
+from vgg_jax import checkpoint
 from vgg_jax.data import testing, transforms
+from vgg_jax.evaluation import plan, protocols, results
+from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
+from vgg_jax.evaluation.protocols import Protocol, class_probabilities
+from vgg_jax.evaluation.run import load_net, run_evaluation
 from vgg_jax.models import create_model
 
 NUM_CLASSES = 10
@@ -39,7 +43,7 @@ def random_params(model, seed=0):
 @pytest.fixture(scope="module")
 def net():
     model = tiny_model()
-    return evaluate.EvalNet("A", model, {"params": random_params(model)}, MEAN, STD, (32, 32))
+    return EvalNet("A", model, {"params": random_params(model)}, MEAN, STD, (32, 32))
 
 
 def random_images(sizes, seed=0):
@@ -47,32 +51,35 @@ def random_images(sizes, seed=0):
     return [testing.smooth_image(rng, h, w, cell=4) for h, w in sizes]
 
 
-def run(nets, images, labels=None, **kwargs):
+def evaluator(nets, images, labels=None, *, protocol="single_crop", scales=(32,), batch_size=8,
+              multi_crop_grid=5, flip=True):
     labels = labels if labels is not None else np.arange(len(images)) % NUM_CLASSES
-    kwargs.setdefault("scales", (32,))
-    kwargs.setdefault("batch_size", 8)
-    kwargs.setdefault("num_threads", 0)
-    kwargs.setdefault("progress_bar", False)
-    return evaluate.evaluate_nets(nets, eval_plan.ArrayImages(images, labels),
-                                  return_probabilities=True, **kwargs)
+    source = images if isinstance(images, testing.ArrayImages) else testing.ArrayImages(
+        images, labels)
+    return Evaluator(source, Protocol(protocol, scales, multi_crop_grid, flip),
+                     nets[0].model.image_size, batch_size=batch_size, num_threads=0)
+
+
+def run(nets, images, labels=None, **kwargs):
+    return evaluator(nets, images, labels, **kwargs).run(nets, keep_probabilities=True)
 
 
 def by_index(result):
-    order = np.argsort(result["indices"])
-    return result["probabilities"][order]
+    order = np.argsort(result.indices)
+    return result.probabilities[order]
 
 
 def test_test_scales_follow_the_paper():
-    assert paper_results.test_scales((), 256, 256) == (256,)
-    assert paper_results.test_scales((), 256, 256, multi_scale=True) == (224, 256, 288)
-    assert paper_results.test_scales((), 256, 512) == (384,)
-    assert paper_results.test_scales((), 256, 512, multi_scale=True) == (256, 384, 512)
-    assert paper_results.test_scales((300, 400), 256, 256, multi_scale=True) == (300, 400)
+    assert protocols.scales_for((256, 256)) == (256,)
+    assert protocols.scales_for((256, 256), multi_scale=True) == (224, 256, 288)
+    assert protocols.scales_for((256, 512)) == (384,)
+    assert protocols.scales_for((256, 512), multi_scale=True) == (256, 384, 512)
+    assert protocols.scales_for((256, 256), True, explicit=(300, 400)) == (300, 400)
 
 
 def test_unknown_protocol_is_a_clear_error(net):
     with pytest.raises(ValueError, match="config.eval.protocol"):
-        evaluate.protocol_components("ten_crop")
+        protocols.components("ten_crop")
     with pytest.raises(ValueError, match="smaller than the crop"):
         run([net], random_images([(32, 32)]), scales=(16,))
 
@@ -88,7 +95,7 @@ def test_dense_score_map_shape(image_size, height, width):
 
 
 def _reference_probabilities(net, views):
-    return np.stack([evaluate.class_probabilities(
+    return np.stack([class_probabilities(
         net.model, MEAN, STD, False, net.variables, jnp.asarray(view)[None, None])[0]
         for view in views])
 
@@ -108,20 +115,20 @@ def test_dense_equals_single_crop_when_rescaled_to_image_size(net):
     np.testing.assert_allclose(by_index(dense), expected, rtol=1e-5, atol=1e-7)
     single = run([net], images, protocol="single_crop")
     expected = _reference_probabilities(
-        net, [transforms.centre_view(eval_plan.png_bytes(image), 32, 32) for image in images])
+        net, [transforms.centre_view(testing.png_bytes(image), 32, 32) for image in images])
     np.testing.assert_allclose(by_index(single), expected, rtol=1e-5, atol=1e-7)
     # And the on-device core agrees with a plain forward pass.
     view = jnp.asarray(random_images([(32, 32)])[0])[None]
     x = (view.astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
     expected = jax.nn.softmax(net.model.apply(net.variables, x))
-    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.variables, view[:, None])
+    got = class_probabilities(net.model, MEAN, STD, False, net.variables, view[:, None])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_flip_averaging_is_symmetric(net):
     image = random_images([(64, 96)])[0]
     views = jnp.asarray(np.stack([image, image[:, ::-1]]))[:, None]
-    probs = evaluate.class_probabilities(net.model, MEAN, STD, True, net.variables, views)
+    probs = class_probabilities(net.model, MEAN, STD, True, net.variables, views)
     np.testing.assert_allclose(probs[0], probs[1], rtol=1e-5, atol=1e-7)
     # Whole protocols on mirrored images (sizes whose crops and grids are mirror-symmetric).
     images = random_images([(64, 96), (32, 64), (96, 64)], seed=1)
@@ -135,9 +142,9 @@ def test_flip_averaging_is_symmetric(net):
 @pytest.mark.parametrize("grid", [1, 3, 5])
 def test_multi_crop_makes_grid_squared_times_two_crops(grid):
     image = random_images([(40, 56)])[0]
-    views = eval_plan.protocol_views(image, "multi_crop", 32, grid)
+    views = transforms.protocol_views(image, "multi_crop", 32, grid)
     assert views.shape == (2 * grid * grid, 32, 32, 3)
-    assert len(eval_plan.protocol_views(image, "multi_crop", 32, grid, flip=False)) == grid**2
+    assert len(transforms.protocol_views(image, "multi_crop", 32, grid, flip=False)) == grid**2
     np.testing.assert_array_equal(views[grid * grid:], views[: grid * grid, :, ::-1])
     if grid > 1:  # The grid spans the image: first crop top-left, last bottom-right.
         np.testing.assert_array_equal(views[0], image[:32, :32])
@@ -146,13 +153,13 @@ def test_multi_crop_makes_grid_squared_times_two_crops(grid):
 
 def test_multi_crop_feeds_every_crop_to_the_net(net):
     images = random_images([(40, 56), (48, 48)])
-    maker = eval_plan.ViewMaker(eval_plan.ArrayImages(images, [0, 1]), np.arange(2),
-                                 "multi_crop", 40, 32, 5, True, (32, 32))
+    maker = plan.ViewMaker(testing.ArrayImages(images, [0, 1]), np.arange(2),
+                           Protocol("multi_crop", (40,), 5, True), "multi_crop", 40, 32, (32, 32))
     example = maker(0)
     assert example["views"].shape == (50, 32, 32, 3)
     views = jnp.asarray(example["views"])[None]
-    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.variables, views)
-    per_crop = [evaluate.class_probabilities(net.model, MEAN, STD, False, net.variables,
+    got = class_probabilities(net.model, MEAN, STD, False, net.variables, views)
+    per_crop = [class_probabilities(net.model, MEAN, STD, False, net.variables,
                                              views[:, i : i + 1]) for i in range(50)]
     np.testing.assert_allclose(got, np.mean(per_crop, axis=0), rtol=1e-5, atol=1e-7)
 
@@ -163,32 +170,30 @@ def test_odd_split_is_counted_exactly_once(net):
     images = random_images(sizes)
     labels = np.random.default_rng(3).integers(0, NUM_CLASSES, 13)
     assert jax.device_count() == 4
-    for protocol in evaluate.PROTOCOLS:
+    for protocol in protocols.PROTOCOLS:
         result = run([net], images, labels, protocol=protocol, multi_crop_grid=2,
                      scales=(32, 48))
-        assert sorted(result["indices"].tolist()) == list(range(13))
-        assert all(row["images"] == 13 for row in result["rows"]), result["rows"]
+        assert sorted(result.indices.tolist()) == list(range(13))
+        assert all(row.images == 13 for row in result.rows), result.rows
     # The errors equal a reference computed one image at a time.
     result = run([net], images, labels, protocol="single_crop", scales=(40,))
-    # The validation view of training: what EvalTransform gives the training loop.
+    # The validation view of training.
     probs = _reference_probabilities(net, [
-        transforms.EvalTransform(32, 40).map({"image": eval_plan.png_bytes(image), "label": 0,
-                                               "name": str(i)})["image"]
-        for i, image in enumerate(images)])
+        transforms.centre_view(testing.png_bytes(image), 40, 32) for image in images])
     np.testing.assert_allclose(by_index(result), probs, rtol=1e-5, atol=1e-7)
-    top1, top5 = eval_results.top_k_correct(probs, labels)
-    row = result["rows"][0]
-    assert row["top1_error"] == pytest.approx(100 * (1 - top1 / 13))
-    assert row["top5_error"] == pytest.approx(100 * (1 - top5 / 13))
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, :5] == labels[:, None]
+    top1, top5 = top[:, 0].sum(), top.any(axis=1).sum()
+    row = result.rows[0]
+    assert row.top1_error == pytest.approx(100 * (1 - top1 / 13))
+    assert row.top5_error == pytest.approx(100 * (1 - top5 / 13))
 
 
 def test_undecodable_images_are_reported_not_counted(net):
     images = random_images([(32, 32)] * 3)
-    source = eval_plan.ArrayImages(images + [b"not an image"], [0, 1, 2, 3])
-    result = evaluate.evaluate_nets([net], source, scales=(32,), batch_size=4, num_threads=0,
-                                    progress_bar=False, protocol="dense")
-    assert result["undecodable"] == 1
-    assert result["rows"][0]["images"] == 3
+    source = testing.ArrayImages(images + [b"not an image"], [0, 1, 2, 3])
+    result = evaluator([net], source, scales=(32,), batch_size=4, protocol="dense").run([net])
+    assert result.undecodable == 1
+    assert result.rows[0].images == 3
 
 
 def test_plan_gives_every_process_the_same_batches():
@@ -201,14 +206,14 @@ def test_plan_gives_every_process_the_same_batches():
     for p, n in enumerate(per_process):
         keys[p, :n] = shapes[rng.integers(0, 3, n)]
     costs = {tuple(s): int(s[0] * s[1] // 1024) for s in shapes}
-    plans = [eval_plan.plan_buckets(keys, costs, 6, 3, process_count, p)
+    plans = [plan.plan_buckets(keys, costs, 6, 3, process_count, p)
              for p in range(process_count)]
-    for p, plan in enumerate(plans):
-        assert [(b.shape, b.num_batches, b.local_batch) for b in plan] == \
+    for p, buckets in enumerate(plans):
+        assert [(b.shape, b.num_batches, b.local_batch) for b in buckets] == \
                [(b.shape, b.num_batches, b.local_batch) for b in plans[0]]
-        rows = np.concatenate([b.rows for b in plan])
+        rows = np.concatenate([b.rows for b in buckets])
         assert sorted(rows[rows >= 0].tolist()) == list(range(per_process[p]))
-        for b in plan:
+        for b in buckets:
             assert all(tuple(keys[p, r]) == b.shape for r in b.rows[b.rows >= 0])
 
 
@@ -217,11 +222,11 @@ def test_dense_buckets_compile_once_per_shape(net):
     # over several padded batches.
     sizes = [(32, 32)] * 3 + [(40, 80)] * 5 + [(64, 32)] * 4
     result = run([net], random_images(sizes), protocol="dense", batch_size=8)
-    assert result["buckets"] == {"dense@32": 3}
-    assert result["compilations"] == 3
+    assert result.buckets == (("dense", 32, 3),)
+    assert result.compilations == 3
     # A second scale adds only its new shapes (64x64, 64x128, 128x64).
     result = run([net], random_images(sizes), protocol="dense", batch_size=8, scales=(32, 64))
-    assert result["compilations"] == 6
+    assert result.compilations == 6
 
 
 def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
@@ -240,21 +245,21 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
 
     config.eval.protocol = "dense+multi_crop"
     config.eval.multi_crop_grid = 2
-    alone = evaluate.run_evaluation(config, workdir)
+    alone = run_evaluation(config, workdir)
     with open(os.path.join(workdir, "eval_results.json")) as f:
         saved = json.load(f)
-    assert saved["rows"] == alone
+    assert tuple(results.Row.from_json(r) for r in saved["rows"]) == alone
     assert "| net | train S | test Q |" in open(os.path.join(workdir, "eval_results.md")).read()
-    assert [r["protocol"] for r in alone] == ["dense", "multi_crop", "dense+multi_crop"]
-    assert all(r["images"] == 10 and r["test_Q"] == "40" for r in alone)
+    assert [r.protocol for r in alone] == ["dense", "multi_crop", "dense+multi_crop"]
+    assert all(r.images == 10 and r.test_scales == (40,) for r in alone)
 
     config.eval.ensemble = (workdir,)
-    ensemble = evaluate.run_evaluation(config, workdir)
+    ensemble = run_evaluation(config, workdir)
     assert len(ensemble) == 2 * len(alone) + 3
     for row in ensemble[-3:]:
-        match = next(r for r in alone if r["protocol"] == row["protocol"])
-        assert row["top1_error"] == match["top1_error"]
-        assert row["top5_error"] == match["top5_error"]
+        match = next(r for r in alone if r.protocol == row.protocol)
+        assert row.top1_error == match.top1_error
+        assert row.top5_error == match.top5_error
     # The same module and preprocessing share one compiled function.
     with open(os.path.join(workdir, "eval_results.json")) as f:
         assert json.load(f)["compilations"] == saved["compilations"]
@@ -266,9 +271,9 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
     checkpoint.save_variables(jittered, net.variables, jittered_config)
     config.eval.ensemble = (jittered,)
     with pytest.raises(ValueError, match="config.eval.scales"):
-        evaluate.run_evaluation(config, workdir)
+        run_evaluation(config, workdir)
     config.eval.scales = (40,)
-    assert len(evaluate.run_evaluation(config, workdir)) == len(ensemble)
+    assert len(run_evaluation(config, workdir)) == len(ensemble)
 
 
 def test_a_batch_norm_checkpoint_evaluates_with_its_running_averages(tmp_path):
@@ -288,10 +293,10 @@ def test_a_batch_norm_checkpoint_evaluates_with_its_running_averages(tmp_path):
     config.data.mean_rgb, config.data.std_rgb = MEAN, STD
     checkpoint.save_variables(str(tmp_path), variables, config)
 
-    net, _ = evaluate.load_net(str(tmp_path))
+    net, _ = load_net(str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, net.variables, variables)
     views = jnp.asarray(np.stack(random_images([(32, 32)] * 2, seed=4)))[:, None]
-    got = evaluate.class_probabilities(net.model, MEAN, STD, False, net.variables, views)
+    got = class_probabilities(net.model, MEAN, STD, False, net.variables, views)
     x = (views[:, 0].astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
     np.testing.assert_allclose(got, jax.nn.softmax(model.apply(variables, x)), rtol=1e-5,
                                atol=1e-7)

@@ -108,7 +108,7 @@ def test_two_process_evaluation_counts_every_image_once(single_run):
     assert len(rows_two) == len(rows_one) >= 3
     for a, b in zip(rows_one, rows_two):
         assert a["images"] == b["images"] == 360
-        assert (a["protocol"], a["test_Q"]) == (b["protocol"], b["test_Q"])
+        assert (a["protocol"], a["test_scales"]) == (b["protocol"], b["test_scales"])
         np.testing.assert_allclose(a["top1_error"], b["top1_error"], atol=1e-6)
         np.testing.assert_allclose(a["top5_error"], b["top5_error"], atol=1e-6)
 

@@ -1,5 +1,10 @@
 """Prediction from a checkpoint on image files, with ImageNet class names."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +13,10 @@ import pytest
 from configs import base
 from vgg_jax import checkpoint, imagenet_classes, predict
 from vgg_jax.data import testing, transforms
+from vgg_jax.evaluation.protocols import class_probabilities
 from vgg_jax.models import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MEAN, STD = (120.0, 115.0, 100.0), (60.0, 55.0, 50.0)
 
@@ -83,11 +91,58 @@ def test_predict_other_protocols(workdir, images, protocol):
     assert all(len(r["predictions"]) == 3 for r in results)
 
 
-def test_cli_prints_top_classes(workdir, images, capsys):
-    predict.main(["--checkpoint", workdir[0], "--top_k", "2", images[0][0]])
-    out = capsys.readouterr().out.splitlines()
+@pytest.mark.parametrize("protocol", ["dense", "multi_crop"])
+def test_predict_honours_the_checkpoints_flip_setting(workdir, images, tmp_path, protocol):
+    # A checkpoint evaluated without flips (eval.flip=False, e.g. the digits) must be
+    # predicted without them: exactly the views and averaging evaluation uses.
+    _, model, params = workdir
+    config = base.get_config()
+    config.model.width_divisor, config.model.fc_features = 16, 32
+    config.model.compute_dtype = "float32"
+    config.data = testing.data_config(mean_rgb=MEAN, std_rgb=STD)
+    config.eval.flip = False
+    path = str(tmp_path / "no_flip")
+    checkpoint.save_variables(path, {"params": params}, config)
+    image_path = images[0][0]  # 48 x 64: not mirror-symmetric
+    with open(image_path, "rb") as f:
+        data = f.read()
+    shape = transforms.dense_shape(48, 64, 64, 32, config.eval.dense_size_step)
+
+    def expected(flip):
+        views = transforms.image_views(data, protocol, 64, 32, config.eval.multi_crop_grid,
+                                       flip, shape)
+        return np.asarray(class_probabilities(
+            model, MEAN, STD, flip and protocol == "dense", {"params": params},
+            jnp.asarray(views)[None]))[0]
+
+    unflipped, flipped = expected(False), expected(True)
+    assert not np.allclose(unflipped, flipped, atol=1e-5)
+    for run, reference in ((path, unflipped), (workdir[0], flipped)):
+        got = predict.predict(run, [image_path], top_k=3, protocol=protocol, scale=64)
+        top = np.argsort(-reference, kind="stable")[:3]
+        assert [p["class"] for p in got[0]["predictions"]] == top.tolist()
+        np.testing.assert_allclose([p["probability"] for p in got[0]["predictions"]],
+                                   reference[top], rtol=1e-5)
+
+
+def test_cli_prints_top_classes(workdir, images, tmp_path):
+    out_json = str(tmp_path / "predictions.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "vgg_jax.predict", f"--workdir={workdir[0]}", "--top_k=2",
+         f"--json={out_json}", images[0][0]],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout.splitlines()
     assert out[0] == images[0][0]
     assert len(out) == 3 and out[1].lstrip().startswith("1.") and "%" in out[1]
+    with open(out_json) as f:
+        assert len(json.load(f)[0]["predictions"]) == 2
+    old_flag = subprocess.run(
+        [sys.executable, "-m", "vgg_jax.predict", f"--checkpoint={workdir[0]}", images[0][0]],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert old_flag.returncode != 0
 
 
 def test_class_names_for_small_data_sets():

@@ -143,7 +143,7 @@ def validate_config(
              f"config.wandb.mode={config.wandb.mode!r} is unknown; use one of "
              f"{writers.WANDB_MODES}.")
 
-    from vgg_jax.evaluate import PROTOCOLS
+    from vgg_jax.evaluation.protocols import PROTOCOLS
 
     ev = config.eval
     _require(ev.protocol in PROTOCOLS,

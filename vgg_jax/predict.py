@@ -1,17 +1,21 @@
 """Classifies image files with a trained (or converted) checkpoint.
 
-  python -m vgg_jax.predict --checkpoint runs/vgg_d cat.jpg dog.png
-  python -m vgg_jax.predict --checkpoint runs/torchvision_vgg16 --protocol dense cat.jpg
+  python -m vgg_jax.predict --workdir=runs/vgg_d cat.jpg dog.png
+  python -m vgg_jax.predict --workdir=runs/torchvision_vgg16 --protocol=dense cat.jpg
 
 The image is rescaled to the checkpoint's test scale (config.data.eval_scale, e.g. 256)
-and classified with one of the paper's protocols (default: the centre crop); the top-k
-classes are printed with their probabilities, named with ImageNet's class names for a
-1000-class net, the class folder names for a net trained on an image folder.
+and classified with one of the paper's protocols (default: the centre crop), with exactly
+the views and flips evaluation makes under the checkpoint's config.eval (its flip, grid and
+dense_size_step); the top-k classes are printed with their probabilities, named with
+ImageNet's class names for a 1000-class net, the class folder names for a net trained on an
+image folder.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import functools
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -19,11 +23,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import app, flags
 
-from vgg_jax import eval_plan, evaluate, imagenet_classes, models
-from vgg_jax.data import decode, digits
-
-PREDICT_PROTOCOLS = (eval_plan.SINGLE_CROP, eval_plan.DENSE, eval_plan.MULTI_CROP)
+from vgg_jax import imagenet_classes
+from vgg_jax.data import decode, digits, transforms
+from vgg_jax.evaluation import protocols
+from vgg_jax.evaluation.run import load_net
 
 
 def class_names_for(run_config, num_classes: int) -> list[str]:
@@ -59,35 +64,35 @@ def class_names_for(run_config, num_classes: int) -> list[str]:
     return list(names)
 
 
-def _views(data: bytes, protocol: str, q: int, image_size: int, grid: int,
-           dense_size_step: int) -> np.ndarray:
+def _views(data: bytes, protocol: protocols.Protocol, component: str, image_size: int
+           ) -> np.ndarray:
     # The views evaluation makes, the dense one cropped to the same bucket shape.
+    q = protocol.scales[0]
     width, height = decode.image_size(data)
-    shape = eval_plan.dense_shape(height, width, q, image_size, dense_size_step)
-    return eval_plan.encoded_image_views(data, protocol, q, image_size, grid, True, shape)
+    shape = transforms.dense_shape(height, width, q, image_size, protocol.dense_size_step)
+    return transforms.image_views(data, component, q, image_size, protocol.grid,
+                                  protocol.flip, shape)
 
 
 def predict(
-    checkpoint_path: str,
+    workdir: str,
     image_paths: Sequence[str],
     top_k: int = 5,
     *,
     step: int | str | None = None,
-    protocol: str = eval_plan.SINGLE_CROP,
+    protocol: str = protocols.SINGLE_CROP,
     scale: int | None = None,
-    multi_crop_grid: int = 5,
 ) -> list[dict[str, Any]]:
     """Top-k classes of each image.
 
     Args:
-      checkpoint_path: a workdir or weight directory (vgg_jax.checkpoint.load_variables).
+      workdir: a workdir or weight directory (vgg_jax.checkpoint.load_variables).
       image_paths: image files (JPEG, PNG, ... ; grayscale and CMYK are converted to RGB).
       top_k: how many classes to return per image.
       step: checkpoint step (None: best if any, else latest).
-      protocol: "single_crop" (default), "dense" (whole image and its flip) or
-        "multi_crop" (grid x grid crops and flips).
+      protocol: one of protocols.PROTOCOLS; its flips, grid and dense bucket step are the
+        checkpoint's config.eval ones, as in evaluation.
       scale: test scale Q (None: the checkpoint's config.data.eval_scale).
-      multi_crop_grid: side of the multi-crop grid.
 
     Returns:
       One dict per image: {"path", "predictions": [{"class", "name", "probability"}, ...]}
@@ -96,33 +101,32 @@ def predict(
     Raises:
       ValueError: for an unknown protocol, or a test scale below the net's crop size.
     """
-    if protocol not in PREDICT_PROTOCOLS:
-        raise ValueError(
-            f"Unknown protocol {protocol!r}; use one of {', '.join(PREDICT_PROTOCOLS)}.")
-    net, run_config = evaluate.load_net(checkpoint_path, step)
+    net, run_config = load_net(workdir, step)
     image_size, num_classes = net.model.image_size, net.model.num_classes
     q = int(scale or run_config.data.get("eval_scale", net.train_scale[0]))
     if q < image_size:
         raise ValueError(f"Test scale {q} is smaller than the net's crop size {image_size}.")
+    settings = dataclasses.replace(
+        protocols.Protocol.from_config(run_config.get("eval", {}), (q,)), name=protocol)
     names = class_names_for(run_config, num_classes)
-    dense_size_step = int(run_config.get("eval", {}).get("dense_size_step", models.TOTAL_STRIDE))
-    # Multi-crop views come with their flips; dense flips are made on the device.
-    flip = protocol == eval_plan.DENSE
     # One image at a time: dense views differ in shape, and a handful of images is cheap.
-    fn = jax.jit(lambda variables, views: evaluate.class_probabilities(
-        net.model, tuple(net.mean_rgb), tuple(net.std_rgb), flip, variables, views))
+    functions = {c: jax.jit(functools.partial(
+        protocols.class_probabilities, net.model, tuple(net.mean_rgb), tuple(net.std_rgb),
+        settings.device_flip(c))) for c in settings.components}
     variables = jax.device_put(net.variables)
     k = max(1, min(int(top_k), num_classes))
     results = []
     for path in image_paths:
         try:
             with open(path, "rb") as f:
-                views = _views(f.read(), protocol, q, image_size, multi_crop_grid,
-                               dense_size_step)
+                data = f.read()
+            views = {c: _views(data, settings, c, image_size) for c in settings.components}
         except decode.DECODE_ERRORS as e:
             results.append({"path": path, "error": f"cannot read image: {e}"})
             continue
-        probs = np.asarray(fn(variables, views[None]))[0]
+        # Components average with equal weights, as in evaluation.
+        probs = np.mean([np.asarray(functions[c](variables, v[None]))[0]
+                         for c, v in views.items()], axis=0)
         order = np.argsort(-probs, kind="stable")[:k]
         results.append({"path": path, "predictions": [
             {"class": int(c), "name": names[c], "probability": float(probs[c])} for c in order
@@ -150,30 +154,40 @@ def format_predictions(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: python -m vgg_jax.predict --checkpoint DIR IMAGE [IMAGE ...]."""
-    parser = argparse.ArgumentParser(
-        prog="python -m vgg_jax.predict", description="Classify images with a vgg-jax checkpoint.")
-    parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--checkpoint", required=True, help="workdir or weight directory")
-    parser.add_argument("--step", default=None, help="step number, 'best' or 'latest'")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--protocol", default=eval_plan.SINGLE_CROP, choices=PREDICT_PROTOCOLS)
-    parser.add_argument("--scale", type=int, default=None, help="test scale Q (shorter side)")
-    args = parser.parse_args(argv)
-    if args.top_k < 1:
-        parser.error(f"--top_k={args.top_k} must be at least 1.")
-    if not os.path.exists(args.checkpoint):
-        parser.error(f"checkpoint {args.checkpoint} does not exist.")
+def define_flags() -> None:
+    """The command's flags (defined when run, so that importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "Run directory or weight directory to load.")
+    flags.DEFINE_string("step", None, "Checkpoint step: a number, 'best' or 'latest' "
+                        "(default: best if any, else latest).")
+    flags.DEFINE_integer("top_k", 5, "Classes to print per image.", lower_bound=1)
+    flags.DEFINE_enum("protocol", protocols.SINGLE_CROP, list(protocols.PROTOCOLS),
+                      "Test protocol (paper 3.2); flips and grid as the checkpoint's config.eval.")
+    flags.DEFINE_integer("scale", None, "Test scale Q, the rescaled shorter side "
+                         "(default: the checkpoint's config.data.eval_scale).")
+    flags.DEFINE_string("json", None, "Also write the predictions to this JSON file.")
+
+
+def main(argv: Sequence[str]) -> None:
+    """Command line: python -m vgg_jax.predict --workdir=DIR IMAGE [IMAGE ...]."""
+    f, images = flags.FLAGS, list(argv[1:])
+    if not f.workdir or not os.path.exists(f.workdir):
+        sys.exit(f"--workdir={f.workdir} is not a run or weight directory; pass the "
+                 "directory of a trained or converted checkpoint.")
+    if not images:
+        sys.exit("Name at least one image file after the flags.")
     try:
-        results = predict(args.checkpoint, args.images, args.top_k, step=args.step,
-                          protocol=args.protocol, scale=args.scale)
+        results = predict(f.workdir, images, f.top_k, step=f.step, protocol=f.protocol,
+                          scale=f.scale)
     except ValueError as e:
         sys.exit(f"Prediction failed: {e}")
     print(format_predictions(results))
+    if f.json:
+        with open(f.json, "w") as out:
+            json.dump(results, out, indent=1)
     if any("error" in r for r in results):
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -141,3 +142,43 @@ def data_config(**overrides: Any) -> Any:
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+class ArrayImages:
+    """An in-memory split in the record format of vgg_jax.data.sources (for tests and tools).
+
+    Arrays are stored PNG-encoded (lossless), so they take the same decoding path as files.
+
+    Args:
+      images: uint8 [H, W, 3] arrays of any sizes, or encoded image bytes.
+      labels: integer labels.
+    """
+
+    def __init__(self, images: Sequence[Any], labels: Sequence[int]):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        self._images = [x if isinstance(x, bytes) else png_bytes(x) for x in images]
+        self._labels = [int(x) for x in labels]
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self._images[index], "label": self._labels[index], "name": f"[{index}]"}
+
+    def __repr__(self) -> str:
+        return f"ArrayImages(num_examples={len(self)})"
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Encodes a uint8 image losslessly, so an in-memory image reads like a file.
+
+    Args:
+      array: uint8 [H, W, 3] (or [H, W]).
+
+    Returns:
+      PNG bytes.
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()

@@ -13,8 +13,10 @@ memory and host-to-device traffic than float32) together with the per-image colo
 `image.astype(float32) - mean_rgb + rgb_shift` on the device
 (vgg_jax.preprocess.normalize_images).
 
-Evaluation views (centre crop, whole rescaled image, grid of crops) are plain numpy
-functions, plus the grain transform `EvalTransform` for the validation pipeline.
+Evaluation views (the centre crop, the whole rescaled image cropped to its dense bucket
+shape, the grid of crops and their flips) are plain numpy functions; `image_views` makes the
+views of one protocol component from an encoded image, for `vgg_jax.evaluation` (which runs
+training's validation too) and `vgg_jax.predict` alike.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from PIL import Image
 from vgg_jax.data import decode
 
 logger = logging.getLogger(__name__)
+# The protocol components (paper 3.2) whose views this module makes; vgg_jax.evaluation
+# combines them into protocols (dense+multi_crop is a dense and a multi-crop pass).
+SINGLE_CROP, DENSE, MULTI_CROP = "single_crop", "dense", "multi_crop"
 # Training examples carry why their file could not be decoded (empty bytes when it could);
 # the pipeline turns it into one warning per file and removes the key from the batch.
 DECODE_ERROR_KEY = "decode_error"
@@ -280,3 +285,87 @@ def grid_crops(image: np.ndarray, crop_size: int, grid: int) -> np.ndarray:
         ]
     )
     return np.concatenate([crops, crops[:, :, ::-1]])
+
+
+def dense_shape(height: int, width: int, q: int, image_size: int, step: int) -> tuple[int, int]:
+    """The bucket shape (height, width) of an image in dense evaluation at scale q.
+
+    Args:
+      height, width: the image's size before rescaling.
+      q: the test scale.
+      image_size: the crop side (the smallest shape).
+      step: shapes are multiples of it (config.eval.dense_size_step), bounding compilations.
+
+    Returns:
+      The rescaled shape, rounded down to a multiple of `step` (never below image_size).
+    """
+    rw, rh = decode.rescaled_size(width, height, q)
+    return max(image_size, rh // step * step), max(image_size, rw // step * step)
+
+
+def fit_to_shape(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Centre-crops a rescaled image to its bucket shape (from `dense_shape`)."""
+    if image.shape[0] < shape[0] or image.shape[1] < shape[1]:
+        # Cannot happen with decode's own rounding; stretch rather than fail if it does.
+        resized = Image.fromarray(image).resize(shape[::-1], decode.RESAMPLE)
+        return np.asarray(resized)
+    top, left = (image.shape[0] - shape[0]) // 2, (image.shape[1] - shape[1]) // 2
+    return image[top : top + shape[0], left : left + shape[1]]
+
+
+def protocol_views(
+    image: np.ndarray, component: str, image_size: int, grid: int = 5, flip: bool = True,
+    shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The net inputs of one image already rescaled to the test scale Q, [V, H, W, 3] uint8.
+
+    Single crop never rescales the whole image: `image_views` makes it.
+
+    Args:
+      image: uint8 [H, W, 3] with shorter side Q.
+      component: DENSE (the whole image, cropped to `shape`; its flip is made on the
+        device) or MULTI_CROP (the grid x grid crops, then their flips when `flip`).
+      image_size: the crop side.
+      grid: crops per side for multi_crop.
+      flip: include flipped multi-crop views.
+      shape: the dense bucket shape (default: the image's own).
+
+    Returns:
+      1 view for dense, (2 if flip else 1) * grid^2 for multi_crop.
+    """
+    if component == DENSE:
+        return fit_to_shape(image, shape or image.shape[:2])[None]
+    if component == MULTI_CROP:
+        views = grid_crops(image, image_size, grid)
+        return views if flip else views[: grid * grid]
+    raise ValueError(f"Unknown protocol component {component!r}.")
+
+
+def image_views(
+    data: bytes, component: str, q: int, image_size: int, grid: int = 5, flip: bool = True,
+    shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The net inputs of one encoded image at test scale q, [V, H, W, 3] uint8.
+
+    Single crop is `centre_view` (only the crop window is resampled), the view of
+    training's validation; the other components rescale the whole image first.
+
+    Args:
+      data: the encoded image.
+      component: SINGLE_CROP, DENSE or MULTI_CROP.
+      q: the test scale.
+      image_size: the crop side.
+      grid: crops per side for multi_crop.
+      flip: include flipped multi-crop views.
+      shape: the dense bucket shape (default: the rescaled image's own).
+
+    Returns:
+      The views, as `protocol_views` (one for single crop).
+
+    Raises:
+      One of decode.DECODE_ERRORS for an undecodable image.
+    """
+    if component == SINGLE_CROP:
+        return centre_view(data, q, image_size)[None]
+    image = decode.decode_rescaled(data, q)
+    return protocol_views(image, component, image_size, grid, flip, shape)

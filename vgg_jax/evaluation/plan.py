@@ -1,167 +1,40 @@
-"""How an evaluation pass is laid out on the host: views, buckets and padded batches.
+"""How an evaluation pass is laid out: image ownership, shape buckets and padded batches.
 
-One pass of the evaluation (vgg_jax.evaluate) is one protocol component (single crop, dense or
-multi-crop) at one test scale Q. This module holds everything such a pass needs before a net
-runs: the components' names, the host-side views of an image (the centre crop, the dense view
-cropped to its bucket shape, the multi-crop grid and its flips), the grouping of the images
-into equal-shape buckets that every process pads to the same number of batches, and the grain
-pipeline that decodes the views in plan order. `ArrayImages` is an in-memory split in the
-record format of vgg_jax.data.sources, for tests and tools.
+One pass is one protocol component (single crop, dense or multi-crop) at one test scale Q.
+Exactness on any number of devices and processes: image i belongs to process
+i % process_count for every pass; each process groups its images into buckets of equal view
+shape and pads its share of every bucket to the same number of batches as every other
+process (padding rows carry mask 0), so collectives never wait on a process that ran out;
+per-image results are only ever counted on the owning process.
 
-It knows nothing of nets or results, so the evaluation driver (vgg_jax.evaluate) and
-vgg_jax.predict, which makes the same views for single images, import it, never the other way
-round.
+Dense views differ in shape: the rescaled image is centre-cropped to a multiple of
+config.eval.dense_size_step and images of one shape are batched together, so each bucket
+compiles once per net and the last partial batch is padded rather than compiled again.
+
+Nothing here runs a net; vgg_jax.evaluation.evaluator does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from vgg_jax.data import decode, transforms
+from vgg_jax.evaluation.protocols import Protocol
 
 logger = logging.getLogger(__name__)
 
-# The protocol components: the passes whose views this module makes. vgg_jax.evaluate
-# combines them into the protocols (dense+multi_crop is a dense and a multi-crop pass).
-SINGLE_CROP, DENSE, MULTI_CROP = "single_crop", "dense", "multi_crop"
 
-
-# --------------------------------------------------------------------------------------
-# Host-side views (uint8 numpy)
-# --------------------------------------------------------------------------------------
-
-
-def dense_shape(height: int, width: int, q: int, image_size: int, step: int) -> tuple[int, int]:
-    """The bucket shape (height, width) of an image in dense evaluation at scale q.
-
-    The rescaled shape, rounded down to a multiple of `step` (never below image_size).
-    """
-    rw, rh = decode.rescaled_size(width, height, q)
-    return max(image_size, rh // step * step), max(image_size, rw // step * step)
-
-
-def fit_to_shape(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Centre-crops a rescaled image to its bucket shape (from `dense_shape`)."""
-    if image.shape[0] < shape[0] or image.shape[1] < shape[1]:
-        # Cannot happen with decode's own rounding; stretch rather than fail if it does.
-        resized = Image.fromarray(image).resize(shape[::-1], decode.RESAMPLE)
-        return np.asarray(resized)
-    top, left = (image.shape[0] - shape[0]) // 2, (image.shape[1] - shape[1]) // 2
-    return image[top : top + shape[0], left : left + shape[1]]
-
-
-def protocol_views(
-    image: np.ndarray, component: str, image_size: int, grid: int = 5, flip: bool = True,
-    shape: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """The net inputs of one image already rescaled to the test scale Q, [V, H, W, 3] uint8.
-
-    Single crop never rescales the whole image: `encoded_image_views` makes it.
-
-    Args:
-      image: uint8 [H, W, 3] with shorter side Q.
-      component: "dense" (the whole image, cropped to `shape`; its flip is made on the
-        device) or "multi_crop" (the grid x grid crops, then their flips when `flip`).
-      image_size: the crop side.
-      grid: crops per side for multi_crop.
-      flip: include flipped multi-crop views.
-      shape: the dense bucket shape (default: the image's own).
-
-    Returns:
-      1 view for dense, (2 if flip else 1) * grid^2 for multi_crop.
-    """
-    if component == DENSE:
-        return fit_to_shape(image, shape or image.shape[:2])[None]
-    if component == MULTI_CROP:
-        views = transforms.grid_crops(image, image_size, grid)
-        return views if flip else views[: grid * grid]
-    raise ValueError(f"Unknown protocol component {component!r}.")
-
-
-def encoded_image_views(
-    data: bytes, component: str, q: int, image_size: int, grid: int = 5, flip: bool = True,
-    shape: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """The net inputs of one encoded image at test scale q, [V, H, W, 3] uint8.
-
-    Single crop is exactly the validation view of training (`transforms.centre_view`: only
-    the crop window is resampled), so both report the same error for one checkpoint; the
-    other components rescale the whole image first.
-
-    Args:
-      data: the encoded image.
-      component: "single_crop", "dense" or "multi_crop".
-      q: the test scale.
-      image_size: the crop side.
-      grid: crops per side for multi_crop.
-      flip: include flipped multi-crop views.
-      shape: the dense bucket shape (default: the rescaled image's own).
-
-    Returns:
-      The views, as `protocol_views`.
-
-    Raises:
-      One of decode.DECODE_ERRORS for an undecodable image.
-    """
-    if component == SINGLE_CROP:
-        return transforms.centre_view(data, q, image_size)[None]
-    image = decode.decode_rescaled(data, q)
-    return protocol_views(image, component, image_size, grid, flip, shape)
-
-
-# --------------------------------------------------------------------------------------
-# The images and the batch plan
-# --------------------------------------------------------------------------------------
-
-
-class ArrayImages:
-    """An in-memory split in the record format of vgg_jax.data.sources (for tests and tools).
-
-    Arrays are stored PNG-encoded (lossless), so they take the same decoding path as files.
-
-    Args:
-      images: uint8 [H, W, 3] arrays of any sizes, or encoded image bytes.
-      labels: integer labels.
-    """
-
-    def __init__(self, images: Sequence[Any], labels: Sequence[int]):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
-        self._images = [x if isinstance(x, bytes) else png_bytes(x) for x in images]
-        self._labels = [int(x) for x in labels]
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self._images[index], "label": self._labels[index], "name": f"[{index}]"}
-
-    def __repr__(self) -> str:
-        return f"ArrayImages(num_examples={len(self)})"
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """Encodes a uint8 image losslessly, so an in-memory image reads like a file.
-
-    Args:
-      array: uint8 [H, W, 3] (or [H, W]).
-
-    Returns:
-      PNG bytes.
-    """
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(array, np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
+def local_indices(total: int, process_index: int, process_count: int) -> np.ndarray:
+    """The global indices of the images a process owns: i % process_count == process_index."""
+    return np.arange(process_index, total, process_count)
 
 
 @dataclasses.dataclass
@@ -188,7 +61,7 @@ def images_per_batch(cost: int, budget: int, device_count: int) -> int:
 
     Args:
       cost: net inputs of image_size^2 one image costs (views, flips and area).
-      budget: config.eval.batch_size.
+      budget: config.eval.batch_size (net inputs of image_size^2 per global batch).
       device_count: devices of the mesh.
     """
     n = budget // max(cost, 1) // device_count * device_count
@@ -273,7 +146,7 @@ def gather_dense_keys(
 
     def key(index):
         w, h = decode.image_size(source[int(index)]["image"])
-        return np.array(dense_shape(h, w, q, image_size, step), np.int64)
+        return np.array(transforms.dense_shape(h, w, q, image_size, step), np.int64)
 
     def safe_key(index):
         try:
@@ -296,36 +169,65 @@ def gather_dense_keys(
     return np.asarray(multihost_utils.process_allgather(keys))
 
 
+def pass_keys(source, global_indices: np.ndarray, protocol: Protocol, component: str, q: int,
+              image_size: int, num_threads: int, process_count: int) -> np.ndarray:
+    """Every process's view shapes for one pass (dense: read from the image headers).
+
+    Args:
+      source: the evaluation split.
+      global_indices: this process's images (`local_indices`).
+      protocol: the protocol (its dense_size_step).
+      component: the pass's component.
+      q: the pass's test scale.
+      image_size: the crop side.
+      num_threads: header-reading threads (dense only).
+      process_count: processes sharing the split.
+
+    Returns:
+      int64 [process_count, max images per process, 2], -1 for padding.
+    """
+    if component == transforms.DENSE:
+        return gather_dense_keys(source, global_indices, q, image_size,
+                                 protocol.dense_size_step, num_threads, process_count)
+    return uniform_keys(len(source), (image_size, image_size), process_count)
+
+
 @dataclasses.dataclass(frozen=True)
 class ViewMaker:
-    """Decodes one local image rescaled to Q and makes its views for one protocol pass."""
+    """Decodes one local image at test scale q and makes its views for one pass.
+
+    Attributes:
+      source: the evaluation split.
+      global_indices: this process's images.
+      protocol: the protocol (grid, flip).
+      component: the pass's component.
+      q: the pass's test scale.
+      image_size: the crop side.
+      shape: the bucket's view shape.
+    """
 
     source: Any
     global_indices: np.ndarray
+    protocol: Protocol
     component: str
     q: int
     image_size: int
-    grid: int
-    flip: bool
     shape: tuple[int, int]
-
-    def num_views(self) -> int:
-        if self.component == MULTI_CROP:
-            return (2 if self.flip else 1) * self.grid**2
-        return 1
 
     def _example(self, views, mask, row, label) -> dict[str, np.ndarray]:
         return {"views": views, "mask": np.bool_(mask), "row": np.int64(row),
-                "label": np.int64(label)}
+                "label": np.int32(label)}
 
     def __call__(self, row: int) -> dict[str, np.ndarray]:
-        empty = np.zeros((self.num_views(),) + tuple(self.shape) + (3,), np.uint8)
+        empty = np.zeros((self.protocol.host_views(self.component),) + tuple(self.shape) + (3,),
+                         np.uint8)
         if row < 0:  # Padding.
             return self._example(empty, False, -1, -1)
         record = self.source[int(self.global_indices[row])]
         try:
-            views = encoded_image_views(record["image"], self.component, self.q,
-                                        self.image_size, self.grid, self.flip, self.shape)
+            views = transforms.image_views(
+                record["image"], self.component, self.q, self.image_size, self.protocol.grid,
+                self.protocol.flip, self.shape)
         except decode.DECODE_ERRORS as e:
             logger.warning("Skipping undecodable image %s (%s: %s).",
                            record.get("name", row), e.__class__.__name__, e)
