@@ -8,7 +8,8 @@ import pytest
 
 from configs import base, quickstart, small_datasets, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
 from vgg_jax import checkpoint
-from vgg_jax.config_checks import ConfigError, check_resumable, validate_config
+from vgg_jax.checkpoint import check_resumable
+from vgg_jax.config_checks import ConfigError, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -80,8 +80,8 @@ def test_clear_errors_for_bad_folders(tmp_path, layout, match):
 
 
 def test_unknown_source_is_rejected():
-    with pytest.raises(ValueError, match="Unknown config.data.source"):
-        sources.validate_source(testing.data_config(source="webdataset"))
+    with pytest.raises(ValueError, match="config.data.source='webdataset' is unknown"):
+        sources.check_config(testing.data_config(source="webdataset"))
 
 
 def test_digits_written_once_atomically_and_reused(tmp_path, monkeypatch):

@@ -300,6 +300,6 @@ def test_decode_rescaled_matches_decode_then_rescale():
     assert np.abs(fast.astype(float) - reference).mean() < 3
 
 
-def test_train_transform_rejects_a_crop_larger_than_s():
-    with pytest.raises(ValueError, match="image_size <= train_scale_min"):
-        transforms.TrainTransform(testing.data_config(image_size=48, train_scale_min=40))
+def test_a_crop_larger_than_s_is_rejected():
+    with pytest.raises(ValueError, match="train_scale_min=40 is smaller than the crop"):
+        transforms.check_config(testing.data_config(image_size=48, train_scale_min=40))

@@ -180,9 +180,9 @@ def test_set_learning_rate_changes_the_rate_without_retracing(accum):
 
 def test_bad_optimiser_config_is_rejected_by_name():
     with pytest.raises(ValueError, match="config.train.grad_accum_steps"):
-        optim.create_optimizer(train_config(grad_accum_steps=0))
+        optim.check_config(train_config(grad_accum_steps=0))
     with pytest.raises(ValueError, match="config.train.grad_clip_norm"):
-        optim.create_optimizer(train_config(grad_clip_norm=-1.0))
+        optim.check_config(train_config(grad_clip_norm=-1.0))
 
 
 # --- Plateau schedule ------------------------------------------------------------------
@@ -274,16 +274,16 @@ def test_state_round_trips_through_a_pytree_flatten():
 @pytest.mark.parametrize("patience", [0, -1])
 def test_bad_patience_is_rejected_naming_the_field(patience):
     with pytest.raises(ValueError, match="config.train.plateau_patience"):
-        optim.plateau_init(train_config(plateau_patience=patience))
+        optim.check_config(train_config(plateau_patience=patience))
 
 
 def test_bad_plateau_fields_are_rejected():
     with pytest.raises(ValueError, match="plateau_factor"):
-        optim.plateau_init(train_config(plateau_factor=1.0))
+        optim.check_config(train_config(plateau_factor=1.0))
     with pytest.raises(ValueError, match="plateau_threshold"):
-        optim.plateau_init(train_config(plateau_threshold=0.0))
+        optim.check_config(train_config(plateau_threshold=0.0))
     with pytest.raises(ValueError, match="plateau_monitor"):
-        optim.plateau_init(train_config(plateau_monitor="val/top1_accuracy"))
+        optim.check_config(train_config(plateau_monitor="val/top1_accuracy"))
 
 
 def test_monitored_metric():

@@ -5,6 +5,7 @@ import io
 import os
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -184,4 +185,4 @@ def test_wandb_mode_resolution(tmp_path, monkeypatch):
     assert writers.resolve_wandb_mode("auto") == "disabled"
     assert writers.resolve_wandb_mode("offline") == "offline"
     with pytest.raises(ValueError, match="config.wandb.mode"):
-        writers.resolve_wandb_mode("onlien")
+        writers.check_config(ml_collections.ConfigDict({"mode": "onlien"}))

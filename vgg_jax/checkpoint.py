@@ -31,12 +31,23 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 from vgg_jax import metric_names
+from vgg_jax.config_values import require
+from vgg_jax.models import canonical_version
 
 # The metric that ranks checkpoints (lower is better).
 BEST_METRIC = metric_names.VAL_TOP1_ERROR
 CHECKPOINT_SUBDIR = "checkpoints"
 
 PARAMS, BATCH_STATS, TRAIN, DATA, META = "params", "batch_stats", "train", "data", "meta"
+# Fields a resumed run must share with the run that saved the checkpoint: they fix the
+# shapes of the saved state, what a step means, and the data iterator's saved position.
+RESUME_FIELDS = (
+    "model.version", "model.num_classes", "model.width_divisor", "model.fc_features",
+    "model.batch_norm",
+    "data.image_size", "data.source", "data.name", "data.train_split", "data.num_workers",
+    "train.batch_size", "train.grad_accum_steps", "seed",
+)
+_MISSING = object()
 
 
 def checkpoint_dir(path: str) -> str:
@@ -391,3 +402,48 @@ def save_variables(directory: str, variables: Mapping[str, Any], config, step: i
     manager.wait_until_finished()
     manager.close()
     return directory
+
+
+def check_config(checkpoint_config: ml_collections.ConfigDict) -> None:
+    """The rules of config.checkpoint (retention).
+
+    Args:
+      checkpoint_config: config.checkpoint.
+
+    Raises:
+      ConfigError: naming the field.
+    """
+    c = checkpoint_config
+    require(c.max_to_keep >= 1,
+            f"config.checkpoint.max_to_keep={c.max_to_keep} must be at least 1 (the newest "
+            "checkpoint is what a resume needs).")
+    require(c.keep_best >= 0, f"config.checkpoint.keep_best={c.keep_best} must be 0 or more.")
+
+
+def check_resumable(saved_config: Mapping[str, Any], config: ml_collections.ConfigDict,
+                    workdir: str) -> None:
+    """Checks that a run can resume from a checkpoint saved under `saved_config`.
+
+    Args:
+      saved_config: the config stored with the checkpoint (JSON: tuples are lists).
+      config: this run's config.
+      workdir: the run's directory, for the message.
+
+    Raises:
+      ConfigError: naming every field of RESUME_FIELDS whose value differs.
+    """
+    differences, current_config = [], config.to_dict()
+    for path in RESUME_FIELDS:
+        saved, current = saved_config, current_config
+        for key in path.split("."):
+            saved = saved.get(key, _MISSING) if isinstance(saved, Mapping) else _MISSING
+            current = current.get(key, _MISSING) if isinstance(current, Mapping) else _MISSING
+        if saved is _MISSING or current is _MISSING:
+            continue  # a field older checkpoints did not record
+        if path == "model.version":
+            saved, current = canonical_version(saved), canonical_version(current)
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(current)):
+            differences.append(f"config.{path}={current!r} (saved: {saved!r})")
+    require(not differences,
+            f"{workdir} holds a run saved with other settings, {'; '.join(differences)}; "
+            "rerun with the saved values to resume it, or pass a new --workdir.")

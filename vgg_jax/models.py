@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vgg_jax.config_values import ConfigError, require
+
 # A layer is (output channels, kernel size); a block is the layers before one max-pool.
 LayerSpec = tuple[int, int]
 BlockSpec = tuple[LayerSpec, ...]
@@ -70,6 +72,10 @@ BN_SUFFIX = "_bn"
 HEAD_LAYERS = ("fc6", "fc7", "fc8")
 # Global pooling of the trunk's output when the head is left out.
 POOLINGS = ("avg", "max")
+# config.model.initializer: the weight initialisers `_initializer` makes.
+INITIALIZERS = ("glorot_uniform", "normal")
+# config.model.compute_dtype: what `compute_dtype` resolves ("auto": by backend).
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def canonical_version(version: str) -> str:
@@ -141,7 +147,7 @@ def kernel_initializer(name: str, normal_stddev: float, in_axis=-2, out_axis=-1)
         return jax.nn.initializers.glorot_uniform(in_axis=in_axis, out_axis=out_axis)
     if name == "normal":
         return jax.nn.initializers.normal(stddev=normal_stddev)
-    raise ValueError(f"Unknown init {name!r}; use 'glorot_uniform' or 'normal'.")
+    raise ValueError(f"Unknown init {name!r}; use one of {INITIALIZERS}.")
 
 
 def layer_names(architecture: Sequence[BlockSpec], use_lrn: bool = False,
@@ -395,12 +401,7 @@ def create_model(version: str, num_classes: int = 1000, **variant: Any) -> VGG:
     unknown = sorted(set(variant) - known)
     if unknown:
         raise ValueError(f"Unknown VGG option(s) {unknown}; valid options are {sorted(known)}.")
-    image_size = variant.get("image_size", VGG.image_size)
-    if image_size <= 0 or image_size % TOTAL_STRIDE:
-        raise ValueError(
-            f"image_size={image_size} must be a positive multiple of {TOTAL_STRIDE} "
-            "(five 2x2 max-pools)."
-        )
+    _check_image_size(variant.get("image_size", VGG.image_size), "image_size")
     pooling = variant.get("pooling")
     if pooling is not None and (pooling not in POOLINGS or variant.get("include_head", True)):
         raise ValueError(
@@ -412,6 +413,43 @@ def create_model(version: str, num_classes: int = 1000, **variant: Any) -> VGG:
         use_lrn=key in LRN_VERSIONS,
         **variant,
     )
+
+
+def _check_image_size(image_size: int, field: str) -> None:
+    require(image_size > 0 and image_size % TOTAL_STRIDE == 0,
+            f"{field}={image_size} must be a positive multiple of {TOTAL_STRIDE} (five 2x2 "
+            "max-pools), e.g. 224.")
+
+
+def check_config(model_config: Any, image_size: int) -> None:
+    """The rules of config.model, and the crop size the net can take.
+
+    Args:
+      model_config: config.model.
+      image_size: config.data.image_size, the side of the net's input.
+
+    Raises:
+      ConfigError: one sentence naming the first bad field and the fix.
+    """
+    m = model_config
+    try:
+        canonical_version(m.version)
+    except ValueError:
+        raise ConfigError(
+            f"config.model.version={m.version!r} is not a VGG configuration; use one of "
+            f"{', '.join(VERSIONS)} (e.g. --config.model.version=D).") from None
+    require(m.num_classes >= 1, f"config.model.num_classes={m.num_classes} must be at least 1.")
+    require(m.width_divisor >= 1,
+            f"config.model.width_divisor={m.width_divisor} must be 1 (the paper) or more.")
+    require(m.fc_features >= 1, f"config.model.fc_features={m.fc_features} must be positive.")
+    require(0.0 <= m.dropout_rate < 1.0,
+            f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1) (the paper: 0.5).")
+    require(m.initializer in INITIALIZERS,
+            f"config.model.initializer={m.initializer!r} is unknown; use one of {INITIALIZERS}.")
+    require(m.compute_dtype in COMPUTE_DTYPES,
+            f"config.model.compute_dtype={m.compute_dtype!r} is unknown; use one of "
+            f"{COMPUTE_DTYPES}.")
+    _check_image_size(image_size, "config.data.image_size")
 
 
 def compute_dtype(name: str) -> Any:

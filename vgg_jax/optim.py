@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from vgg_jax import metric_names
+from vgg_jax.config_values import ConfigError
 
 # Name of the hyperparameter that `optax.inject_hyperparams` keeps in the optimiser state.
 _LEARNING_RATE = "learning_rate"
@@ -75,34 +76,34 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def check_train_config(train_config: ml_collections.ConfigDict) -> None:
-    """Fails early, naming the config field, on values the optimiser or the plateau
-    schedule cannot use (the config check runs this before any work).
+def check_config(train_config: ml_collections.ConfigDict) -> None:
+    """The rules of config.train's optimiser and plateau fields: values the optimiser or
+    the plateau schedule cannot use fail before any work (`validate_config` runs this).
 
     Args:
       train_config: `config.train`.
 
     Raises:
-      ValueError: one sentence naming the first bad field and its valid range.
+      ConfigError: one sentence naming the first bad field and its valid range.
     """
     if train_config.learning_rate <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.learning_rate={train_config.learning_rate} must be positive."
         )
     if not 0 <= train_config.momentum < 1:
-        raise ValueError(f"config.train.momentum={train_config.momentum} must be in [0, 1).")
+        raise ConfigError(f"config.train.momentum={train_config.momentum} must be in [0, 1).")
     if train_config.weight_decay < 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.weight_decay={train_config.weight_decay} must be >= 0."
         )
     if train_config.grad_clip_norm < 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.grad_clip_norm={train_config.grad_clip_norm} must be >= 0 "
             "(0 disables clipping)."
         )
     accum = train_config.grad_accum_steps
     if int(accum) != accum or accum < 1:
-        raise ValueError(f"config.train.grad_accum_steps must be an integer >= 1, got {accum}.")
+        raise ConfigError(f"config.train.grad_accum_steps must be an integer >= 1, got {accum}.")
     _check_plateau_config(train_config)
 
 
@@ -129,12 +130,8 @@ def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientT
 
     Returns:
       An optax.GradientTransformation; `get_learning_rate` / `set_learning_rate` read and
-      change the learning rate in its state.
-
-    Raises:
-      ValueError: for a field out of range, naming it.
+      change the learning rate in its state (fields checked by `check_config`).
     """
-    check_train_config(train_config)
     momentum = float(train_config.momentum)
     weight_decay = float(train_config.weight_decay)
     clip_norm = float(train_config.grad_clip_norm)
@@ -267,29 +264,29 @@ def _check_plateau_config(train_config: ml_collections.ConfigDict) -> None:
     if isinstance(patience, bool) or int(patience) != patience or patience < 1:
         # optax cuts when its plateau count *equals* patience and resets the count on
         # improvement first, so patience=0 cuts on every evaluation, improvement or not.
-        raise ValueError(
+        raise ConfigError(
             "config.train.plateau_patience must be an integer >= 1 (the number of "
             "consecutive evaluations without improvement before the learning rate is cut); "
             f"got {patience!r}. 0 would cut at every evaluation, even after an improvement."
         )
     if not 0 < train_config.plateau_factor < 1:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.plateau_factor must be in (0, 1), got {train_config.plateau_factor}."
         )
     # At 1 the bar (1 - threshold) * best is 0 * inf = NaN before the first evaluation,
     # and no evaluation could ever count as an improvement.
     if not 0 < train_config.plateau_threshold < 1:
-        raise ValueError(
+        raise ConfigError(
             "config.train.plateau_threshold (relative improvement needed) must be in (0, 1), "
             f"got {train_config.plateau_threshold}."
         )
     max_reductions = train_config.plateau_max_reductions
     if int(max_reductions) != max_reductions or max_reductions < 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.plateau_max_reductions must be an integer >= 0, got {max_reductions!r}."
         )
     if train_config.plateau_monitor not in metric_names.MONITORABLE:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.plateau_monitor={train_config.plateau_monitor!r} must be one of the "
             f"validation metrics to minimise {metric_names.MONITORABLE} (the paper: "
             "'val/top1_error'): the plateau schedule cuts when it stops decreasing."
@@ -344,11 +341,7 @@ def plateau_init(train_config: ml_collections.ConfigDict) -> PlateauState:
 
     Returns:
       A PlateauState (a pytree of scalar arrays, to be checkpointed with the train state).
-
-    Raises:
-      ValueError: for a plateau_* field out of range (patience < 1 included), naming it.
     """
-    _check_plateau_config(train_config)
     # The state's dtypes follow the "params" passed to init: a float32 scalar.
     plateau = _reduce_on_plateau(*_plateau_args(train_config)).init(jnp.zeros((), _PLATEAU_DTYPE))
     return PlateauState(
@@ -397,7 +390,6 @@ def plateau_update(
       (new state, PlateauDecision). When `decision.reduced`, set the learning rate to
       config.train.learning_rate * decision.lr_scale with `set_learning_rate`.
     """
-    _check_plateau_config(train_config)
     if bool(state.should_stop):
         return state, _decision(state, train_config, reduced=False)
     step = _plateau_step(*_plateau_args(train_config))

@@ -14,6 +14,23 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from vgg_jax.config_values import require
+
+
+def check_config(data_config) -> None:
+    """The rules of config.data.mean_rgb and std_rgb, which `normalize_images` applies.
+
+    Args:
+      data_config: config.data.
+
+    Raises:
+      ConfigError: naming the fields.
+    """
+    require(len(data_config.mean_rgb) == 3 and len(data_config.std_rgb) == 3
+            and min(data_config.std_rgb) > 0,
+            "config.data.mean_rgb and config.data.std_rgb must hold three values, std_rgb "
+            "positive.")
+
 
 def normalize_images(
     images: jax.Array,

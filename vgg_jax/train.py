@@ -22,9 +22,9 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from vgg_jax import checkpoint, config_checks, optim, parallel, profiling, stop_signals, writers
+from vgg_jax import checkpoint, optim, parallel, profiling, stop_signals, writers
 from vgg_jax import metric_names as names
-from vgg_jax.config_values import string_list
+from vgg_jax.config_values import ConfigError, require, string_list
 from vgg_jax.data import device_prefetch, pipeline
 from vgg_jax.models import BN_SUFFIX, VGG, create_model_from_config
 from vgg_jax.preprocess import normalize_images
@@ -72,6 +72,54 @@ def classification_sums(
         "top5_errors": jnp.sum(~in_top_k * weights),
         "count": jnp.sum(weights),
     }
+
+
+def check_config(train_config: ml_collections.ConfigDict) -> None:
+    """The rules of config.train's batch, length, cadence and profile fields (the
+    optimiser's own: `optim.check_config`).
+
+    Args:
+      train_config: config.train.
+
+    Raises:
+      ConfigError: one sentence naming the first bad field and the fix.
+    """
+    t = train_config
+    require(t.batch_size >= 1, f"config.train.batch_size={t.batch_size} must be positive.")
+    require(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,
+            f"config.train.batch_size={t.batch_size} is not divisible by "
+            f"config.train.grad_accum_steps={t.grad_accum_steps}; pick an accumulation count "
+            "that divides the batch.")
+    require(t.eval_batch_size >= 1,
+            f"config.train.eval_batch_size={t.eval_batch_size} must be positive.")
+    require(t.num_epochs >= 1, f"config.train.num_epochs={t.num_epochs} must be at least 1.")
+    require(t.profile_num_steps >= 1,
+            f"config.train.profile_num_steps={t.profile_num_steps} must be at least 1 "
+            "(profiling is off while config.train.profile_first_step is -1).")
+    for field in ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps"):
+        require(t[field] >= 1, f"config.train.{field}={t[field]} must be at least 1.")
+
+
+def check_batch_split(train_config: ml_collections.ConfigDict, device_count: int,
+                      process_count: int = 1) -> None:
+    """Checks that the training and validation batches split evenly over the devices.
+
+    Args:
+      train_config: config.train (already through `check_config`).
+      device_count: devices over all processes.
+      process_count: number of processes.
+
+    Raises:
+      ConfigError: naming the batch field and a size that divides.
+    """
+    t = train_config
+    micro_batch = t.batch_size // t.grad_accum_steps
+    require(micro_batch % device_count == 0 and micro_batch % process_count == 0,
+            f"config.train.batch_size={t.batch_size} (per accumulation step {micro_batch}) is "
+            f"not divisible by the {device_count} devices; use a multiple of {device_count}.")
+    require(t.eval_batch_size % device_count == 0,
+            f"config.train.eval_batch_size={t.eval_batch_size} is not divisible by the "
+            f"{device_count} devices; use a multiple of {device_count}.")
 
 
 def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
@@ -359,7 +407,7 @@ def _check_resume(manager, config: ml_collections.ConfigDict, workdir: str) -> i
         # Before any work: a resume under other settings would fail deep in orbax or grain,
         # or worse, go on with a wrong step count.
         saved_config = checkpoint.read_meta(manager, resume_step).get("config") or {}
-        config_checks.check_resumable(saved_config, config, workdir)
+        checkpoint.check_resumable(saved_config, config, workdir)
     return resume_step
 
 
@@ -382,7 +430,7 @@ def _initialise_from(state: TrainState, config: ml_collections.ConfigDict, mesh)
     try:
         source, _ = checkpoint.load_variables(config.init_from)
     except ValueError as error:
-        raise config_checks.ConfigError(
+        raise ConfigError(
             f"config.init_from={config.init_from!r}: {error}") from None
     params, copied = transfer_parameters(
         jax.device_get(state.params), source["params"], string_list(config.init_from_layers))

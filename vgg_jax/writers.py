@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from vgg_jax.config_values import require
 from vgg_jax.metric_names import (
     EPOCH,
     LEARNING_RATE,
@@ -293,6 +294,19 @@ def _wandb_api_key_configured() -> bool:
         return False
 
 
+def check_config(wandb_config: ml_collections.ConfigDict) -> None:
+    """The rules of config.wandb.
+
+    Args:
+      wandb_config: config.wandb.
+
+    Raises:
+      ConfigError: naming the field and its valid values.
+    """
+    require(wandb_config.mode in WANDB_MODES,
+            f"config.wandb.mode={wandb_config.mode!r} is unknown; use one of {WANDB_MODES}.")
+
+
 def resolve_wandb_mode(mode: str) -> str:
     """Turns config.wandb.mode into the mode handed to wandb.init.
 
@@ -304,11 +318,7 @@ def resolve_wandb_mode(mode: str) -> str:
     Returns:
       "online", "offline" or "disabled".
 
-    Raises:
-      ValueError: for an unknown mode.
     """
-    if mode not in WANDB_MODES:
-        raise ValueError(f"config.wandb.mode={mode!r} is not one of {', '.join(WANDB_MODES)}.")
     if mode != "auto":
         return mode
     from_env = os.environ.get("WANDB_MODE", "")
@@ -426,13 +436,10 @@ def create_writer(
     Returns:
       A MetricWriter: console + JSON lines (+ wandb unless its mode is "disabled"), or a
       NoOpWriter.
-
-    Raises:
-      ValueError: for an unknown config.wandb.mode.
     """
-    mode = resolve_wandb_mode(config.wandb.mode)  # fail on a typo on every process
     if not is_main_process:
         return NoOpWriter()
+    mode = resolve_wandb_mode(config.wandb.mode)
     writers: list[MetricWriter] = [
         ConsoleWriter(
             total_steps=total_steps,

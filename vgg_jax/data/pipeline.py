@@ -33,6 +33,7 @@ import grain
 import grain.python
 import numpy as np
 
+from vgg_jax.config_values import require
 from vgg_jax.data import sources as sources_lib
 from vgg_jax.data import transforms
 
@@ -47,6 +48,24 @@ _SHARED_MEMORY_KEY = "image"
 # True inside a grain worker process (set by its init function), where batches are built
 # in shared memory; never in the consuming process, which could not free such blocks.
 _in_worker_process = False
+
+
+def check_config(data_config: Any) -> None:
+    """The rules of config.data: the source's, the transforms' and the pipeline's own.
+
+    Args:
+      data_config: config.data.
+
+    Raises:
+      ConfigError: one sentence naming the first bad field and the fix.
+    """
+    sources_lib.check_config(data_config)
+    transforms.check_config(data_config)
+    require(data_config.num_workers >= 0,
+            f"config.data.num_workers={data_config.num_workers} must be 0 or more.")
+    require(data_config.prefetch_buffer_size >= 1,
+            f"config.data.prefetch_buffer_size={data_config.prefetch_buffer_size} must be at "
+            "least 1.")
 
 
 def _ensure_absl_flags_parsed() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from vgg_jax.config_values import require
 from vgg_jax.data.digits import prepare_digits
 
 SOURCES = ("tfds", "folder", "digits")
@@ -304,13 +305,29 @@ class FolderSource:
 # --------------------------------------------------------------------------------------
 
 
-def _check_source_name(data_config: Any) -> str:
-    source = str(data_config.source)
-    if source not in SOURCES:
-        raise ValueError(
-            f"Unknown config.data.source {source!r}; use one of {', '.join(SOURCES)}."
-        )
-    return source
+def check_config(data_config: Any) -> None:
+    """The rules of config.data's source fields (no file is opened: `validate_source`).
+
+    Args:
+      data_config: config.data.
+
+    Raises:
+      ConfigError: one sentence naming the first bad field and the fix.
+    """
+    d = data_config
+    require(d.source in SOURCES, f"config.data.source={d.source!r} is unknown; use one of "
+            f"{SOURCES}.")
+    if d.source == "digits":
+        require(0 < d.val_fraction < 1,
+                f"config.data.val_fraction={d.val_fraction} must be in (0, 1): the share of "
+                "the digits held out for validation.")
+    if d.source in ("tfds", "folder"):
+        expected = ("tensorflow_datasets" if d.source == "tfds"
+                    else "imagenet (with train/ and val/)")
+        require(bool(d.data_dir),
+                f"config.data.data_dir is not set for source {d.source!r}; pass "
+                f"--config.data.data_dir=/path/to/{expected}, or use "
+                "--config=configs/quickstart.py for the offline demo.")
 
 
 def make_source(data_config: Any, split: str) -> TfdsSource | FolderSource:
@@ -323,7 +340,7 @@ def make_source(data_config: Any, split: str) -> TfdsSource | FolderSource:
     Returns:
       A source whose records are {"image": bytes, "label": int, "name": str}.
     """
-    source = _check_source_name(data_config)
+    source = str(data_config.source)
     if source == "tfds":
         return TfdsSource(str(data_config.name), split, data_config.data_dir)
     root = prepare_digits(data_config) if source == "digits" else data_config.data_dir
@@ -341,7 +358,7 @@ def num_classes(data_config: Any) -> int:
     Returns:
       The class count (for checking against config.model.num_classes).
     """
-    source = _check_source_name(data_config)
+    source = str(data_config.source)
     if source == "tfds":
         return tfds_num_classes(str(data_config.name), data_config.data_dir)
     root = prepare_digits(data_config) if source == "digits" else data_config.data_dir
@@ -361,7 +378,7 @@ def validate_source(data_config: Any) -> None:
     Raises:
       ValueError: one sentence naming the path, what was expected and the fix.
     """
-    source = _check_source_name(data_config)
+    source = str(data_config.source)
     splits = (str(data_config.train_split), str(data_config.eval_split))
     if source == "tfds":
         for split in splits:

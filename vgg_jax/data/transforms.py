@@ -29,6 +29,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vgg_jax.config_values import require
 from vgg_jax.data import decode
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,31 @@ DECODE_ERROR_KEY = "decode_error"
 # --------------------------------------------------------------------------------------
 # Training augmentation
 # --------------------------------------------------------------------------------------
+
+
+def check_config(data_config: Any) -> None:
+    """The rules of config.data's augmentation and view fields.
+
+    Args:
+      data_config: config.data.
+
+    Raises:
+      ConfigError: one sentence naming the first bad field and the fix.
+    """
+    d = data_config
+    require(d.train_scale_min <= d.train_scale_max,
+            f"config.data.train_scale_min={d.train_scale_min} exceeds train_scale_max="
+            f"{d.train_scale_max}; set min <= max (equal for single-scale training).")
+    require(d.train_scale_min >= d.image_size,
+            f"config.data.train_scale_min={d.train_scale_min} is smaller than the crop "
+            f"config.data.image_size={d.image_size}; a crop cannot be larger than the "
+            "rescaled image, so raise the scale or lower the crop.")
+    require(d.eval_scale >= d.image_size,
+            f"config.data.eval_scale={d.eval_scale} is smaller than the crop "
+            f"config.data.image_size={d.image_size}; use a test scale of at least the crop.")
+    require(d.colour_shift_std >= 0,
+            f"config.data.colour_shift_std={d.colour_shift_std} must be >= 0 (0 turns the "
+            "colour shift off; the paper: 0.1).")
 
 
 def sample_scale(rng: np.random.Generator, scale_min: int, scale_max: int) -> int:
@@ -138,11 +164,6 @@ class TrainTransform(grain.transforms.RandomMap):
         self.eigenvalues = tuple(float(v) for v in data_config.pca_eigenvalues)
         self.eigenvectors = tuple(
             tuple(float(v) for v in row) for row in data_config.pca_eigenvectors)
-        if not self.crop_size <= self.scale_min <= self.scale_max:
-            raise ValueError(
-                f"Need image_size <= train_scale_min <= train_scale_max, got "
-                f"{self.crop_size}, {self.scale_min}, {self.scale_max}: fix config.data."
-            )
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         # `rng` is this element's own generator (grain derives it from the seed and the
