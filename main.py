@@ -96,6 +96,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"Config error: {_config_error_text(error)}")
 
 
+def _command_line_fields(argv: list[str]) -> set[str]:
+    """The config fields given on the command line ("data.mean_rgb", ...)."""
+    prefix = "--config."
+    return {arg[len(prefix):].split("=")[0] for arg in argv if arg.startswith(prefix)}
+
+
 def _load_config():
     # ml_collections applies the file and its overrides lazily, at this first access.
     try:
@@ -115,9 +121,13 @@ def main(argv):
     # Imported after flag parsing so that `--help` and config errors stay fast.
     import jax
 
-    from vgg_jax import config_checks, parallel
+    from vgg_jax import config_checks, init_from, parallel
 
     try:
+        # Fields the config leaves to the checkpoint it starts from, and that checkpoint's
+        # preprocessing unless the command line sets it.
+        for line in init_from.resolve_config(config, _command_line_fields(sys.argv)):
+            logging.info(line)
         # Every mistake but the batch split, before a multi-host start that may wait for
         # the other processes.
         config_checks.validate_config(config, check_data=_MODE.value == "train")

@@ -12,9 +12,8 @@ Not a runnable config on its own: use configs/vgg_a.py ... configs/vgg_e.py, e.g
 A ':384' or ':256-512' suffix selects the paper's other training scales (`set_train_scale`).
 The paper initialised B-E from a trained net A (its first four conv layers and its three FC
 layers); Glorot initialisation, the default here, trains them from scratch as well. To
-follow the paper, add
-  --config.init_from=runs/vgg_a \
-  --config.init_from_layers="('conv1_1','conv2_1','conv3_1','conv3_2','fc6','fc7','fc8')"
+follow the paper, add --config.init_from=runs/vgg_a (those layers are the default choice
+from net A into a deeper net).
 Each net's file lists the paper's results for it (vgg_jax/evaluation/paper.py holds them all).
 """
 
@@ -113,6 +112,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Gradient accumulation: each optimiser step averages this many micro-batches of
     # batch_size / grad_accum_steps images (the original project ran 64 x 4).
     config.train.grad_accum_steps = 1
+    # Fine-tuning: layers whose parameters stay fixed, as names or shell patterns
+    # ("conv*" = the whole trunk, "conv1_*", "fc6"); a frozen conv's batch norm keeps its
+    # running statistics. Optimiser updates are zero for them (optax.multi_transform).
+    config.train.frozen_layers = ()
     # Global-norm gradient clipping; 0 disables it.
     config.train.grad_clip_norm = 0.0
     # Learning-rate plateau schedule (the paper cut the rate by 10 when validation accuracy
@@ -139,11 +142,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.max_to_keep = 3
     config.checkpoint.keep_best = 1
-    # Initialise from another run's checkpoint (a workdir or weight file); "" = none.
-    # The layers copied: () = every layer both nets share with equal shapes (fine-tuning
-    # the same net, e.g. S=256 -> S=384). The paper's transfer from net A to a deeper net
-    # copies A's first four conv layers and the three FC layers:
-    # ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8").
+    # Initialise from another run's checkpoint (a workdir, or torchvision weights
+    # converted with python -m vgg_jax.convert); "" = none. Its preprocessing (mean_rgb,
+    # std_rgb) is inherited unless given on the command line. The layers copied: () = from
+    # net A into a deeper net, the paper's choice (A's first four conv layers and the
+    # three FC layers: "conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8");
+    # otherwise every layer both nets share with equal shapes (the same net at another
+    # scale, or a new head for other classes). Every layer not copied is logged with why.
     config.init_from = ""
     config.init_from_layers = ()
 

@@ -119,39 +119,6 @@ def test_classification_sums_count_top1_and_top5():
     assert float(sums["count"]) == 2.0
 
 
-def test_transfer_copies_exactly_the_named_layers():
-    config = _config()
-    source = models.create_model_from_config(config)  # net A
-    config.model.version = "D"
-    target = models.create_model_from_config(config)
-    images = np.zeros((1, 32, 32, 3), np.float32)
-    source_params = source.init(jax.random.key(1), images)["params"]
-    target_params = target.init(jax.random.key(2), images)["params"]
-    layers = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
-    new, copied = train.transfer_parameters(target_params, source_params, layers)
-    assert tuple(copied) == layers
-    for name in target_params:
-        same = name in layers
-        expected = source_params[name] if same else target_params[name]
-        for a, b in zip(jax.tree.leaves(new[name]), jax.tree.leaves(expected)):
-            np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="conv1_2"):
-        train.transfer_parameters(target_params, source_params, ("conv1_2",))
-
-    # Batch norm: a conv's BN goes with it; a source of the other family is refused.
-    config.model.batch_norm = True
-    bn_model = models.create_model_from_config(config)
-    bn_shapes = jax.eval_shape(bn_model.init, jax.random.key(0), images)["params"]
-    bn_source = jax.tree.map(lambda s: np.full(s.shape, 7.0, np.float32), bn_shapes)
-    bn_target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), bn_shapes)
-    new, copied = train.transfer_parameters(bn_target, bn_source, ("conv1_1", "fc8"))
-    assert copied == ["conv1_1", "conv1_1_bn", "fc8"]
-    assert float(new["conv1_1_bn"]["scale"][0]) == 7.0 and float(new["conv1_2_bn"]["scale"][0]) == 0
-    with pytest.raises(ValueError, match="with batch norm and this one is not; pass "
-                       "--config.model.batch_norm=True"):
-        train.transfer_parameters(target_params, bn_source, ())
-
-
 def _grain_iterator():
     dataset = grain.MapDataset.range(100).shuffle(seed=0).to_iter_dataset()
     return iter(dataset)

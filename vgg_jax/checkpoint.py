@@ -45,7 +45,7 @@ RESUME_FIELDS = (
     "model.version", "model.num_classes", "model.width_divisor", "model.fc_features",
     "model.batch_norm",
     "data.image_size", "data.source", "data.name", "data.train_split", "data.num_workers",
-    "train.batch_size", "train.grad_accum_steps", "seed",
+    "train.batch_size", "train.grad_accum_steps", "train.frozen_layers", "seed",
 )
 _MISSING = object()
 

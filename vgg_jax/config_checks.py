@@ -15,6 +15,7 @@ from vgg_jax import checkpoint, optim, preprocess, train, writers
 from vgg_jax.config_values import ConfigError, require
 from vgg_jax.data import pipeline, sources
 from vgg_jax.models import check_config as check_model_config
+from vgg_jax.models import check_frozen_layers
 
 __all__ = ["ConfigError", "check_batch_split", "validate_config"]
 
@@ -37,6 +38,7 @@ def validate_config(
       ConfigError: with one sentence naming the field and the fix.
     """
     check_model_config(config.model, config.data.image_size)
+    check_frozen_layers(config.train.get("frozen_layers", ()), config.model.version)
     pipeline.check_config(config.data)
     preprocess.check_config(config.data)
     train.check_config(config.train)

@@ -10,7 +10,10 @@ torchvision reports its accuracy with resize-256 / centre-crop-224, i.e. our sin
 protocol at Q = 256.
 
   python -m vgg_jax.convert vgg16-397923af.pth --version D --out runs/torchvision_vgg16
-  python main.py --config=configs/vgg_d.py --workdir=runs/torchvision_vgg16 --mode=eval
+  python main.py --config=configs/vgg_d.py --workdir=runs/torchvision_vgg16 --mode=eval \
+      --config.eval.protocol=single_crop --config.data.data_dir=$HOME/tensorflow_datasets
+  python main.py --config=configs/finetune.py --workdir=runs/finetune \
+      --config.init_from=runs/torchvision_vgg16 --config.data.data_dir=/path/to/images
 
 The .pth is read with torch.load(weights_only=True), which refuses arbitrary pickled
 objects. A .npz of the same keys works without torch.
@@ -220,9 +223,33 @@ def main(argv: list[str] | None = None) -> None:
         out = convert_file(args.weights, args.version, args.out)
     except ValueError as e:
         sys.exit(f"Conversion failed: {e}")
-    print(f"Wrote {out}; evaluate with: python main.py --config=configs/vgg_"
-          f"{torchvision_version(args.version).lower()}.py --workdir={out} --mode=eval")
+    for line in next_steps(out, args.version):
+        print(line)
 
+
+def next_steps(out: str, version: str) -> list[str]:
+    """What to do with converted weights: the commands, runnable as printed.
+
+    Args:
+      out: the workdir written.
+      version: the --version given.
+
+    Returns:
+      Lines: where the weights are, the evaluation command (torchvision's protocol, the
+      centre crop at Q = 256, on a TFDS imagenet2012 build in TFDS's default directory),
+      the image-folder variant and the fine-tuning command.
+    """
+    key = torchvision_version(version).lower()
+    return [
+        f"Wrote {out}. Evaluate it on ImageNet's validation set (torchvision's centre crop):",
+        f"  python main.py --config=configs/vgg_{key}.py --workdir={out} --mode=eval "
+        "--config.eval.protocol=single_crop --config.data.data_dir=$HOME/tensorflow_datasets",
+        "  (an image folder instead: --config.data.source=folder "
+        "--config.data.data_dir=/path/to/imagenet, holding val/<class>/*.JPEG)",
+        "Fine-tune it on your own images (train/<class>/*, val/<class>/*):",
+        f"  python main.py --config=configs/finetune.py --workdir=runs/finetune "
+        f"--config.init_from={out} --config.data.data_dir=/path/to/images",
+    ]
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ Beyond the paper, for the uses VGG has today:
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgg_jax.config_values import ConfigError, require
+from vgg_jax.config_values import ConfigError, require, string_list
 
 # A layer is (output channels, kernel size); a block is the layers before one max-pool.
 LayerSpec = tuple[int, int]
@@ -193,6 +194,10 @@ class VGG(nn.Module):
         (`apply(..., train=True, mutable=["batch_stats"])`) from the statistics of the
         whole batch, which under jit is the global batch however it is sharded;
         evaluation uses the running averages.
+      frozen: layers (conv or FC names) that fine-tuning does not train; a frozen conv's
+        BatchNorm normalises by its running averages in training too and leaves them
+        unchanged, so the layer computes exactly what it did in the source net (the
+        optimiser, not the module, keeps frozen parameters fixed: `frozen_parameters`).
       bn_momentum: flax's momentum of the running averages (1 - PyTorch's momentum).
       bn_epsilon: added to the variance before its square root.
       include_head: False leaves out FC6-FC8: the net is the convolutional trunk, for
@@ -217,6 +222,7 @@ class VGG(nn.Module):
     initializer: str = "glorot_uniform"
     normal_init_stddev: float = 0.1
     batch_norm: bool = False
+    frozen: tuple[str, ...] = ()
     bn_momentum: float = 1.0 - TORCH_BN_MOMENTUM
     bn_epsilon: float = TORCH_BN_EPSILON
     include_head: bool = True
@@ -242,6 +248,17 @@ class VGG(nn.Module):
         """
         return layer_names(self.architecture, self.use_lrn, self.include_head)
 
+    @property
+    def frozen_parameters(self) -> tuple[str, ...]:
+        """The parameter groups of the frozen layers: each layer and its batch norm.
+
+        Returns:
+          Top-level keys of `params` that fine-tuning keeps fixed.
+        """
+        with_bn = tuple(name + BN_SUFFIX for name in self.frozen
+                        if self.batch_norm and name not in HEAD_LAYERS)
+        return tuple(self.frozen) + with_bn
+
     def _conv(self, features, kernel, name, *, padding="SAME", fc=False):
         # A fully-connected layer written as a convolution keeps the fan-in/fan-out of the
         # dense layer it stands for: all of the window is fan-in, only outputs are fan-out.
@@ -262,8 +279,9 @@ class VGG(nn.Module):
     def _batch_norm(self, x, name, train, mask):
         # Two-pass variance (as PyTorch computes it): E[x^2] - E[x]^2 loses precision when
         # a channel's mean is large against its spread. Statistics are kept in float32.
+        # A frozen layer's statistics stay those of the data it was trained on.
         return nn.BatchNorm(
-            use_running_average=not train, momentum=self.bn_momentum,
+            use_running_average=not train or name in self.frozen, momentum=self.bn_momentum,
             epsilon=self.bn_epsilon, use_fast_variance=False, dtype=self.dtype,
             param_dtype=self.param_dtype, name=name + BN_SUFFIX,
         )(x, mask=None if mask is None else mask[:, None, None, None])
@@ -450,6 +468,59 @@ def check_config(model_config: Any, image_size: int) -> None:
             f"config.model.compute_dtype={m.compute_dtype!r} is unknown; use one of "
             f"{COMPUTE_DTYPES}.")
     _check_image_size(image_size, "config.data.image_size")
+def parameter_layers(version: str) -> tuple[str, ...]:
+    """The layers with parameters of a configuration: its convs, then fc6, fc7, fc8.
+
+    Args:
+      version: one of VERSIONS (any spelling `canonical_version` takes).
+
+    Returns:
+      Layer names in forward order (batch norms not listed: they follow their conv).
+    """
+    names = layer_names(ARCHITECTURES[canonical_version(version)])
+    return tuple(name for name in names if name.startswith("conv")) + HEAD_LAYERS
+
+
+def select_layers(patterns: Sequence[str], version: str) -> tuple[str, ...]:
+    """The layers named by shell-style patterns ("conv*", "conv1_?", "fc6").
+
+    Args:
+      patterns: fnmatch patterns, matched against `parameter_layers(version)`.
+      version: the net's configuration.
+
+    Returns:
+      The matching layers, in forward order.
+
+    Raises:
+      ValueError: if a pattern matches no layer (naming it and listing the layers).
+    """
+    layers = parameter_layers(version)
+    for pattern in patterns:
+        if not fnmatch.filter(layers, pattern):
+            raise ValueError(
+                f"{pattern!r} names no layer of net {canonical_version(version)}; its layers "
+                f"are {', '.join(layers)} (patterns like 'conv*' or 'conv1_?' work too).")
+    return tuple(name for name in layers if any(fnmatch.fnmatch(name, p) for p in patterns))
+
+
+def check_frozen_layers(patterns: Sequence[str], version: str) -> None:
+    """The rule of config.train.frozen_layers: known layers, and not all of them.
+
+    Args:
+      patterns: config.train.frozen_layers.
+      version: config.model.version.
+
+    Raises:
+      ConfigError: one sentence naming the pattern or the fix.
+    """
+    patterns = string_list(patterns)
+    try:
+        frozen = select_layers(patterns, version)
+    except ValueError as error:
+        raise ConfigError(f"config.train.frozen_layers: {error}") from None
+    require(len(frozen) < len(parameter_layers(version)),
+            f"config.train.frozen_layers={tuple(patterns)} freezes every layer, so nothing "
+            "would train; leave the new head (fc8) out of it.")
 
 
 def compute_dtype(name: str) -> Any:
@@ -488,6 +559,9 @@ def create_model_from_config(config: Any) -> VGG:
         normal_init_stddev=m.normal_init_stddev,
         # Configs saved before batch norm existed have no such field.
         batch_norm=bool(m.get("batch_norm", False)),
+        # Fine-tuning: the layers config.train.frozen_layers keeps fixed.
+        frozen=select_layers(string_list(
+            config.train.get("frozen_layers", ()) if "train" in config else ()), m.version),
         dtype=compute_dtype(m.compute_dtype),
     )
 

@@ -31,7 +31,7 @@ Typical use in a training loop:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -107,7 +107,40 @@ def check_config(train_config: ml_collections.ConfigDict) -> None:
     _check_plateau_config(train_config)
 
 
-def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+# Labels of `optax.multi_transform`: trained parameter groups get the paper's chain.
+_TRAINED, _FROZEN = "trained", "frozen"
+
+
+def freeze(tx: optax.GradientTransformation, frozen: Collection[str]
+           ) -> optax.GradientTransformation:
+    """Zero updates for the frozen parameter groups, `tx` for the others.
+
+    Built with `optax.multi_transform`: the frozen groups go to `optax.set_to_zero()`, so
+    no part of `tx` sees them. Weight decay cannot move them, clipping measures only the
+    trained gradients, and `tx` keeps no momentum buffers for them (its state holds
+    `optax.MaskedNode`s there): freezing costs no optimiser memory.
+
+    Args:
+      tx: the optimiser of the trained parameters.
+      frozen: top-level keys of the parameter tree to keep fixed (e.g. "conv1_1",
+        "conv1_1_bn"); empty returns `tx` itself.
+
+    Returns:
+      The combined transformation.
+    """
+    if not frozen:
+        return tx
+    frozen = frozenset(frozen)
+
+    def labels(params):
+        return {name: jax.tree.map(lambda _, n=name: _FROZEN if n in frozen else _TRAINED, group)
+                for name, group in params.items()}
+
+    return optax.multi_transform({_TRAINED: tx, _FROZEN: optax.set_to_zero()}, labels)
+
+
+def create_optimizer(train_config: ml_collections.ConfigDict,
+                     frozen: Collection[str] = ()) -> optax.GradientTransformation:
     """Builds the paper's optimiser from `config.train`.
 
     The chain applied to the (mean) gradient of each optimiser step is:
@@ -124,9 +157,12 @@ def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientT
     (the other calls return zero updates). With a loss that is a batch mean, k calls
     equal one step on the whole batch (dropout aside).
 
+    Fine-tuning: the parameter groups in `frozen` get zero updates (`freeze`).
+
     Args:
       train_config: `config.train`; reads learning_rate, momentum, weight_decay,
         decay_biases, grad_clip_norm and grad_accum_steps.
+      frozen: top-level parameter keys to keep fixed (the model's `frozen_parameters`).
 
     Returns:
       An optax.GradientTransformation; `get_learning_rate` / `set_learning_rate` read and
@@ -152,6 +188,7 @@ def create_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientT
     tx = optax.inject_hyperparams(paper_sgd, hyperparam_dtype=jnp.float32)(
         learning_rate=float(train_config.learning_rate)
     )
+    tx = freeze(tx, frozen)
     accum_steps = int(train_config.grad_accum_steps)
     if accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum_steps).gradient_transformation()

@@ -22,11 +22,11 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from vgg_jax import checkpoint, optim, parallel, profiling, stop_signals, writers
+from vgg_jax import checkpoint, init_from, optim, parallel, profiling, stop_signals, writers
 from vgg_jax import metric_names as names
-from vgg_jax.config_values import ConfigError, require, string_list
+from vgg_jax.config_values import require
 from vgg_jax.data import device_prefetch, pipeline
-from vgg_jax.models import BN_SUFFIX, VGG, create_model_from_config
+from vgg_jax.models import VGG, create_model_from_config
 from vgg_jax.preprocess import normalize_images
 
 # Guards the images/s division when a log interval measured no time.
@@ -247,53 +247,6 @@ def summarize(sums_list: list[Mapping[str, jax.Array]]) -> dict[str, float]:
     }
 
 
-def transfer_parameters(params, source_params, layers: Iterable[str]):
-    """Copies named layers from another net's parameters (the paper's initialisation).
-
-    A conv layer's batch norm ("conv1_1_bn") goes with it.
-
-    Args:
-      params: this net's freshly initialised parameters.
-      source_params: parameters of the source net (e.g. a trained net A).
-      layers: the layer names to copy; empty = every layer present in both with equal shapes.
-
-    Returns:
-      (new params, list of copied layer names).
-
-    Raises:
-      ValueError: if one net has batch norm and the other not, or a named layer is
-        missing from either net or its shapes differ.
-    """
-    with_bn = lambda tree: any(name.endswith(BN_SUFFIX) for name in tree)
-    if with_bn(source_params) != with_bn(params):
-        raise ValueError(
-            f"config.init_from is a net {'with' if with_bn(source_params) else 'without'} "
-            f"batch norm and this one is not; pass --config.model.batch_norm="
-            f"{with_bn(source_params)} to match it.")
-    layers = [companion for name in layers for companion in (name, name + BN_SUFFIX)
-              if companion == name or companion in params]
-    layers = layers or [name for name in params if name in source_params and all(
-        np.shape(a) == np.shape(b) for a, b in zip(
-            jax.tree.leaves(params[name]), jax.tree.leaves(source_params[name])))]
-    new_params = dict(params)
-    for name in layers:
-        if name not in params or name not in source_params:
-            raise ValueError(
-                f"config.init_from_layers names {name!r}, which is not a layer of both nets; "
-                f"layers: {sorted(params)}."
-            )
-        shapes = jax.tree.map(np.shape, params[name])
-        if jax.tree.map(np.shape, source_params[name]) != shapes:
-            raise ValueError(
-                f"Layer {name!r} has shapes {jax.tree.map(np.shape, source_params[name])} in "
-                f"config.init_from but {shapes} here; remove it from config.init_from_layers."
-            )
-        new_params[name] = jax.tree.map(
-            lambda new, old: jnp.asarray(old, new.dtype), params[name], source_params[name]
-        )
-    return new_params, layers
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains with periodic validation and checkpoints; resumes from the workdir if possible.
 
@@ -315,7 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     resume_step = _check_resume(manager, config, workdir)
 
     model = create_model_from_config(config)
-    state = create_train_state(model, optim.create_optimizer(tc), config.seed, mesh)
+    tx = optim.create_optimizer(tc, frozen=model.frozen_parameters)
+    state = create_train_state(model, tx, config.seed, mesh)
     plateau = optim.plateau_init(tc)
     counts = StepCounts.from_config(config)
     # Batches reach the devices on a background thread, `device_prefetch` ahead of the step;
@@ -426,18 +380,11 @@ def _restore(manager, step: int, state: TrainState, plateau, train_iter):
 
 
 def _initialise_from(state: TrainState, config: ml_collections.ConfigDict, mesh) -> TrainState:
-    """The paper's initialisation: `config.init_from_layers` copied from `config.init_from`."""
-    try:
-        source, _ = checkpoint.load_variables(config.init_from)
-    except ValueError as error:
-        raise ConfigError(
-            f"config.init_from={config.init_from!r}: {error}") from None
-    params, copied = transfer_parameters(
-        jax.device_get(state.params), source["params"], string_list(config.init_from_layers))
-    # The copied batch norms bring their running statistics.
-    batch_stats = {name: source["batch_stats"][name] if name in copied else value
-                   for name, value in jax.device_get(state.batch_stats).items()}
-    logging.info("Initialised %s from %s.", ", ".join(copied), config.init_from)
+    """Copies layers of `config.init_from` into the fresh state (vgg_jax.init_from)."""
+    params, batch_stats, lines = init_from.initialise(
+        config, jax.device_get(state.params), jax.device_get(state.batch_stats))
+    for line in lines:
+        logging.info(line)
     return state.replace(params=parallel.replicate(params, mesh),
                          batch_stats=parallel.replicate(batch_stats, mesh))
 
