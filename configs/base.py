@@ -19,16 +19,7 @@ Each net's file lists the paper's results for it (vgg_jax/evaluation/paper.py ho
 
 import ml_collections
 
-# Mean RGB of the ILSVRC-2012 training images, 0-255 scale (the only preprocessing, 3.1).
-IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)
-# Principal components of ImageNet pixel RGB values (0-1 scale) used by AlexNet's colour
-# augmentation, which the paper adopts: eigenvalues and their eigenvectors as columns.
-IMAGENET_PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
-IMAGENET_PCA_EIGENVECTORS = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
+from vgg_jax.data import imagenet
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -79,9 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.random_flip = True
     # Standard deviation of AlexNet's PCA colour shift; 0 disables it.
     config.data.colour_shift_std = 0.1
-    config.data.pca_eigenvalues = IMAGENET_PCA_EIGENVALUES
-    config.data.pca_eigenvectors = IMAGENET_PCA_EIGENVECTORS
-    config.data.mean_rgb = IMAGENET_MEAN_RGB
+    config.data.pca_eigenvalues = imagenet.PCA_EIGENVALUES
+    config.data.pca_eigenvectors = imagenet.PCA_EIGENVECTORS
+    config.data.mean_rgb = imagenet.MEAN_RGB
     # Per-channel divisor applied after mean subtraction (1 = the paper; imported
     # torchvision weights need ImageNet's standard deviation, 0-255 scale).
     config.data.std_rgb = (1.0, 1.0, 1.0)

@@ -16,6 +16,7 @@ have not been measured yet.
 """
 
 from configs import base
+from vgg_jax.data import imagenet
 
 # name: (version, num_classes, image_size, train S range, fc_features, mean RGB (0-255),
 # horizontal flips, colour shift std, epochs, batch size). Mean RGB values are the
@@ -26,7 +27,7 @@ _SETTINGS = {
     # A mirrored digit is another symbol; grey images have no colour to shift.
     "mnist": ("A", 10, 32, (32, 36), 512, (33.32, 33.32, 33.32), False, 0.0, 20, 128),
     # Photos of varying size, as ImageNet: the paper's crop size and full-width head.
-    "caltech101": ("D", 102, 224, (256, 256), 4096, base.IMAGENET_MEAN_RGB, True, 0.1, 60, 64),
+    "caltech101": ("D", 102, 224, (256, 256), 4096, imagenet.MEAN_RGB, True, 0.1, 60, 64),
 }
 
 

@@ -2,6 +2,10 @@
 itself is tested in test_torchvision_weights.py)."""
 
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,15 +15,28 @@ import torchvision_reference as reference
 from vgg_jax import checkpoint, convert
 
 WIDTH_DIVISOR, FC_FEATURES = reference.WIDTH_DIVISOR, reference.FC_FEATURES
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_cli_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path, capsys):
+def _convert(*args: str, fails: str | None = None) -> str:
+    """Runs `python -m vgg_jax.convert ARGS`; returns its output, or, with `fails`, checks
+    that it exits with an error line matching that pattern."""
+    result = subprocess.run([sys.executable, "-m", "vgg_jax.convert", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    if fails is None:
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+    assert result.returncode != 0 and re.search(fails, result.stderr, re.MULTILINE), (
+        result.stderr[-3000:])
+    return result.stderr
+
+
+def test_cli_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path):
     sd = reference.state_dict("A", image_size=32)
     path = str(tmp_path / "vgg11.npz")
     np.savez(path, **sd)
     out = str(tmp_path / "converted")
-    convert.main([path, "--version", "vgg11", "--out", out])
-    assert "--mode=eval" in capsys.readouterr().out
+    assert "--mode=eval" in _convert(path, "--version", "vgg11", "--out", out)
     variables, config = checkpoint.load_variables(out)
     assert config.model.version == "A" and config.data.image_size == 32
     assert (config.model.width_divisor, config.model.fc_features) == (WIDTH_DIVISOR, FC_FEATURES)
@@ -34,9 +51,9 @@ def test_cli_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path, capsys
     bn_sd = reference.state_dict("A", image_size=32, batch_norm=True)
     bn_path = str(tmp_path / "vgg11_bn.npz")
     np.savez(bn_path, **bn_sd)
-    with pytest.raises(SystemExit, match="has batch norm .*pass --config.model.batch_norm=True"):
-        convert.main([bn_path, "--version", "vgg11", "--out", str(tmp_path / "wrong")])
-    convert.main([bn_path, "--version", "vgg11_bn", "--out", str(tmp_path / "bn")])
+    _convert(bn_path, "--version=vgg11", f"--out={tmp_path / 'wrong'}",
+             fails="has batch norm .*pass --config.model.batch_norm=True")
+    _convert(bn_path, "--version=vgg11_bn", f"--out={tmp_path / 'bn'}")
     variables, config = checkpoint.load_variables(str(tmp_path / "bn"))
     assert config.model.batch_norm
     jax.tree.map(np.testing.assert_array_equal, variables,
@@ -44,9 +61,7 @@ def test_cli_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path, capsys
 
     # And back to a state dict: the same arrays (batches are not counted here).
     exported = str(tmp_path / "exported.npz")
-    capsys.readouterr()
-    convert.main(["--workdir", str(tmp_path / "bn"), "--out", exported])
-    printed = capsys.readouterr().out
+    printed = _convert(f"--workdir={tmp_path / 'bn'}", f"--out={exported}")
     assert "vgg11_bn from step 0: a narrowed vgg11_bn" in printed
     assert "Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))" in printed
     with np.load(exported) as back:
@@ -62,9 +77,8 @@ def test_export_of_a_net_torchvision_lacks_fails_in_one_line(tmp_path):
     config = base.get_config()
     config.model.version = "C"
     checkpoint.save_variables(str(tmp_path), {"params": {"w": np.zeros(1, np.float32)}}, config)
-    with pytest.raises(SystemExit, match="^Conversion failed: torchvision has no VGG of "
-                       "configuration C"):
-        convert.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "c.pth")])
+    _convert(f"--workdir={tmp_path}", f"--out={tmp_path / 'c.pth'}",
+             fails="^Conversion failed: torchvision has no VGG of configuration C")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
@@ -75,10 +89,10 @@ def test_pth_written_by_the_command_loads_into_torchvision_layers(tmp_path):
 
     sd = reference.state_dict("A", image_size=32, batch_norm=True)
     np.savez(str(tmp_path / "vgg11_bn.npz"), **sd)
-    convert.main([str(tmp_path / "vgg11_bn.npz"), "--version", "vgg11_bn",
-                  "--out", str(tmp_path / "run")])
+    _convert(str(tmp_path / "vgg11_bn.npz"), "--version", "vgg11_bn",
+             "--out", str(tmp_path / "run"))
     path = str(tmp_path / "vgg11_bn.pth")
-    convert.main(["--workdir", str(tmp_path / "run"), "--out", path])
+    _convert("--workdir", str(tmp_path / "run"), "--out", path)
     loaded = torch.load(path, weights_only=True)
     assert loaded["features.1.num_batches_tracked"].dtype == torch.int64
     # torchvision's own layer builder, at our width divisor, takes the features strictly.

@@ -10,6 +10,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import small_data
 from PIL import Image
 
 from vgg_jax.data import pipeline, testing
@@ -27,7 +28,7 @@ def folder(tmp_path_factory):
 
 
 def _config(folder, **overrides):
-    return testing.data_config(
+    return small_data.data_config(
         source="folder", data_dir=str(folder), train_scale_min=32, train_scale_max=48, **overrides
     )
 

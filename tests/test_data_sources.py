@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import small_data
 import tensorflow_datasets as tfds
 
 from vgg_jax.data import decode, digits, pipeline, sources, testing
@@ -16,7 +17,7 @@ from vgg_jax.data import decode, digits, pipeline, sources, testing
 
 def test_folder_source_labels_repr_and_pickle(tmp_path):
     testing.write_folder(str(tmp_path), {"train": 3, "val": 2}, classes=("zebra", "ant", "cat"))
-    config = testing.data_config(source="folder", data_dir=str(tmp_path))
+    config = small_data.data_config(source="folder", data_dir=str(tmp_path))
     source = sources.make_source(config, "train")
     assert len(source) == 9
     assert source.class_names == ("ant", "cat", "zebra")
@@ -36,7 +37,7 @@ def test_folder_source_labels_repr_and_pickle(tmp_path):
 def test_eval_split_uses_the_training_class_indices(tmp_path):
     testing.write_folder(str(tmp_path), {"train": 1}, classes=("a", "b", "c"))
     testing.write_folder(str(tmp_path), {"val": 2}, classes=("c",))
-    config = testing.data_config(source="folder", data_dir=str(tmp_path), eval_split="val")
+    config = small_data.data_config(source="folder", data_dir=str(tmp_path), eval_split="val")
     source = sources.make_source(config, "val")
     assert [source[i]["label"] for i in range(len(source))] == [2, 2]
     sources.validate_source(config)
@@ -68,7 +69,7 @@ def test_clear_errors_for_bad_folders(tmp_path, layout, match):
         (root / "val" / "cat" / "000.jpg").unlink()
     if layout == "extra_val_class":
         testing.write_folder(str(root), {"val": 1}, classes=("cat", "dog", "emu"))
-    config = testing.data_config(
+    config = small_data.data_config(
         source="folder", data_dir=None if layout == "unset" else str(root)
     )
     with pytest.raises(ValueError, match=match) as error:
@@ -81,11 +82,11 @@ def test_clear_errors_for_bad_folders(tmp_path, layout, match):
 
 def test_unknown_source_is_rejected():
     with pytest.raises(ValueError, match="config.data.source='webdataset' is unknown"):
-        sources.check_config(testing.data_config(source="webdataset"))
+        sources.check_config(small_data.data_config(source="webdataset"))
 
 
 def test_digits_written_once_atomically_and_reused(tmp_path, monkeypatch):
-    config = testing.data_config(source="digits", cache_dir=str(tmp_path), eval_split="val")
+    config = small_data.data_config(source="digits", cache_dir=str(tmp_path), eval_split="val")
     # A first run killed half-way leaves no digits folder behind.
     real_write = digits._write_digits
 
@@ -142,7 +143,7 @@ def test_tfds_source_through_mock_data(name, grey):
         assert isinstance(decoders["image"], tfds.decode.SkipDecoding)
         return _fake_tfds_records(split, 11 if split == "train" else 5, grey)
 
-    config = testing.data_config(
+    config = small_data.data_config(
         source="tfds", name=name, eval_split="test", image_size=24, train_scale_min=24,
         train_scale_max=32, eval_scale=28,
     )
@@ -162,14 +163,14 @@ def test_tfds_source_through_mock_data(name, grey):
 
 
 def test_tfds_not_prepared_names_the_preparation_command(tmp_path):
-    config = testing.data_config(source="tfds", name="imagenet2012", data_dir=str(tmp_path))
+    config = small_data.data_config(source="tfds", name="imagenet2012", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="not prepared") as error:
         sources.validate_source(config)
     message = str(error.value)
     assert str(tmp_path) in message and "python -m vgg_jax.data.prepare_tfds" in message
     assert "--manual_dir" in message and "pip install tensorflow-cpu importlib-resources" in message
     with pytest.raises(ValueError, match="has no data set named"):
-        sources.validate_source(testing.data_config(source="tfds", name="no_such_set_xyz"))
+        sources.validate_source(small_data.data_config(source="tfds", name="no_such_set_xyz"))
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,9 +189,12 @@ class HideTensorflow(importlib.machinery.PathFinder):
         return super().find_spec(name, path, target)
 
 sys.meta_path[:] = [HideTensorflow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-from vgg_jax.data import pipeline, sources, testing
+from vgg_jax.data import pipeline, sources
 
-config = testing.data_config(source="tfds", name="imagenet2012", data_dir=sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+import small_data
+
+config = small_data.data_config(source="tfds", name="imagenet2012", data_dir=sys.argv[1])
 sources.validate_source(config)
 splits = {s: sources.make_source(config, s) for s in ("train", "validation")}
 records = {s: sorted((src[i]["name"], src[i]["label"]) for i in range(len(src))) for s, src in splits.items()}
@@ -230,7 +234,8 @@ def test_real_imagenet2012_build_from_fake_ilsvrc_tars(tmp_path):
     result = subprocess.run(prepare, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "{'train': 4, 'validation': 3}" in result.stdout
-    read = [sys.executable, "-c", _READ_BACK_WITHOUT_TENSORFLOW, data_dir]
+    read = [sys.executable, "-c", _READ_BACK_WITHOUT_TENSORFLOW, data_dir,
+            os.path.join(ROOT, "tests")]
     result = subprocess.run(read, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])

@@ -6,6 +6,7 @@ import logging
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import small_data
 from PIL import Image
 
 from vgg_jax import preprocess
@@ -48,7 +49,7 @@ def test_sample_scale_fixed_and_uniform_over_the_whole_range():
 
 def test_train_transform_shapes_dtypes_and_scale_range():
     rng = np.random.default_rng(0)
-    config = testing.data_config(train_scale_min=32, train_scale_max=48)
+    config = small_data.data_config(train_scale_min=32, train_scale_max=48)
     out = transforms.TrainTransform(config).random_map(_record(_jpeg(rng)), np.random.default_rng(1))
     assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.uint8
     assert out["label"].dtype == np.int32 and out["label"] == 3
@@ -73,8 +74,8 @@ def test_crop_corners_stay_inside_the_rescaled_image(width, height, scale):
 
 def test_random_flip_mirrors_about_half_of_the_images():
     data = _jpeg(np.random.default_rng(0))
-    flip_on = transforms.TrainTransform(testing.data_config(random_flip=True))
-    flip_off = transforms.TrainTransform(testing.data_config(random_flip=False))
+    flip_on = transforms.TrainTransform(small_data.data_config(random_flip=True))
+    flip_off = transforms.TrainTransform(small_data.data_config(random_flip=False))
     flipped = 0
     for seed in range(100):
         a = flip_on.random_map(_record(data), np.random.default_rng(seed))["image"]
@@ -87,7 +88,7 @@ def test_random_flip_mirrors_about_half_of_the_images():
 
 
 def test_pca_colour_shift_statistics():
-    config = testing.data_config()
+    config = small_data.data_config()
     rng = np.random.default_rng(0)
     shifts = np.stack(
         [
@@ -107,7 +108,7 @@ def test_pca_colour_shift_statistics():
     np.testing.assert_allclose(alpha.std(0), 0.1, rtol=0.05)
     off = transforms.pca_colour_shift(rng, 0.0, config.pca_eigenvalues, config.pca_eigenvectors)
     np.testing.assert_array_equal(off, np.zeros(3, np.float32))
-    out = transforms.TrainTransform(testing.data_config(colour_shift_std=0.0)).random_map(
+    out = transforms.TrainTransform(small_data.data_config(colour_shift_std=0.0)).random_map(
         _record(_jpeg(rng)), rng
     )
     np.testing.assert_array_equal(out["rgb_shift"], np.zeros(3))
@@ -203,9 +204,9 @@ def test_baseline_jpegs_skip_pil_and_others_use_it(monkeypatch):
     opened = []
     real_open = decode.open_image
     monkeypatch.setattr(decode, "open_image", lambda data: opened.append(1) or real_open(data))
-    transforms.TrainTransform(testing.data_config()).random_map(_record(jpeg), np.random.default_rng(0))
+    transforms.TrainTransform(small_data.data_config()).random_map(_record(jpeg), np.random.default_rng(0))
     assert not opened
-    transforms.TrainTransform(testing.data_config()).random_map(_record(png), np.random.default_rng(0))
+    transforms.TrainTransform(small_data.data_config()).random_map(_record(png), np.random.default_rng(0))
     assert opened
 
 
@@ -214,7 +215,7 @@ def test_jpeg_with_stray_bytes_still_decodes():
     # (strict) rejects it, and PIL decodes it as it always did.
     data = _jpeg(np.random.default_rng(0))
     stray = data[:-2] + bytes(16) + data[-2:]
-    out = transforms.TrainTransform(testing.data_config()).random_map(
+    out = transforms.TrainTransform(small_data.data_config()).random_map(
         _record(stray), np.random.default_rng(0)
     )
     assert out["mask"] and out["image"].any()
@@ -232,7 +233,7 @@ def test_quirky_files_decode_to_rgb(tmp_path):
     palette = testing.encode(
         np.asarray(Image.fromarray(pixels).convert("P")), "PNG", mode="P"
     )
-    transform = transforms.TrainTransform(testing.data_config())
+    transform = transforms.TrainTransform(small_data.data_config())
     evaluate = transforms.EvalTransform(32, 40)
     for data, name in ((cmyk, "cmyk.JPEG"), (grey, "grey.JPEG"), (png, "png.JPEG"), (palette, "p.JPEG")):
         assert decode.decode_image(data).shape == (48, 64, 3)
@@ -252,7 +253,7 @@ def test_quirky_files_decode_to_rgb(tmp_path):
 def test_truncated_file_gives_masked_zero_image_and_a_note_or_warning(caplog):
     data = _jpeg(np.random.default_rng(0), 375, 500)
     truncated = data[: len(data) // 3]
-    transform = transforms.TrainTransform(testing.data_config())
+    transform = transforms.TrainTransform(small_data.data_config())
     with caplog.at_level(logging.WARNING):
         out = transform.random_map(_record(truncated, name="/x/broken.JPEG"), np.random.default_rng(0))
         garbage = transforms.EvalTransform(32, 40).map(_record(b"not an image", name="junk.JPEG"))
@@ -302,4 +303,4 @@ def test_decode_rescaled_matches_decode_then_rescale():
 
 def test_a_crop_larger_than_s_is_rejected():
     with pytest.raises(ValueError, match="train_scale_min=40 is smaller than the crop"):
-        transforms.check_config(testing.data_config(image_size=48, train_scale_min=40))
+        transforms.check_config(small_data.data_config(image_size=48, train_scale_min=40))

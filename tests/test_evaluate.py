@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import small_data
 
 from configs import base
 from vgg_jax import checkpoint
@@ -234,7 +235,7 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
     config.model.num_classes = NUM_CLASSES
     config.model.width_divisor, config.model.fc_features = 16, 32
     config.model.compute_dtype = "float32"
-    config.data = testing.data_config(source="folder", data_dir=str(tmp_path / "data"),
+    config.data = small_data.data_config(source="folder", data_dir=str(tmp_path / "data"),
                                       eval_split="val", mean_rgb=MEAN, std_rgb=STD)
     config.eval.batch_size = 8
     config.progress_bar = False

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import small_data
 
 from configs import base
 from vgg_jax import checkpoint, imagenet_classes, predict
@@ -27,7 +28,7 @@ def workdir(tmp_path_factory):
     config = base.get_config()
     config.model.width_divisor, config.model.fc_features = 16, 32
     config.model.compute_dtype = "float32"
-    config.data = testing.data_config(mean_rgb=MEAN, std_rgb=STD)  # 32x32 crops, Q = 40
+    config.data = small_data.data_config(mean_rgb=MEAN, std_rgb=STD)  # 32x32 crops, Q = 40
     model = create_model("A", num_classes=1000, image_size=32, width_divisor=16, fc_features=32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     rng = np.random.default_rng(0)
@@ -99,7 +100,7 @@ def test_predict_honours_the_checkpoints_flip_setting(workdir, images, tmp_path,
     config = base.get_config()
     config.model.width_divisor, config.model.fc_features = 16, 32
     config.model.compute_dtype = "float32"
-    config.data = testing.data_config(mean_rgb=MEAN, std_rgb=STD)
+    config.data = small_data.data_config(mean_rgb=MEAN, std_rgb=STD)
     config.eval.flip = False
     path = str(tmp_path / "no_flip")
     checkpoint.save_variables(path, {"params": params}, config)

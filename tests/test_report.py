@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+import small_data
 
 from configs import base
 from vgg_jax import checkpoint
@@ -63,7 +64,7 @@ def test_report_gathers_the_newest_evaluations_of_a_run(tmp_path):
     config.model.num_classes = 4
     config.model.width_divisor, config.model.fc_features = 32, 16
     config.model.compute_dtype = "float32"
-    config.data = testing.data_config(source="folder", data_dir=str(tmp_path / "data"),
+    config.data = small_data.data_config(source="folder", data_dir=str(tmp_path / "data"),
                                       eval_split="val")
     config.data.image_size = 32
     config.data.train_scale_min = config.data.train_scale_max = config.data.eval_scale = 256

@@ -9,11 +9,15 @@ that is mean_rgb = 255 * mean, std_rgb = 255 * std, which the converted config c
 torchvision reports its accuracy with resize-256 / centre-crop-224, i.e. our single-crop
 protocol at Q = 256.
 
-  python -m vgg_jax.convert vgg16-397923af.pth --version D --out runs/torchvision_vgg16
+  python -m vgg_jax.convert vgg16-397923af.pth --version=D --out=runs/torchvision_vgg16
   python main.py --config=configs/vgg_d.py --workdir=runs/torchvision_vgg16 --mode=eval \
       --config.eval.protocol=single_crop --config.data.data_dir=$HOME/tensorflow_datasets
   python main.py --config=configs/finetune.py --workdir=runs/finetune \
       --config.init_from=runs/torchvision_vgg16 --config.data.data_dir=/path/to/images
+  python -m vgg_jax.convert --workdir=runs/vgg_d --out=vgg16.pth     # and back
+
+The written checkpoint carries a full run config: the recipe of --config (default
+configs/base.py of this checkout) with the net's shape and torchvision's preprocessing.
 
 The .pth is read with torch.load(weights_only=True), which refuses arbitrary pickled
 objects. A .npz of the same keys works without torch.
@@ -21,15 +25,17 @@ objects. A .npz of the same keys works without torch.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
+from vgg_jax.data import imagenet
 from vgg_jax.torchvision_weights import (  # noqa: F401  (this module's Python API)
     TORCHVISION_NAMES,
     feature_indices,
@@ -40,35 +46,33 @@ from vgg_jax.torchvision_weights import (  # noqa: F401  (this module's Python A
     torchvision_version,
 )
 
-# torchvision's preprocessing on a 0-1 scale (its ImageNet weights' documentation).
-TORCHVISION_MEAN = (0.485, 0.456, 0.406)
-TORCHVISION_STD = (0.229, 0.224, 0.225)
 # torchvision's evaluation resize (shorter side) before the 224 centre crop.
 TORCHVISION_RESIZE = 256
 
 
-def converted_config(version: str, options: Mapping[str, int]) -> ml_collections.ConfigDict:
+def converted_config(
+    version: str, options: Mapping[str, int], base_config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
     """A run config describing converted torchvision weights and their preprocessing.
 
     Args:
       version: our version key ("A", "B", "D", "E").
       options: from `infer_model_options`.
+      base_config: the recipe the other fields come from (configs/base.py's).
 
     Returns:
-      The base recipe with the model options, torchvision's normalisation on the 0-255
-      scale, and S = Q = 256 (its resize-256 protocol).
+      A copy of `base_config` with the model options, torchvision's normalisation on the
+      0-255 scale, and S = Q = 256 (its resize-256 protocol).
     """
-    from configs import base
-
-    config = base.get_config()
+    config = ml_collections.ConfigDict(base_config.to_dict())
     config.model.version = torchvision_version(version)
     config.model.num_classes = int(options["num_classes"])
     config.model.width_divisor = int(options["width_divisor"])
     config.model.fc_features = int(options["fc_features"])
     config.model.batch_norm = bool(options["batch_norm"])
     config.data.image_size = int(options["image_size"])
-    config.data.mean_rgb = tuple(255.0 * m for m in TORCHVISION_MEAN)
-    config.data.std_rgb = tuple(255.0 * s for s in TORCHVISION_STD)
+    config.data.mean_rgb = tuple(255.0 * m for m in imagenet.TORCHVISION_MEAN)
+    config.data.std_rgb = tuple(255.0 * s for s in imagenet.TORCHVISION_STD)
     config.data.train_scale_min = config.data.train_scale_max = TORCHVISION_RESIZE
     config.data.eval_scale = TORCHVISION_RESIZE
     return config
@@ -99,13 +103,16 @@ def load_state_dict(path: str) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def convert_file(path: str, version: str, out: str) -> str:
+def convert_file(
+    path: str, version: str, out: str, base_config: ml_collections.ConfigDict
+) -> str:
     """Converts a torchvision weight file into a params checkpoint under `out`.
 
     Args:
       path: the torchvision state dict (.pth) or a .npz of its keys.
       version: "A", "B", "D", "E" or vgg11/13/16/19 or vgg11_bn ... vgg19_bn.
       out: the directory (workdir) to write the weights and their run config into.
+      base_config: the recipe of the written run config (see `converted_config`).
 
     Returns:
       The workdir written (what `checkpoint.save_variables` returns).
@@ -119,7 +126,7 @@ def convert_file(path: str, version: str, out: str) -> str:
     key = torchvision_version(version)
     variables = from_torchvision(state_dict, version)
     options = infer_model_options(state_dict, key)
-    return checkpoint.save_variables(out, variables, converted_config(key, options))
+    return checkpoint.save_variables(out, variables, converted_config(key, options, base_config))
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
@@ -180,50 +187,57 @@ def export_file(path: str, out: str, step: int | str | None = None) -> str:
             f"Normalize(mean={mean}, std={std})")
 
 
-def main(argv: list[str] | None = None) -> None:
+_BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "configs", "base.py")
+
+
+def define_flags() -> None:
+    """The command's flags (defined when run, so that importing this module defines none)."""
+    flags.DEFINE_string("version", None,
+                        "A, B, D or E (or vgg11 ... vgg19, vgg11_bn ... vgg19_bn) of the weight "
+                        "file to import.")
+    flags.DEFINE_string("workdir", None, "A run to export as a torchvision state dict.")
+    flags.DEFINE_string("step", None, "With --workdir: best, latest or a step number.")
+    flags.DEFINE_string("out", None, "Directory (workdir) to write; with --workdir, the .pth "
+                        "(or .npz) file to write.")
+    config_flags.DEFINE_config_file(
+        "config", _BASE_CONFIG, "The recipe an imported checkpoint's run config starts from.")
+
+
+def main(argv: Sequence[str]) -> None:
     """Command line, both ways:
 
-    python -m vgg_jax.convert WEIGHTS --version V --out DIR   torchvision -> checkpoint
-    python -m vgg_jax.convert --workdir DIR [--step S] --out FILE.pth   checkpoint -> torch
+    python -m vgg_jax.convert WEIGHTS --version=V --out=DIR       torchvision -> checkpoint
+    python -m vgg_jax.convert --workdir=DIR [--step=S] --out=FILE.pth   checkpoint -> torch
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m vgg_jax.convert",
-        description="Convert torchvision VGG weights (vgg11 ... vgg19, vgg11_bn ... vgg19_bn) "
-                    "to a vgg-jax checkpoint, or (--workdir) a checkpoint to a torchvision "
-                    "state dict.")
-    parser.add_argument("weights", nargs="?",
-                        help="torchvision state dict (.pth) or .npz of its keys")
-    parser.add_argument("--version",
-                        help="A, B, D or E (or vgg11 ... vgg19, vgg11_bn ... vgg19_bn)")
-    parser.add_argument("--workdir", help="a run to export as a torchvision state dict")
-    parser.add_argument("--step", help="with --workdir: best, latest or a step number")
-    parser.add_argument("--out", required=True,
-                        help="directory (workdir) to write; with --workdir the .pth to write")
-    args = parser.parse_args(argv)
-    if args.workdir:
-        if args.weights or args.version:
-            parser.error("--workdir exports a checkpoint; it takes no weight file or --version.")
+    f, positional = flags.FLAGS, list(argv[1:])
+    if not f.out:
+        sys.exit("Pass --out: the directory to write (or, with --workdir, the .pth file).")
+    if f.workdir:
+        if positional or f.version:
+            sys.exit("--workdir exports a checkpoint; it takes no weight file or --version.")
         try:
-            usage = export_file(args.workdir, args.out, args.step)
+            usage = export_file(f.workdir, f.out, f.step)
         except ValueError as e:
             sys.exit(f"Conversion failed: {e}")
-        print(f"Wrote {args.out}: {usage}")
+        print(f"Wrote {f.out}: {usage}")
         return
-    if not args.weights or not args.version:
-        parser.error("pass a weight file and --version (or --workdir to export a checkpoint).")
-    if not os.path.isfile(args.weights):
-        parser.error(f"{args.weights} is not a file.")
+    if len(positional) != 1 or not f.version:
+        sys.exit("Pass one weight file and --version (or --workdir to export a checkpoint).")
+    weights = positional[0]
+    if not os.path.isfile(weights):
+        sys.exit(f"{weights} is not a file.")
     from vgg_jax import checkpoint
 
-    existing = checkpoint.checkpoint_dir(args.out)
+    existing = checkpoint.checkpoint_dir(f.out)
     if os.path.isdir(existing) and os.listdir(existing):
-        parser.error(f"{existing} already holds checkpoints; pass a new --out directory "
-                     "(converted weights would mix with that run's steps).")
+        sys.exit(f"{existing} already holds checkpoints; pass a new --out directory "
+                 "(converted weights would mix with that run's steps).")
     try:
-        out = convert_file(args.weights, args.version, args.out)
+        out = convert_file(weights, f.version, f.out, f.config)
     except ValueError as e:
         sys.exit(f"Conversion failed: {e}")
-    for line in next_steps(out, args.version):
+    for line in next_steps(out, f.version):
         print(line)
 
 
@@ -251,5 +265,7 @@ def next_steps(out: str, version: str) -> list[str]:
         f"--config.init_from={out} --config.data.data_dir=/path/to/images",
     ]
 
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -11,8 +11,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from configs import base
-
 # Test images of identity-encoding folders are flat grey levels this far apart, so an
 # example is recognisable from any crop of it even after JPEG rounding.
 GREY_STEP = 8
@@ -130,18 +128,6 @@ def grey_id(image: np.ndarray) -> int:
     """The id of a crop of a `write_folder(grey_ids=True)` image."""
     return round(float(image.mean()) / GREY_STEP)
 
-
-def data_config(**overrides: Any) -> Any:
-    """config.data of the base config shrunk for tests (32x32 crops, no workers)."""
-    config = base.get_config().data
-    config.image_size = 32
-    config.train_scale_min = config.train_scale_max = 40
-    config.eval_scale = 40
-    config.num_workers = 0
-    config.prefetch_buffer_size = 1
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
 
 
 class ArrayImages:
