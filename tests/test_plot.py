@@ -79,12 +79,13 @@ def test_workdir_without_metrics_is_a_clear_error(tmp_path):
 def test_command_line(tmp_path):
     write_synthetic_run(str(tmp_path / "run"))
     out = str(tmp_path / "cli.png")
-    command = [sys.executable, "-m", "vgg_jax.plot", str(tmp_path / "run"), "--out", out]
+    command = [sys.executable, "-m", "vgg_jax.plot", f"--workdir={tmp_path / 'run'}",
+               f"--out={out}"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert "Wrote" in result.stdout
     assert_png(out)
     missing = subprocess.run(
-        [sys.executable, "-m", "vgg_jax.plot", str(tmp_path / "nowhere"), "--out", out],
+        [sys.executable, "-m", "vgg_jax.plot", f"--workdir={tmp_path / 'nowhere'}", "--out", out],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -4,16 +4,17 @@ A 2x2 grid: loss, top-1 error and top-5 error (train solid, validation dashed, w
 markers), and the learning rate (log scale). Each workdir gets one colour, labelled by
 the workdir's name. The x axis is the epoch when the runs logged it, else the step.
 
-    python -m vgg_jax.plot runs/vgg_a runs/vgg_b --out curves.png
+    python -m vgg_jax.plot --workdir=runs/vgg_a --workdir=runs/vgg_b --out=curves.png
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
+from absl import app, flags
 from matplotlib.figure import Figure
 
 from vgg_jax import metric_names as names
@@ -152,22 +153,30 @@ def plot_curves(workdirs: Sequence[str], output_path: str) -> str:
     return output_path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: python -m vgg_jax.plot WORKDIR [WORKDIR ...] --out curves.png."""
-    parser = argparse.ArgumentParser(
-        prog="python -m vgg_jax.plot", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("workdirs", nargs="+", help="training workdirs holding metrics.jsonl")
-    parser.add_argument("--out", default="curves.png", help="the PNG to write")
-    args = parser.parse_args(argv)
-    if not args.out.lower().endswith(".png"):
-        parser.error(f"--out={args.out} must name a .png file (the curves are drawn as PNG).")
+def define_flags() -> None:
+    """The command's flags (defined when run, so that importing this module defines none)."""
+    flags.DEFINE_multi_string(
+        "workdir", [], "A training workdir holding metrics.jsonl (repeat for several runs).")
+    flags.DEFINE_string("out", "curves.png", "The PNG to write.")
+
+
+def main(argv: Sequence[str]) -> None:
+    """Command line: python -m vgg_jax.plot --workdir=DIR [--workdir=DIR ...] --out=PNG."""
+    workdirs, out = flags.FLAGS.workdir, flags.FLAGS.out
+    if len(argv) > 1:
+        sys.exit(f"Unexpected arguments {' '.join(argv[1:])}; pass each run directory as "
+                 "--workdir=DIR.")
+    if not workdirs:
+        sys.exit("Pass at least one --workdir=DIR holding a metrics.jsonl.")
+    if not out.lower().endswith(".png"):
+        sys.exit(f"--out={out} must name a .png file (the curves are drawn as PNG).")
     try:
-        path = plot_curves(args.workdirs, args.out)
+        path = plot_curves(workdirs, out)
     except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+        sys.exit(f"Error: {error}")
     print(f"Wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -24,14 +24,6 @@ from ml_collections import config_flags
 
 from vgg_jax.data import decode, sources
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vgg_a.py.")
-_MAX_IMAGES = flags.DEFINE_integer(
-    "max_images", 0, "Use this many evenly spaced training images (0: all of them)."
-)
-_THREADS = flags.DEFINE_integer(
-    "threads", 4, "Decoding threads (PIL releases the GIL while decoding and resizing)."
-)
-
 
 def _pixel_sums(record: dict[str, Any], scale: int) -> tuple[np.ndarray, int]:
     try:
@@ -74,13 +66,24 @@ def compute_mean_rgb(data_config: Any, max_images: int = 0, threads: int = 1) ->
     return total / pixels
 
 
+def define_flags() -> None:
+    """The command's flags (defined when run, so that importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vgg_a.py.")
+    flags.DEFINE_integer(
+        "max_images", 0, "Use this many evenly spaced training images (0: all of them).")
+    flags.DEFINE_integer(
+        "threads", 4, "Decoding threads (PIL releases the GIL while decoding and resizing).")
+
+
 def main(argv: Sequence[str]) -> None:
+    """Command line: python -m vgg_jax.data.mean_rgb --config=FILE [--max_images=N]."""
     del argv
-    if _CONFIG.value is None:
+    f = flags.FLAGS
+    if f.config is None:
         raise app.UsageError("Pass --config=configs/<file>.py.")
     try:
-        sources.validate_source(_CONFIG.value.data)
-        mean = compute_mean_rgb(_CONFIG.value.data, _MAX_IMAGES.value, _THREADS.value)
+        sources.validate_source(f.config.data)
+        mean = compute_mean_rgb(f.config.data, f.max_images, f.threads)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"Error: {error}")
     values = ", ".join(f"{v:.2f}" for v in mean)
@@ -89,4 +92,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -16,10 +16,12 @@ brings it).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
+
+from absl import app, flags
 
 # (module, pip package) that preparing needs beyond vgg-jax's own dependencies.
 REQUIREMENTS = (("tensorflow", "tensorflow-cpu"), ("importlib_resources", "importlib-resources"))
@@ -72,18 +74,24 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> dict[str
     return counts
 
 
-def main() -> None:
+def define_flags() -> None:
+    """The command's flags (defined when run, so that importing this module defines none)."""
+    flags.DEFINE_string("name", None, "TFDS name, e.g. imagenet2012.", required=True)
+    flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own).")
+    flags.DEFINE_string("manual_dir", None, "Directory of the ILSVRC2012 tar files.")
+
+
+def main(argv: Sequence[str]) -> None:
     """Command line: python -m vgg_jax.data.prepare_tfds --name=NAME [--data_dir=DIR]."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", required=True, help="TFDS name, e.g. imagenet2012")
-    parser.add_argument("--data_dir", default=None, help="TFDS data directory")
-    parser.add_argument("--manual_dir", default=None, help="dir of the ILSVRC2012 tar files")
-    args = parser.parse_args()
+    if len(argv) > 1:
+        sys.exit(f"Unexpected arguments {' '.join(argv[1:])}; see --help.")
+    f = flags.FLAGS
     try:
-        prepare(args.name, args.data_dir, args.manual_dir)
+        prepare(f.name, f.data_dir, f.manual_dir)
     except MissingRequirementsError as e:
-        parser.exit(1, f"error: {e}\n")
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)
