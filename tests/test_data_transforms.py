@@ -272,7 +272,7 @@ def test_truncated_file_gives_masked_zero_image_and_a_note_or_warning(caplog):
 def test_eval_transform_centre_crop_and_padding():
     data = _jpeg(np.random.default_rng(0))
     out = transforms.EvalTransform(32, 40).map(_record(data))
-    reference = transforms.centre_crop(transforms.rescale_shorter_side(decode.decode_image(data), 40), 32)
+    reference = testing.centre_crop(testing.rescale_shorter_side(decode.decode_image(data), 40), 32)
     assert np.abs(out["image"].astype(float) - reference).mean() < 1
     pad = transforms.EvalTransform(32, 40).map({"image": None, "label": 0, "name": "<padding>"})
     assert not pad["mask"] and not pad["image"].any()
@@ -282,9 +282,9 @@ def test_eval_transform_centre_crop_and_padding():
 
 def test_rescale_shorter_side_and_multi_crop_grid():
     image = testing.smooth_image(np.random.default_rng(0), 48, 64)
-    rescaled = transforms.rescale_shorter_side(image, 40)
+    rescaled = testing.rescale_shorter_side(image, 40)
     assert rescaled.shape == (40, 53, 3) and rescaled.dtype == np.uint8
-    assert transforms.rescale_shorter_side(image, 48) is not None
+    assert testing.rescale_shorter_side(image, 48) is not None
     views = transforms.grid_crops(rescaled, 32, 5)
     assert views.shape == (50, 32, 32, 3) and views.dtype == np.uint8
     np.testing.assert_array_equal(views[0], rescaled[:32, :32])  # top-left
@@ -296,7 +296,7 @@ def test_rescale_shorter_side_and_multi_crop_grid():
 def test_decode_rescaled_matches_decode_then_rescale():
     data = _jpeg(np.random.default_rng(0), 375, 500)
     fast = decode.decode_rescaled(data, 80)
-    reference = transforms.rescale_shorter_side(decode.decode_image(data), 80)
+    reference = testing.rescale_shorter_side(decode.decode_image(data), 80)
     assert fast.shape == reference.shape == (80, 107, 3)
     assert np.abs(fast.astype(float) - reference).mean() < 3
 

@@ -112,7 +112,7 @@ def test_dense_equals_single_crop_when_rescaled_to_image_size(net):
     images = random_images([(48, 48), (64, 64), (40, 40)])
     dense = run([net], images, protocol="dense", flip=False)
     expected = _reference_probabilities(
-        net, [transforms.rescale_shorter_side(image, 32) for image in images])
+        net, [testing.rescale_shorter_side(image, 32) for image in images])
     np.testing.assert_allclose(by_index(dense), expected, rtol=1e-5, atol=1e-7)
     single = run([net], images, protocol="single_crop")
     expected = _reference_probabilities(

@@ -57,17 +57,22 @@ def checkpoint_dir(path: str) -> str:
     return sub if os.path.isdir(sub) else path
 
 
-def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
-    # Imported here so that reading parameters (evaluation, conversion) never needs grain.
-    import grain
-
-    return {
+def _item_handlers(training: bool = True) -> dict[str, ocp.CheckpointHandler]:
+    """The handler of each checkpoint item: the variables and metadata, and with
+    `training` the optimiser state and the data iterator's position too (fresh handler
+    objects: orbax ties each to one manager)."""
+    handlers = {
         PARAMS: ocp.StandardCheckpointHandler(),
         BATCH_STATS: ocp.StandardCheckpointHandler(),
-        TRAIN: ocp.StandardCheckpointHandler(),
-        DATA: grain.checkpoint.CheckpointHandler(),
         META: ocp.JsonCheckpointHandler(),
     }
+    if training:
+        # Imported here so that reading parameters (evaluation, conversion) never needs grain.
+        import grain
+
+        handlers |= {TRAIN: ocp.StandardCheckpointHandler(),
+                     DATA: grain.checkpoint.CheckpointHandler()}
+    return handlers
 
 
 def create_manager(
@@ -348,11 +353,7 @@ def load_checkpoint(path: str, step: int | str | None = None) -> LoadedCheckpoin
     manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={
-            PARAMS: ocp.StandardCheckpointHandler(),
-            BATCH_STATS: ocp.StandardCheckpointHandler(),
-            META: ocp.JsonCheckpointHandler(),
-        },
+        item_handlers=_item_handlers(training=False),
     )
     chosen = resolve_step(manager, step)
     # Host numpy targets: the checkpoint may come from another device layout (e.g. a
@@ -384,11 +385,7 @@ def save_variables(directory: str, variables: Mapping[str, Any], config, step: i
     manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(os.path.expanduser(directory)), CHECKPOINT_SUBDIR),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
-        item_handlers={
-            PARAMS: ocp.StandardCheckpointHandler(),
-            BATCH_STATS: ocp.StandardCheckpointHandler(),
-            META: ocp.JsonCheckpointHandler(),
-        },
+        item_handlers=_item_handlers(training=False),
     )
     items = {name: ocp.args.StandardSave(variables[name])
              for name in (PARAMS, BATCH_STATS) if variables.get(name)}

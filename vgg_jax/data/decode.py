@@ -230,7 +230,7 @@ def _maybe_draft(image: Image.Image, needed: tuple[int, int]) -> int:
 def decode_rescaled(data: bytes, scale: int) -> np.ndarray:
     """Decodes an image rescaled isotropically to shortest side `scale`, RGB uint8 [H, W, 3].
 
-    Same result as `transforms.rescale_shorter_side(decode_image(data), scale)`, but a large JPEG is
+    Same result as `testing.rescale_shorter_side(decode_image(data), scale)`, but a large JPEG is
     decoded at reduced scale first (dense evaluation, mean-RGB statistics).
     """
     array, _, size = _decode_array_for_scale(data, scale)

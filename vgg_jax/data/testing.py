@@ -1,4 +1,5 @@
-"""Small fake data for tests: encoded images, ImageNet-style folders and ILSVRC tars."""
+"""Small fake data for tests and benchmarks (encoded images, ImageNet-style folders, ILSVRC
+tars, in-memory splits) and the plain reference views tests compare the fast paths with."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from vgg_jax.data import decode
 
 # Test images of identity-encoding folders are flat grey levels this far apart, so an
 # example is recognisable from any crop of it even after JPEG rounding.
@@ -168,3 +171,36 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(array, np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def rescale_shorter_side(image: np.ndarray, q: int) -> np.ndarray:
+    """Isotropically rescales an image so that its shortest side is q (dense evaluation).
+
+    The reference implementation of the dense view on an already decoded array: evaluation
+    itself decodes straight to the test scale with `decode.decode_rescaled`, and the tests
+    compare that, `transforms.EvalTransform` and dense evaluation against this plain PIL
+    rescale.
+
+    Args:
+      image: uint8 [H, W, 3].
+      q: the test scale Q.
+
+    Returns:
+      uint8 [H', W', 3] with min(H', W') == q.
+    """
+    height, width = image.shape[:2]
+    size = decode.rescaled_size(width, height, q)
+    if size == (width, height):
+        return np.asarray(image, np.uint8)
+    return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize(size, decode.RESAMPLE))
+
+
+def centre_crop(image: np.ndarray, crop_size: int) -> np.ndarray:
+    """The central crop_size x crop_size window of an [H, W, C] image (H, W >= crop_size).
+
+    The plain rescale-then-crop that `transforms.centre_view` computes without building the rescaled
+    image; tests compare the two.
+    """
+    height, width = image.shape[:2]
+    top, left = (height - crop_size) // 2, (width - crop_size) // 2
+    return image[top : top + crop_size, left : left + crop_size]

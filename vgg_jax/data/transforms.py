@@ -245,38 +245,6 @@ class EvalTransform(grain.transforms.Map):
 # --------------------------------------------------------------------------------------
 
 
-def rescale_shorter_side(image: np.ndarray, q: int) -> np.ndarray:
-    """Isotropically rescales an image so that its shortest side is q (dense evaluation).
-
-    The reference implementation of the dense view on an already decoded array: evaluation
-    itself decodes straight to the test scale with `decode.decode_rescaled`, and the tests
-    compare that, `EvalTransform` and dense evaluation against this plain PIL rescale.
-
-    Args:
-      image: uint8 [H, W, 3].
-      q: the test scale Q.
-
-    Returns:
-      uint8 [H', W', 3] with min(H', W') == q.
-    """
-    height, width = image.shape[:2]
-    size = decode.rescaled_size(width, height, q)
-    if size == (width, height):
-        return np.asarray(image, np.uint8)
-    return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize(size, decode.RESAMPLE))
-
-
-def centre_crop(image: np.ndarray, crop_size: int) -> np.ndarray:
-    """The central crop_size x crop_size window of an [H, W, C] image (H, W >= crop_size).
-
-    The plain rescale-then-crop that `centre_view` computes without building the rescaled
-    image; tests compare the two.
-    """
-    height, width = image.shape[:2]
-    top, left = (height - crop_size) // 2, (width - crop_size) // 2
-    return image[top : top + crop_size, left : left + crop_size]
-
-
 def grid_offsets(length: int, crop_size: int, grid: int) -> np.ndarray:
     """`grid` evenly spaced crop offsets along a side of `length`, first 0, last length-crop."""
     return np.round(np.linspace(0, length - crop_size, grid)).astype(int)
