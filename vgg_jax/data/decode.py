@@ -14,10 +14,10 @@ Why a fast path: decoding and resizing dominate the input pipeline's CPU time, s
 image is decoded at reduced DCT scale where the JPEG allows it and only the needed window
 is resampled. The fast path never builds the rescaled image: the crop window is mapped
 back to source pixels and only that window is resampled (OpenCV's bilinear `cv2.remap`
-with fixed-point maps, sub-pixel placement, ~2.5x faster than PIL's `Image.resize(...,
+with fixed-point maps, sub-pixel placement, faster than PIL's `Image.resize(...,
 box=...)`; not antialiased, which the reduced-scale decode below makes unnecessary: the
 window is then less than twice the crop, and PIL takes over when it is not). JPEGs are
-decoded by libjpeg-turbo through simplejpeg (same pixels as PIL's decoder, ~25% faster),
+decoded by libjpeg-turbo through simplejpeg (same pixels as PIL's decoder, faster),
 at 1/2, 1/4 or 1/8 scale when the JPEG is at least twice the needed size; CMYK JPEGs,
 PNGs and anything simplejpeg rejects go through PIL (`Image.draft` for the reduced
 scale). The result matches PIL's rescale-then-crop to within resampling differences
@@ -303,7 +303,7 @@ def _window_maps(
 
     The map is separable (x depends on the column only, y on the row only), so it is built
     from two 1-D axes; remap with fixed-point maps skips the per-pixel coordinate
-    arithmetic of warpAffine (0.18 + 0.07 ms against 0.31 ms for a 224 crop).
+    arithmetic of warpAffine (timings: docs/input_pipeline.md, "Training transform").
     """
     ix, fx = _axis_taps(x0, sx, crop_size)
     iy, fy = _axis_taps(y0, sy, crop_size)
