@@ -57,6 +57,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.speed import photos
 from configs import base
 from vgg_jax.data import decode, pipeline, sources, transforms
 
@@ -73,13 +74,8 @@ flags.DEFINE_integer("batch_size", 32, "pipeline batch size")
 flags.DEFINE_integer("pipeline_batches", 16, "timed pipeline batches per worker count")
 flags.DEFINE_string("json", None, "write the figures to this JSON file")
 
-# ImageNet's typical photo: 500x375, saved at JPEG quality 90.
-IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 500, 375, 90
 CROP_SIZE = 224
 SCALE_SETTINGS = {"S=256": (256, 256), "S=[256,512]": (256, 512)}
-# A benchmark crop keeps at least this fraction of the photo's side, so that it is
-# downscaled to 500x375 (keeping a photo's detail per pixel), never upscaled.
-_MIN_CROP_FRACTION = 0.6
 # flax's ImageNet recipe (examples/imagenet/input_pipeline.py): the distorted box.
 TF_AREA_RANGE, TF_ASPECT_RANGE, TF_MIN_OBJECT, TF_ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 0.1, 10
 # One H100/H200 trains VGG-16 at about this many images/s (docs/benchmarks.md); an 8-GPU
@@ -90,44 +86,10 @@ IMAGES_PER_S_ONE_GPU, GPUS_PER_HOST, WORKERS_PER_GPU = 4_500, 8, 14
 _TF_BATCH = 32
 
 
-def real_photos() -> list[np.ndarray]:
-    """The real photos installed with scikit-learn (2) and matplotlib (1), RGB uint8."""
-    from matplotlib import cbook
-    from sklearn.datasets import load_sample_images
-
-    with cbook.get_sample_data("grace_hopper.jpg") as f:
-        hopper = np.asarray(Image.open(f).convert("RGB"))
-    return [*load_sample_images().images, hopper]
-
-
 def write_photo_crops(folder: str, count: int, seed: int) -> list[str]:
-    """Writes `count` 500x375 quality-90 JPEG crops of `real_photos()` into
-    folder/train/class{0,1}/ and returns their paths.
-
-    Each crop is a random 4:3 window of at least _MIN_CROP_FRACTION of a photo's side,
-    resized (shrunk) to 500x375 and mirrored at random, so the files have real photos'
-    statistics (edges, textures, flat areas) at ImageNet's typical size and quality.
-    """
-    rng = np.random.default_rng(seed)
-    photos = [Image.fromarray(p) for p in real_photos()]
-    aspect = IMAGE_WIDTH / IMAGE_HEIGHT
-    paths = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        width = min(photo.width, round(photo.height * aspect))
-        width = int(rng.integers(round(width * _MIN_CROP_FRACTION), width + 1))
-        height = round(width / aspect)
-        left = int(rng.integers(0, photo.width - width + 1))
-        top = int(rng.integers(0, photo.height - height + 1))
-        image = photo.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.Resampling.BICUBIC,
-                             box=(left, top, left + width, top + height))
-        if rng.integers(0, 2):
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        class_dir = os.path.join(folder, "train", f"class{i % 2}")
-        os.makedirs(class_dir, exist_ok=True)
-        paths.append(os.path.join(class_dir, f"{i:05d}.JPEG"))
-        image.save(paths[-1], "JPEG", quality=JPEG_QUALITY)
-    return paths
+    """Writes `count` 500x375 quality-90 JPEG crops of real photos into
+    folder/train/class{0,1}/ (benchmarks/speed/photos.py) and returns their paths."""
+    return photos.write_photo_folder(folder, {"train": count}, seed=seed)
 
 
 def file_statistics(images: list[bytes]) -> dict[str, float]:

@@ -306,14 +306,8 @@ class FolderSource:
 
 
 def check_config(data_config: Any) -> None:
-    """The rules of config.data's source fields (no file is opened: `validate_source`).
-
-    Args:
-      data_config: config.data.
-
-    Raises:
-      ConfigError: one sentence naming the first bad field and the fix.
-    """
+    """Raises ConfigError for a bad source field of config.data (source, data_dir,
+    val_fraction); part of `pipeline.check_config`. No file is opened: `validate_source`."""
     d = data_config
     require(d.source in SOURCES, f"config.data.source={d.source!r} is unknown; use one of "
             f"{SOURCES}.")

@@ -47,14 +47,8 @@ DECODE_ERROR_KEY = "decode_error"
 
 
 def check_config(data_config: Any) -> None:
-    """The rules of config.data's augmentation and view fields.
-
-    Args:
-      data_config: config.data.
-
-    Raises:
-      ConfigError: one sentence naming the first bad field and the fix.
-    """
+    """Raises ConfigError for a bad augmentation or view field of config.data (scales,
+    colour shift); part of `pipeline.check_config`."""
     d = data_config
     require(d.train_scale_min <= d.train_scale_max,
             f"config.data.train_scale_min={d.train_scale_min} exceeds train_scale_max="
