@@ -80,6 +80,7 @@ def _broken(**changes):
         ({"train__eval_batch_size": 0}, r"config\.train\.eval_batch_size=0 must be positive"),
         ({"data__colour_shift_std": -1.0}, r"config\.data\.colour_shift_std=-1\.0 must be >= 0"),
         ({"data__prefetch_buffer_size": 0}, r"config\.data\.prefetch_buffer_size=0 must be"),
+        ({"data__device_prefetch": -1}, r"config\.data\.device_prefetch=-1 must be 0"),
         ({"checkpoint__keep_best": -1}, r"config\.checkpoint\.keep_best=-1 must be 0 or more"),
         ({"train__plateau_patience": 0}, r"config\.train\.plateau_patience must be an integer"),
         ({"train__plateau_monitor": "train/loss"}, r"config\.train\.plateau_monitor='train/loss'"

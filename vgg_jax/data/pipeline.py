@@ -66,6 +66,9 @@ def check_config(data_config: Any) -> None:
     require(data_config.prefetch_buffer_size >= 1,
             f"config.data.prefetch_buffer_size={data_config.prefetch_buffer_size} must be at "
             "least 1.")
+    require(data_config.device_prefetch >= 0,
+            f"config.data.device_prefetch={data_config.device_prefetch} must be 0 (no "
+            "prefetch thread) or more.")
 
 
 def _ensure_absl_flags_parsed() -> None:
