@@ -47,9 +47,9 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _MODE = flags.DEFINE_enum(
-    "mode", "step", ["step", "loop"],
+    "mode", "step", ["step", "loop", "none"],
     "step: the train step on synthetic device data; loop: also the whole training loop "
-    "with the real input pipeline.")
+    "with the real input pipeline; none: neither (with --max_batch: the search alone).")
 _BATCH = flags.DEFINE_integer(
     "batch_size", 0, "Global batch (all devices); 0 = config.train.batch_size.")
 _IMAGE = flags.DEFINE_integer("image_size", 0, "Crop side; 0 = config.data.image_size.")
@@ -93,6 +93,8 @@ _MAX_BATCH_START = flags.DEFINE_integer(
                             "bisected).")
 _MAX_BATCH_STEP = flags.DEFINE_integer(
     "max_batch_granularity", 16, "--max_batch: the answer is a multiple of this.")
+_MAX_BATCH_BUDGET = flags.DEFINE_float(
+    "max_batch_budget_s", 0.0, "--max_batch: seconds the search may take; 0 = no limit.")
 _JSON = flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
 
 
@@ -124,7 +126,7 @@ def _settings(config):
     return (settings.RunShape(_BATCH.value, _IMAGE.value, _PRECISION.value),
             settings.StepSettings(_STEPS.value, _WARMUP.value, _PEAK.value), loop_settings,
             settings.MaxBatchSettings(_MAX_BATCH_START.value, _MAX_BATCH_STEP.value,
-                                      _MAX_BATCH_LIMIT.value))
+                                      _MAX_BATCH_LIMIT.value, _MAX_BATCH_BUDGET.value))
 
 
 def _print(lines: list[str]) -> None:
@@ -162,26 +164,28 @@ def main(argv: list[str]) -> None:
           f"batch {batch_per_call} on {jax.device_count()} x {device.device_kind} "
           f"({device.platform}), jax {jax.__version__}", flush=True)
 
-    step_results, built = step.measure_step(config, mesh, batch_per_call, step_settings)
-    _print(report.step_lines(step_results, device.platform == "cpu"))
     results: dict[str, Any] = {
         "model": model_name(config), "version": config.model.version,
         "image_size": config.data.image_size, "device_kind": device.device_kind,
         "platform": device.platform, "device_count": jax.device_count(),
         "jax_version": jax.__version__, "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([os.path.relpath(sys.argv[0], _REPO)] + sys.argv[1:]),
-        "step": step_results,
     }
+    if _MODE.value != "none":
+        step_results, built = step.measure_step(config, mesh, batch_per_call, step_settings)
+        _print(report.step_lines(step_results, device.platform == "cpu"))
+        results["step"] = step_results
     if _MODE.value == "loop":
         results["loop"], built.state = loop.measure_loop(
             config, mesh, built.compiled, built.state, batch_per_call,
             step_results["images_per_s"], loop_settings, step_settings.steps,
             step_settings.warmup)
         _print(report.loop_lines(results["loop"]))
-    del built
+    if _MODE.value != "none":
+        del built
     gc.collect()
 
-    if torch_results is not None:
+    if torch_results is not None and "step" in results:
         _print(report.torch_lines(torch_results, step_results["images_per_s"]))
         if "skipped" not in torch_results:
             torch_results = dict(torch_results, jax_over_torch=(

@@ -42,6 +42,23 @@ def test_find_max_batch_logs_every_try_and_reports_the_search():
     assert "192 per device" in report.max_batch_lines(found)[0]
 
 
+def test_find_max_batch_stops_at_its_time_budget_with_a_lower_bound():
+    now = [0.0]
+
+    def fits(n):
+        now[0] += 10.0  # every try takes 10 s
+        return n <= 1000
+
+    found = max_batch.find_max_batch(settings.MaxBatchSettings(start=128, granularity=16,
+                                                              budget_s=25.0),
+                                     fits, log=lambda line: None, clock=lambda: now[0])
+    # Tried 128, 256, 512 (30 s), then the budget stopped it before 1024.
+    assert found["tried"] == {"128": True, "256": True, "512": True}
+    assert found["max_batch_per_device"] == 512 and not found["complete"]
+    assert not found["limit_reached"] and found["first_failing"] is None
+    assert "time budget" in report.max_batch_lines(found)[0]
+
+
 def test_out_of_memory_errors_are_told_apart():
     assert max_batch.is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while "
                                                    "trying to allocate 3.2GiB"))
@@ -109,3 +126,21 @@ def test_apply_shape_writes_the_config():
     assert config.model.compute_dtype == "bfloat16"
     assert config.data.train_scale_min >= 288 and config.data.eval_scale >= 288
     assert (config.data.source, config.data.data_dir) == ("folder", "/data/x")
+
+
+def test_train_run_rates_leave_out_start_up_and_validation_intervals():
+    from benchmarks.gpu import train_run
+
+    records = [
+        {"step": 10, "train/loss": 1, "train/images_per_sec": 5.0},    # compile: out
+        {"step": 20, "train/loss": 1, "train/images_per_sec": 100.0},
+        {"step": 20, "val/top1_error": 0.5},
+        {"step": 30, "train/loss": 1, "train/images_per_sec": 50.0},   # after validation: out
+        {"step": 40, "train/loss": 1, "train/images_per_sec": 110.0},
+        {"step": 50, "train/loss": 1, "train/images_per_sec": 7.0},    # restarted: out
+        {"step": 60, "train/loss": 1, "train/images_per_sec": 120.0},
+    ]
+    assert train_run.clean_rates(records, restarts=(5,)) == [100.0, 110.0, 120.0]
+    rates = train_run.rates(records, batch_size=10, restarts=(5,))
+    assert rates["images_per_s_median"] == 110.0 and rates["steps_per_s_median"] == 11.0
+    assert rates["log_intervals"] == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -85,30 +86,48 @@ def step_fits(config, mesh, per_device: int) -> bool:
         gc.collect()
 
 
+class _OutOfTime(Exception):
+    """The search's time budget ran out before the next try."""
+
+
 def find_max_batch(settings: MaxBatchSettings, fits: Callable[[int], bool],
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print,
+                   clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
     """Searches the largest batch per device with `fits`, logging every try.
 
     Args:
-      settings: start, granularity and limit of the search.
+      settings: start, granularity, limit and time budget of the search.
       fits: batch per device -> whether it fits (`step_fits` bound to a config and mesh).
       log: where each try's line goes.
+      clock: seconds, for the budget.
 
     Returns:
-      {"max_batch_per_device", "first_failing", "limit_reached", "tried", "mem_fraction"}.
+      {"max_batch_per_device", "first_failing", "limit_reached", "complete" (False when
+      the budget ended the search: the answer is then a lower bound), "tried",
+      "granularity", "mem_fraction"}.
     """
     tried: dict[int, bool] = {}
+    deadline = clock() + settings.budget_s if settings.budget_s else None
 
     def logged(per_device: int) -> bool:
+        if deadline is not None and clock() > deadline:
+            raise _OutOfTime
         ok = fits(per_device)
         tried[per_device] = ok
         log(f"  batch/device {per_device:>5}: {'fits' if ok else 'RESOURCE_EXHAUSTED'}")
         return ok
 
     granularity = max(1, settings.granularity)
-    good, bad = search_max_batch(logged, settings.start, granularity, settings.limit)
-    return {"max_batch_per_device": good, "first_failing": bad,
-            "limit_reached": bad is None, "granularity": granularity,
+    complete = True
+    try:
+        good, bad = search_max_batch(logged, settings.start, granularity, settings.limit)
+    except _OutOfTime:
+        complete = False
+        good = max((n for n, ok in tried.items() if ok), default=0)
+        bad = min((n for n, ok in tried.items() if not ok), default=None)
+        log(f"  time budget of {settings.budget_s:g} s spent: search stopped")
+    return {"max_batch_per_device": good, "first_failing": bad, "complete": complete,
+            "limit_reached": complete and bad is None, "granularity": granularity,
             "tried": {str(k): v for k, v in tried.items()},
             "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
                                            _DEFAULT_MEM_FRACTION)}

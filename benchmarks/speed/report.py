@@ -128,6 +128,11 @@ def max_batch_lines(r: dict[str, Any] | None) -> list[str]:
     """The largest-batch lines (None: skipped on CPU)."""
     if r is None:
         return ["max batch         : skipped on CPU (host memory is not a device limit)"]
+    if not r["complete"]:
+        failing = r["first_failing"]
+        return [f"max batch         : >= {r['max_batch_per_device']} per device (the time "
+                "budget ended the search"
+                + (f"; {failing} did not fit)" if failing is not None else ")")]
     if r["limit_reached"]:
         return [f"max batch         : >= {r['max_batch_per_device']} per device (the search "
                 "limit)"]

@@ -69,11 +69,14 @@ class MaxBatchSettings:
       start: first batch per device tried.
       granularity: the answer is a multiple of this.
       limit: largest batch per device tried.
+      budget_s: seconds the search may take (no new size is tried after them; the answer
+        is then the largest size seen fitting); 0 = no limit.
     """
 
     start: int = 128
     granularity: int = 16
     limit: int = 4096
+    budget_s: float = 0.0
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The prepared GPU run (docs/benchmarks.md, "The GPU run"): installs the wheel bundle
+# (benchmarks/gpu/wheels/, made here by bundle.sh) into a temporary target, then runs
+# benchmarks/gpu/run_all.py, which writes its JSON files into OUT_DIR.
+#   bash benchmarks/gpu/run_all.sh OUT_DIR           # GPU machine
+#   bash benchmarks/gpu/run_all.sh OUT_DIR --tiny    # CPU, tiny shapes, no bundle
+set -euo pipefail
+out="${1:?usage: run_all.sh OUT_DIR [--tiny]}"
+shift
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+python="${PYTHON:-python3}"
+cd "$repo"
+if [ "${1:-}" != "--tiny" ]; then
+  wheels=("$here"/wheels/*.whl)
+  if [ ! -e "${wheels[0]}" ]; then
+    echo "run_all: no wheels in $here/wheels; run bash benchmarks/gpu/bundle.sh first and" \
+         "carry benchmarks/gpu/wheels" >&2
+    exit 1
+  fi
+  site="$(mktemp -d /tmp/vgg_site.XXXXXX)"
+  "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+    --disable-pip-version-check --target "$site" "${wheels[@]}"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+exec "$python" benchmarks/gpu/run_all.py --out="$out" "$@"

@@ -1,0 +1,57 @@
+"""The prepared GPU run (benchmarks/gpu/run_all.py) end to end on the CPU at tiny shapes,
+so that its first GPU run cannot fail on a typo or a missing import. No timing asserted."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from benchmarks.gpu import run_all
+
+# The files the run promises (docs/benchmarks.md), and the device tool's limit on them.
+EXPECTED = {"env.json", "d_bf16.json", "nets.json", "loop.json", "max_batch.json",
+            "train_run.json", "run_all.log"}
+MAX_FILES = 8
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_every_part_runs_tiny_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu/run_all.py", f"--out={out}", "--tiny"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert set(os.listdir(out)) == EXPECTED and len(EXPECTED) <= MAX_FILES
+    assert all((out / name).is_file() for name in EXPECTED)  # flat: no sub-folders
+    read = {name: json.loads((out / name).read_text()) for name in EXPECTED
+            if name.endswith(".json")}
+
+    env = read["env.json"]
+    assert env["tiny"] and env["versions"]["jax"] and env["devices"]["backend"] == "cpu"
+    assert set(env["parts"]) == {p.name for p in run_all.PARTS}
+    assert all(p["status"] == "ok" for p in env["parts"].values()), env["parts"]
+
+    d = read["d_bf16.json"]
+    assert d["step"]["precision"] == "bfloat16" and _positive(d["step"]["images_per_s"])
+    assert "torch" in d  # timed, or skipped with the reason
+
+    nets = read["nets.json"]["nets"]
+    assert set(nets) == {"D_fp32", "A_bf16", "B_bf16", "C_bf16", "E_bf16"}
+    assert nets["D_fp32"]["precision"] == "float32"
+    assert all(_positive(n["images_per_s"]) for n in nets.values())
+
+    loop = read["loop.json"]["loop"]
+    assert list(loop["feeders"]) == ["thread", "grain", "none"]
+    assert all(_positive(f["fraction_of_synthetic"]) for f in loop["feeders"].values())
+
+    assert read["max_batch.json"]["max_batch"] is None  # skipped on a CPU
+
+    train = read["train_run.json"]
+    assert train["ok"], train
+    assert train["sigterm_after_step"] and train["checkpoints_after_sigterm"]
+    assert train["resumed"] and train["final_checkpoint_step"] == train["total_steps"]
+    assert train["validations"] >= 1 and _positive(train["steps_per_s_median"])
