@@ -1,0 +1,111 @@
+"""The transfer protocol (Appendix B): the descriptor against a direct computation, the
+aggregations and metrics, and the command end to end on the digits, cache included."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from vgg_jax import models, train
+from vgg_jax.data.testing import ArrayImages
+from vgg_jax.evaluation.evaluator import EvalNet
+from vgg_jax.preprocess import normalize_images
+from vgg_jax.transfer import classify, descriptors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEAN, STD = (100.0, 110.0, 120.0), (50.0, 60.0, 70.0)
+
+
+def _net():
+    model = models.create_model("A", num_classes=5, image_size=32, width_divisor=16,
+                                fc_features=16)
+    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    return EvalNet("A", model, variables, MEAN, STD, (32, 32))
+
+
+def test_descriptor_is_fc7_averaged_over_positions_and_the_flip():
+    net = _net()
+    rng = np.random.default_rng(0)
+    # Shorter side 64 at Q=64: the image is used as it is (no resampling), 64x96.
+    images = [rng.integers(0, 256, (64, 96, 3), np.uint8) for _ in range(3)]
+    source = ArrayImages(images + [b"not an image"], [0, 1, 2, 3])
+    out, labels, decoded = descriptors.compute(net, source, [64], flip=True, batch_size=8,
+                                               num_threads=0)
+    assert out.shape == (4, 1, 16) and decoded.tolist() == [True, True, True, False]
+    assert labels.tolist()[:3] == [0, 1, 2]
+    for i, image in enumerate(images):
+        x = normalize_images(np.stack([image, image[:, ::-1]]), MEAN, STD)
+        fc7 = net.model.apply(net.variables, x, dense=True, outputs=("fc7",))["fc7"]
+        assert fc7.shape[1:3] == (2, 3)  # a 2x3 pool5 map and FC6 1x1 (32-pixel crops)
+        np.testing.assert_allclose(out[i, 0], np.mean(fc7, axis=(0, 1, 2)), rtol=1e-5,
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match="smaller than the net's crop size 32"):
+        descriptors.compute(net, source, [16])
+
+
+def test_aggregations_are_l2_normalised_and_stacking_keeps_every_scale():
+    x = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    average, stack = classify.aggregate(x, "average"), classify.aggregate(x, "stack")
+    assert average.shape == (2, 4) and stack.shape == (2, 12)
+    np.testing.assert_allclose(np.linalg.norm(stack, axis=1), 1, rtol=1e-6)
+    np.testing.assert_allclose(average[1], x[1].mean(0) / np.linalg.norm(x[1].mean(0)),
+                               rtol=1e-6)
+
+
+def test_metrics():
+    labels = np.array([0, 0, 0, 0, 1, 2])
+    predicted = np.array([0, 0, 0, 1, 1, 0])
+    # Class 0: 3/4, class 1: 1/1, class 2: 0/1; accuracy would be 4/6.
+    assert classify.mean_class_recall(labels, predicted) == pytest.approx((0.75 + 1 + 0) / 3)
+    targets = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    scores = np.array([[0.9, 0.1], [0.2, 0.3], [0.8, 0.2], [0.1, 0.4]])
+    # Class 0 ranks its positives first (AP 1); class 1's come 2nd and 3rd: (1/2 + 2/3) / 2.
+    expected = (1 + (1 / 2 + 2 / 3) / 2) / 2
+    assert classify.mean_average_precision(targets, scores) == pytest.approx(expected)
+
+
+def test_multi_label_data_is_scored_by_map():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (80, 3))
+    x = y + 0.1 * rng.standard_normal((80, 3))  # separable: every class's AP is 1
+    metric, value = classify.fit_and_score(x[:60], y[:60], x[60:], y[60:], c=1.0)
+    assert metric == classify.MEAN_AP and value == pytest.approx(1.0)
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return dict(env, JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
+
+
+def test_command_on_the_digits_then_from_the_cache(tmp_path):
+    config = quickstart.get_config()
+    config.model.width_divisor, config.model.fc_features = 16, 32
+    config.data.cache_dir, config.data.num_workers = str(tmp_path / "cache"), 0
+    config.train.num_epochs, config.progress_bar, config.wandb.mode = 2, False, "disabled"
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+
+    command = [sys.executable, "-m", "vgg_jax.transfer", f"--workdir={workdir}",
+               "--config=configs/transfer.py:digits", f"--json={tmp_path / 'rows.json'}",
+               f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.transfer.num_threads=0"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=_env())
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    rows = json.load(open(tmp_path / "rows.json"))
+    assert [r["aggregation"] for r in rows] == ["average", "stack"]
+    assert all(r["metric"] == "mean_class_recall" and r["test_images"] == 360 for r in rows)
+    # Far above chance (10%) from a net trained for two epochs.
+    assert min(r["value"] for r in rows) > 50, rows
+    assert "Caltech-101  mean class recall   92.7" in first.stdout
+    assert "computed, cached in" in first.stderr
+
+    second = subprocess.run(command + ["--config.transfer.svm_c=0.5"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=_env())
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert second.stderr.count("(cached ") == 2  # both splits read back, nothing recomputed
+    assert "Descriptors at Q=" not in second.stderr

@@ -1,0 +1,175 @@
+"""python -m vgg_jax.transfer: Appendix B's protocol for one checkpoint on one data set.
+
+  python -m vgg_jax.transfer --workdir=runs/vgg_d --config=configs/transfer.py:caltech101 \
+      --config.data.data_dir=~/tensorflow_datasets
+  python -m vgg_jax.transfer --workdir=runs/quickstart --config=configs/transfer.py:digits
+
+Prints one row per aggregation (average, stack) with the data set's metric, the paper's
+Net-D & Net-E figure beside it; --json also writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "transfer.py")
+
+
+def define_flags() -> None:
+    """The command's flags (defined when run, so that importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", _CONFIG, "Transfer config (configs/transfer.py"
+                                    ":caltech101, :voc2007, :digits).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run or converted-weights directory to take the net from.")
+    flags.DEFINE_string("step", None, "Checkpoint step: a number, 'best' or 'latest'.")
+    flags.DEFINE_string("json", None, "Also write the result rows to this JSON file.")
+
+
+def check_config(config) -> None:
+    """Fails before any work, in one sentence naming the field, on values that cannot work.
+
+    Args:
+      config: the transfer config.
+
+    Raises:
+      ValueError: naming the field and the fix.
+    """
+    from vgg_jax.transfer import classify
+
+    t = config.transfer
+    if not t.scales or any(int(q) <= 0 for q in t.scales):
+        raise ValueError("config.transfer.scales must hold positive test scales, e.g. "
+                         "--config.transfer.scales=256,384,512.")
+    unknown = [a for a in t.aggregations if a not in classify.AGGREGATIONS]
+    if unknown or not t.aggregations:
+        raise ValueError(f"config.transfer.aggregations={tuple(t.aggregations)} must name some of "
+                         f"{classify.AGGREGATIONS}.")
+    if t.svm_c <= 0:
+        raise ValueError(f"config.transfer.svm_c={t.svm_c} must be positive.")
+    if config.data.label_key != "label" and config.data.source != "tfds":
+        raise ValueError("config.data.label_key other than 'label' (multi-label data) needs "
+                         "config.data.source='tfds'.")
+
+
+def split_descriptors(config, net, workdir: str, step: int, split: str):
+    """The cached (or new) descriptors, labels and decoded mask of one split."""
+    from vgg_jax.data import sources
+    from vgg_jax.transfer import descriptors
+    from vgg_jax.transfer.multilabel import MultiLabelTfds
+
+    d, t = config.data, config.transfer
+    multi = d.label_key != "label"
+    key = {"checkpoint": os.path.abspath(workdir), "step": step, "source": d.source,
+           "name": d.name, "data_dir": d.data_dir, "split": split, "label_key": d.label_key,
+           "scales": [int(q) for q in t.scales], "flip": bool(t.flip), "layer": t.layer,
+           "dense_size_step": int(t.dense_size_step)}
+    cache_dir = os.path.expanduser(t.cache_dir or os.path.join(workdir, "transfer"))
+    path = descriptors.cache_path(cache_dir, split, key)
+
+    def compute():
+        source = (MultiLabelTfds(d.name, split, d.data_dir, d.label_key) if multi
+                  else sources.make_source(d, split))
+        x, labels, decoded = descriptors.compute(
+            net, source, [int(q) for q in t.scales], flip=bool(t.flip), layer=str(t.layer),
+            batch_size=int(t.batch_size), dense_size_step=int(t.dense_size_step),
+            num_threads=int(t.num_threads))
+        return x, (source.multi_hot if multi else labels), decoded
+
+    start = time.perf_counter()
+    x, labels, decoded, cached = descriptors.load_or_compute(path, compute)
+    logging.info("%s: %d images, descriptors %s in %.1f s (%s).", split, int(decoded.sum()),
+                 x.shape, time.perf_counter() - start, f"cached {path}" if cached else
+                 f"computed, cached in {path}")
+    return x[decoded], labels[decoded]
+
+
+def run(config, workdir: str, step=None) -> list[dict]:
+    """Descriptors of both splits, an SVM per aggregation, rows with the paper's figure.
+
+    Args:
+      config: the transfer config.
+      workdir: the checkpoint's directory.
+      step: the checkpoint step (None: best if any, else latest).
+
+    Returns:
+      One dict per aggregation: metric, value (%), images, SVM seconds, the paper's figure.
+    """
+    from vgg_jax.evaluation.run import load_net
+    from vgg_jax.transfer import classify, paper
+
+    net, _ = load_net(workdir, step)
+    train_x, train_y = split_descriptors(config, net, workdir, net.step, config.data.train_split)
+    test_x, test_y = split_descriptors(config, net, workdir, net.step, config.data.eval_split)
+    reference = paper.paper_data_set(config.data.name) if config.data.source == "tfds" else None
+    rows = []
+    for how in config.transfer.aggregations:
+        start = time.perf_counter()
+        metric, value = classify.fit_and_score(
+            classify.aggregate(train_x, how), train_y, classify.aggregate(test_x, how), test_y,
+            float(config.transfer.svm_c), int(config.seed))
+        rows.append({"net": net.name, "step": net.step, "aggregation": how,
+                     "scales": [int(q) for q in config.transfer.scales],
+                     "flip": bool(config.transfer.flip), "metric": metric,
+                     "value": 100 * value, "train_images": len(train_y),
+                     "test_images": len(test_y), "svm_seconds": time.perf_counter() - start,
+                     "paper": paper.NET_D_AND_E.get(reference)})
+    return rows
+
+
+def format_rows(rows: Sequence[dict], data_name: str) -> str:
+    """The results table, and the paper's Net-D & Net-E figures under it."""
+    from vgg_jax.transfer import paper
+
+    lines = [f"{'net':<28} {'aggregation':<11} {'scales':<14} {'metric':<18} {'ours %':>7}",
+             "-" * 82]
+    for r in rows:
+        scales = ",".join(str(q) for q in r["scales"])
+        lines.append(f"{r['net']:<28} {r['aggregation']:<11} {scales:<14} "
+                     f"{r['metric']:<18} {r['value']:7.2f}")
+    reference = paper.paper_data_set(data_name)
+    lines.append("Paper (Appendix B, Net-D & Net-E, linear SVM):" + (
+        "" if reference else f" (no figure for {data_name}; its four data sets follow)"))
+    for name, (metric, value, how) in paper.NET_D_AND_E.items():
+        if reference in (None, name):
+            lines.append(f"  {name:<12} {metric:<18} {value:5.1f}   {how}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Command line (see the module docstring)."""
+    if len(argv) > 1:
+        sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
+    # Our own progress lines only; the libraries' INFO lines (orbax's, per checkpoint
+    # read) would bury them.
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= std_logging.WARNING or "/vgg_jax/" in record.pathname)
+    f = flags.FLAGS
+    if not f.workdir or not os.path.isdir(os.path.expanduser(f.workdir)):
+        sys.exit(f"--workdir={f.workdir} is not a directory; pass a trained or converted "
+                 "checkpoint's workdir.")
+    try:
+        config = f.config
+        check_config(config)
+        rows = run(config, os.path.expanduser(f.workdir), f.step)
+    except ValueError as error:
+        sys.exit(f"Transfer failed: {error}")
+    print(format_rows(rows, str(config.data.name)))
+    fits = ", ".join(f"{r['svm_seconds']:.1f} s" for r in rows)
+    print(f"SVM fits: {fits} "
+          f"({rows[0]['train_images']} training, {rows[0]['test_images']} test images).")
+    if f.json:
+        with open(f.json, "w") as out:
+            json.dump(rows, out, indent=1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
