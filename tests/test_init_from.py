@@ -173,7 +173,7 @@ def _run(args):
                           env=_env())
 
 
-def test_finetune_command_from_a_converted_state_dict(tmp_path, capsys):
+def test_finetune_command_from_a_converted_state_dict(tmp_path):
     """configs/finetune.py on the digits from a (random-weight) torchvision vgg11 with 100
     classes: new head, frozen trunk, inherited preprocessing; then convert's printed
     evaluation command, as printed but for the data flags."""
@@ -181,8 +181,10 @@ def test_finetune_command_from_a_converted_state_dict(tmp_path, capsys):
     npz = str(tmp_path / "vgg11.npz")
     np.savez(npz, **state_dict)
     converted = str(tmp_path / "converted")
-    convert.main([npz, "--version", "vgg11", "--out", converted])
-    printed = capsys.readouterr().out.splitlines()
+    result = _run([sys.executable, "-m", "vgg_jax.convert", npz, "--version=vgg11",
+                   f"--out={converted}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout.splitlines()
 
     workdir = str(tmp_path / "run")
     result = _run([
