@@ -12,7 +12,7 @@ import pytest
 
 from configs import quickstart
 from vgg_jax import models, train
-from vgg_jax.data.testing import ArrayImages
+from vgg_jax.data.testing import ArrayImages, png_bytes
 from vgg_jax.evaluation.evaluator import EvalNet
 from vgg_jax.preprocess import normalize_images
 from vgg_jax.transfer import classify, descriptors
@@ -109,3 +109,24 @@ def test_command_on_the_digits_then_from_the_cache(tmp_path):
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert second.stderr.count("(cached ") == 2  # both splits read back, nothing recomputed
     assert "Descriptors at Q=" not in second.stderr
+
+
+def test_multi_label_tfds_split_through_mock_data():
+    import tensorflow_datasets as tfds
+
+    from vgg_jax.data.testing import smooth_image
+    from vgg_jax.transfer.multilabel import MultiLabelTfds
+
+    rng = np.random.default_rng(0)
+    records = [{"image": png_bytes(smooth_image(rng, 40, 48)), "labels": np.array(labels)}
+               for labels in ([0], [3, 19], [], [3])]
+
+    def as_data_source(builder, split, decoders=None, **kwargs):
+        return records
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        source = MultiLabelTfds("voc/2007", "test", None, "labels")
+    assert source.multi_hot.shape == (4, 20)  # VOC's 20 classes, from the builder's features
+    assert source.multi_hot[1, [3, 19]].tolist() == [1, 1] and source.multi_hot[2].sum() == 0
+    out, _, decoded = descriptors.compute(_net(), source, [40], flip=False, num_threads=0)
+    assert decoded.all() and out.shape == (4, 1, 16)

@@ -24,9 +24,12 @@ class MultiLabelTfds:
     def __init__(self, name: str, split: str, data_dir: str | None, label_key: str):
         import tensorflow_datasets as tfds
 
+        from vgg_jax.data import sources
+
         self.name, self.split = name, split
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir)
-        feature = self._source.dataset_info.features[label_key]
+        # The training sources' reader: undecoded images and one-sentence errors.
+        self._source = sources._open_tfds(name, split, data_dir)
+        feature = tfds.builder(name, data_dir=data_dir).info.features[label_key]
         num_classes = feature.feature.num_classes
         self.multi_hot = np.zeros((len(self._source), num_classes), np.int64)
         for i in range(len(self._source)):
