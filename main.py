@@ -126,7 +126,8 @@ def main(argv):
     try:
         # Fields the config leaves to the checkpoint it starts from, and that checkpoint's
         # preprocessing unless the command line sets it.
-        for line in init_from.resolve_config(config, _command_line_fields(sys.argv)):
+        evaluated = (_WORKDIR.value or _default_workdir()) if _MODE.value == "eval" else None
+        for line in init_from.resolve_config(config, _command_line_fields(sys.argv), evaluated):
             logging.info(line)
         # Every mistake but the batch split, before a multi-host start that may wait for
         # the other processes.

@@ -207,6 +207,13 @@ def test_finetune_command_from_a_converted_state_dict(tmp_path):
         same = all(np.array_equal(a, b) for a, b in zip(
             jax.tree.leaves(group), jax.tree.leaves(source[name]))) if name != "fc8" else False
         assert same == frozen, name
+    # Its evaluation: the same config, the net taken from the run (no init_from needed).
+    result = _run([sys.executable, "main.py", "--config=configs/finetune.py",
+                   f"--workdir={workdir}", "--mode=eval", "--config.data.source=digits",
+                   f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.num_workers=0",
+                   "--config.progress_bar=False"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "single_crop" in result.stdout and f"From {workdir}: model.version='A'" in result.stderr
 
     # convert's printed evaluation command, with its data flags swapped for a folder.
     command = shlex.split(printed[1])

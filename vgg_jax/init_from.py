@@ -118,8 +118,8 @@ def _get(config, path: str) -> Any:
     return config[section].get(field) if section in config else None
 
 
-def resolve_config(config: ml_collections.ConfigDict, command_line: Collection[str] = ()
-                   ) -> list[str]:
+def resolve_config(config: ml_collections.ConfigDict, command_line: Collection[str] = (),
+                   evaluated: str | None = None) -> list[str]:
     """Completes a config from its `init_from` source, in place, before any check or work.
 
     Unset (None) INHERITABLE_FIELDS take the source's values, and so do the
@@ -130,6 +130,8 @@ def resolve_config(config: ml_collections.ConfigDict, command_line: Collection[s
     Args:
       config: the run config (its values may change; its structure does not).
       command_line: fields set on the command line ("data.mean_rgb", ...), which win.
+      evaluated: --mode=eval's workdir: without init_from, unset fields come from its
+        checkpoint (evaluation takes the net from there anyway).
 
     Returns:
       Lines to log, saying what was taken from where.
@@ -139,18 +141,20 @@ def resolve_config(config: ml_collections.ConfigDict, command_line: Collection[s
     """
     lines = []
     unset = [path for path in INHERITABLE_FIELDS if _get(config, path) is None]
-    if config.init_from:
-        source = source_config(config.init_from)
+    origin = config.init_from or (evaluated if unset else None)
+    if origin:
+        source = source_config(origin)
         for path in unset:
             value = _get(source, path)
             if value is None:
-                raise ConfigError(f"config.{path} is unset and the run in config.init_from="
-                                  f"{config.init_from!r} does not record it; pass --config.{path}.")
+                raise ConfigError(f"config.{path} is unset and the run in {origin!r} does not "
+                                  f"record it; pass --config.{path}.")
             _set(config, path, value)
         if unset:
-            lines.append(f"From {config.init_from}: " + ", ".join(
+            lines.append(f"From {origin}: " + ", ".join(
                 f"{path}={_get(config, path)!r}" for path in unset) + ".")
-        lines.append(_inherit_preprocessing(config, source, command_line))
+        if config.init_from:
+            lines.append(_inherit_preprocessing(config, source, command_line))
     elif unset:
         raise ConfigError(
             f"config.{unset[0]} is unset: this config takes the net from the checkpoint it "
