@@ -4,6 +4,8 @@ so that its first GPU run cannot fail on a typo or a missing import. No timing a
 import json
 import math
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -55,3 +57,14 @@ def test_every_part_runs_tiny_on_the_cpu(tmp_path):
     assert train["sigterm_after_step"] and train["checkpoints_after_sigterm"]
     assert train["resumed"] and train["final_checkpoint_step"] == train["total_steps"]
     assert train["validations"] >= 1 and _positive(train["steps_per_s_median"])
+
+
+def test_the_package_uses_no_private_jax_api():
+    # The GPU image runs another jax (0.11) than the pins: only public names may be used.
+    private = re.compile(r"\bjax\.(_src|interpreters|lib|core)\b|(import|from) jaxlib\b")
+    found = [f"{path}:{n}" for root in ("vgg_jax", "benchmarks", "main.py")
+             for path in (pathlib.Path(root).rglob("*.py") if os.path.isdir(root)
+                          else [pathlib.Path(root)])
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if private.search(line.split("#")[0])]
+    assert not found, found

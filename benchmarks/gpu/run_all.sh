@@ -11,7 +11,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 python="${PYTHON:-python3}"
 cd "$repo"
-if [ "${1:-}" != "--tiny" ]; then
+tiny=0
+for arg in "$@"; do [ "$arg" = "--tiny" ] && tiny=1; done
+if [ "$tiny" = 0 ]; then
   wheels=("$here"/wheels/*.whl)
   if [ ! -e "${wheels[0]}" ]; then
     echo "run_all: no wheels in $here/wheels; run bash benchmarks/gpu/bundle.sh first and" \
