@@ -62,6 +62,9 @@ def get_config(name: str = "caltech101") -> ml_collections.ConfigDict:
     config.transfer.aggregations = ("average", "stack")
     # The layer whose map is pooled: the penultimate (the paper's 4096-D features).
     config.transfer.layer = "fc7"
+    # Other workdirs whose descriptors are stacked with this net's (the paper's best
+    # results combine Net-D and Net-E this way).
+    config.transfer.combine = ()
     # The linear SVM's regularisation constant C (scikit-learn LinearSVC).
     config.transfer.svm_c = 1.0
     # Per global batch, net inputs of crop size (a dense view counts its area and flip).

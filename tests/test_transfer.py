@@ -104,11 +104,15 @@ def test_command_on_the_digits_then_from_the_cache(tmp_path):
     assert "Caltech-101  mean class recall   92.7" in first.stdout
     assert "computed, cached in" in first.stderr
 
-    second = subprocess.run(command + ["--config.transfer.svm_c=0.5"], cwd=ROOT,
+    # Another C, and the net's descriptors stacked with another net's (here itself, as the
+    # paper stacks Net-D's and Net-E's): everything read back from the cache.
+    second = subprocess.run(command + ["--config.transfer.svm_c=0.5",
+                                       f"--config.transfer.combine={workdir}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env=_env())
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
-    assert second.stderr.count("(cached ") == 2  # both splits read back, nothing recomputed
+    assert second.stderr.count("(cached ") == 4  # two nets x two splits, nothing recomputed
     assert "Descriptors at Q=" not in second.stderr
+    assert "A (run) & A (run)" in second.stdout
 
 
 def test_multi_label_tfds_split_through_mock_data():

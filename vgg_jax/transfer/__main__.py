@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -88,11 +89,23 @@ def split_descriptors(config, net, workdir: str, step: int, split: str):
     logging.info("%s: %d images, descriptors %s in %.1f s (%s).", split, int(decoded.sum()),
                  x.shape, time.perf_counter() - start, f"cached {path}" if cached else
                  f"computed, cached in {path}")
-    return x[decoded], labels[decoded]
+    return x, labels, decoded
+
+
+def _descriptors_of_nets(config, nets, split: str):
+    """One split's descriptors, the nets' stacked along the features (the paper's Net-D &
+    Net-E), over the images every net could decode."""
+    parts = [split_descriptors(config, net, path, net.step, split) for path, net in nets]
+    decoded = np.logical_and.reduce([part[2] for part in parts])
+    x = np.concatenate([part[0] for part in parts], axis=-1)
+    return x[decoded], parts[0][1][decoded]
 
 
 def run(config, workdir: str, step=None) -> list[dict]:
     """Descriptors of both splits, an SVM per aggregation, rows with the paper's figure.
+
+    With config.transfer.combine, the other nets' descriptors are stacked with this one's
+    (the paper's Net-D & Net-E).
 
     Args:
       config: the transfer config.
@@ -102,12 +115,19 @@ def run(config, workdir: str, step=None) -> list[dict]:
     Returns:
       One dict per aggregation: metric, value (%), images, SVM seconds, the paper's figure.
     """
+    from vgg_jax.config_values import string_list
     from vgg_jax.evaluation.run import load_net
     from vgg_jax.transfer import classify, paper
 
-    net, _ = load_net(workdir, step)
-    train_x, train_y = split_descriptors(config, net, workdir, net.step, config.data.train_split)
-    test_x, test_y = split_descriptors(config, net, workdir, net.step, config.data.eval_split)
+    nets = [(workdir, load_net(workdir, step)[0])]
+    for path in string_list(config.transfer.combine):
+        try:
+            nets.append((path, load_net(os.path.expanduser(path))[0]))
+        except ValueError as error:
+            raise ValueError(f"config.transfer.combine names {path!r}: {error}") from None
+    name = " & ".join(net.name for _, net in nets)
+    train_x, train_y = _descriptors_of_nets(config, nets, config.data.train_split)
+    test_x, test_y = _descriptors_of_nets(config, nets, config.data.eval_split)
     reference = paper.paper_data_set(config.data.name) if config.data.source == "tfds" else None
     rows = []
     for how in config.transfer.aggregations:
@@ -115,7 +135,7 @@ def run(config, workdir: str, step=None) -> list[dict]:
         metric, value = classify.fit_and_score(
             classify.aggregate(train_x, how), train_y, classify.aggregate(test_x, how), test_y,
             float(config.transfer.svm_c), int(config.seed))
-        rows.append({"net": net.name, "step": net.step, "aggregation": how,
+        rows.append({"net": name, "step": nets[0][1].step, "aggregation": how,
                      "scales": [int(q) for q in config.transfer.scales],
                      "flip": bool(config.transfer.flip), "metric": metric,
                      "value": 100 * value, "train_images": len(train_y),
@@ -128,11 +148,12 @@ def format_rows(rows: Sequence[dict], data_name: str) -> str:
     """The results table, and the paper's Net-D & Net-E figures under it."""
     from vgg_jax.transfer import paper
 
-    lines = [f"{'net':<28} {'aggregation':<11} {'scales':<14} {'metric':<18} {'ours %':>7}",
-             "-" * 82]
+    width = max([28] + [len(r["net"]) for r in rows])
+    lines = [f"{'net':<{width}} {'aggregation':<11} {'scales':<14} {'metric':<18} {'ours %':>7}",
+             "-" * (width + 54)]
     for r in rows:
         scales = ",".join(str(q) for q in r["scales"])
-        lines.append(f"{r['net']:<28} {r['aggregation']:<11} {scales:<14} "
+        lines.append(f"{r['net']:<{width}} {r['aggregation']:<11} {scales:<14} "
                      f"{r['metric']:<18} {r['value']:7.2f}")
     reference = paper.paper_data_set(data_name)
     lines.append("Paper (Appendix B, Net-D & Net-E, linear SVM):" + (
