@@ -1,4 +1,4 @@
-"""The speed benchmark's parts with explicit settings (benchmarks/speed/): no jax run."""
+"""The speed benchmark's parts with explicit settings (benchmarks/speed/, benchmarks/gpu/)."""
 
 import pytest
 
@@ -144,3 +144,14 @@ def test_train_run_rates_leave_out_start_up_and_validation_intervals():
     rates = train_run.rates(records, batch_size=10, restarts=(5,))
     assert rates["images_per_s_median"] == 110.0 and rates["steps_per_s_median"] == 11.0
     assert rates["log_intervals"] == 3
+
+
+def test_step_fits_runs_the_real_step():
+    # The search runs on GPUs only (the CLI skips it on a CPU); the step it tries runs here.
+    from configs import vgg_a
+    from vgg_jax import parallel
+
+    config = vgg_a.get_config()
+    config.model.width_divisor, config.model.fc_features = 16, 16
+    settings.apply_shape(config, settings.RunShape(image_size=32), None)
+    assert max_batch.step_fits(config, parallel.create_mesh(), 1)
