@@ -185,12 +185,10 @@ def main(argv: list[str]) -> None:
         del built
     gc.collect()
 
-    if torch_results is not None and "step" in results:
-        _print(report.torch_lines(torch_results, step_results["images_per_s"]))
-        if "skipped" not in torch_results:
-            torch_results = dict(torch_results, jax_over_torch=(
-                step_results["images_per_s"] / torch_results["images_per_s"]))
-        results["torch"] = torch_results
+    if torch_results is not None:
+        jax_rate = results["step"]["images_per_s"] if "step" in results else None
+        _print(report.torch_lines(torch_results, jax_rate))
+        results["torch"] = report.with_ratio(torch_results, jax_rate)
     if _MAX_BATCH.value:
         found = None
         if jax.default_backend() != "cpu":

@@ -23,7 +23,7 @@ from benchmarks.speed import settings, step
 
 _OUT = flags.DEFINE_string("out", None, "The JSON file written.", required=True)
 _NETS = flags.DEFINE_list(
-    "nets", "D:fp32,A:bf16,B:bf16,C:bf16,E:bf16",
+    "nets", "D:fp32,A:bf16,E:bf16,B:bf16,C:bf16",
     "VERSION:PRECISION pairs, timed in this order (configs/vgg_<version>.py).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch.")
 _IMAGE = flags.DEFINE_integer("image_size", 224, "Crop side.")

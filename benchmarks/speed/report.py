@@ -102,25 +102,42 @@ def loop_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def torch_lines(r: dict[str, Any], jax_rate: float) -> list[str]:
+def with_ratio(torch_results: dict[str, Any], jax_rate: float | None) -> dict[str, Any]:
+    """The PyTorch figures with `jax_over_torch` (our images/s over torch's) when both exist.
+
+    Args:
+      torch_results: what `torch_compare.run_torch` returns.
+      jax_rate: images/s of the JAX step, or None when it was not timed.
+
+    Returns:
+      A new dict.
+    """
+    if jax_rate is None or "images_per_s" not in torch_results:
+        return dict(torch_results)
+    return dict(torch_results, jax_over_torch=jax_rate / torch_results["images_per_s"])
+
+
+def torch_lines(r: dict[str, Any], jax_rate: float | None) -> list[str]:
     """The PyTorch lines and the JAX / PyTorch speed ratio.
 
     Args:
       r: what `torch_compare.run_torch` returns.
-      jax_rate: images/s of the JAX step.
+      jax_rate: images/s of the JAX step (None: not timed in this run, no ratio).
 
     Returns:
       Lines to print.
     """
     if "skipped" in r:
         return [f"PyTorch comparison: skipped, {r['skipped']}."]
+    ratio = [] if jax_rate is None else [
+        f"JAX / PyTorch     : {jax_rate / r['images_per_s']:.2f}x"]
     return [
         f"PyTorch           : {r['model']} {r['torch_version']} on {r['device']}, "
         f"{r['precision']}, {r['mode']}, channels_last",
         f"PyTorch step      : {1e3 * r['step_s_median']:.2f} ms median, "
         f"{fmt_rate(r['images_per_s'])} images/s, first step (compile) "
         f"{r['first_step_s']:.1f} s, peak memory {fmt_bytes(r['peak_memory_bytes'])}",
-        f"JAX / PyTorch     : {jax_rate / r['images_per_s']:.2f}x",
+        *ratio,
     ]
 
 
