@@ -65,8 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     # image from [train_scale_min, train_scale_max] (equal bounds: single-scale training).
     config.data.train_scale_min = 256
     config.data.train_scale_max = 256
-    # Test scale Q of the single-crop validation run during training (Q = S, 3.2).
-    config.data.eval_scale = 256
+    # The test scale Q follows from S as in the paper (3.2): Q = S, or the middle of a
+    # jittered range (vgg_jax.data.transforms.single_test_scale); validation during
+    # training uses it, and --mode=eval too unless config.eval.scales says otherwise.
     config.data.random_flip = True
     # Standard deviation of AlexNet's PCA colour shift; 0 disables it.
     config.data.colour_shift_std = 0.1
@@ -197,13 +198,10 @@ def set_train_scale(config: ml_collections.ConfigDict, scale: str) -> ml_collect
         return config
     if scale == "384":
         config.data.train_scale_min = config.data.train_scale_max = 384
-        config.data.eval_scale = 384
         config.train.learning_rate = 1e-3
         return config
     if scale == "256-512":
         config.data.train_scale_min, config.data.train_scale_max = 256, 512
-        # Single-scale testing of jittered nets uses Q = 384 (3.2).
-        config.data.eval_scale = 384
         # The paper gives no rate for this fine-tuning from the S=384 net; we keep that
         # net's 1e-3 (an assumption, like the plateau schedule and epoch budget here).
         config.train.learning_rate = 1e-3

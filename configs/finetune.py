@@ -41,7 +41,6 @@ def get_config():
     config.data.image_size = config_dict.placeholder(int)
     config.data.train_scale_min = config_dict.placeholder(int)
     config.data.train_scale_max = config_dict.placeholder(int)
-    config.data.eval_scale = config_dict.placeholder(int)
 
     config.data.source = "folder"
     config.data.num_workers = 4

@@ -30,10 +30,9 @@ def get_config():
 
     config.data.source = "digits"
     config.data.image_size = 32
-    # Scale jittering as in the paper, at 1/8 of its pixel sizes.
+    # Scale jittering as in the paper, at 1/8 of its pixel sizes (test scale Q = 36).
     config.data.train_scale_min = 32
     config.data.train_scale_max = 40
-    config.data.eval_scale = 36
     # A mirrored digit is another symbol: no flips in training or in test-time averaging.
     config.data.random_flip = False
     config.eval.flip = False

@@ -13,7 +13,6 @@ def data_config(**overrides: Any) -> Any:
     config = base.get_config().data
     config.image_size = 32
     config.train_scale_min = config.train_scale_max = 40
-    config.eval_scale = 40
     config.num_workers = 0
     config.prefetch_buffer_size = 1
     for key, value in overrides.items():

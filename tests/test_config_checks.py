@@ -10,6 +10,7 @@ from configs import base, quickstart, small_datasets, vgg_a, vgg_a_lrn, vgg_b, v
 from vgg_jax import checkpoint
 from vgg_jax.checkpoint import check_resumable
 from vgg_jax.config_checks import ConfigError, validate_config
+from vgg_jax.data import transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,8 @@ def test_paper_configs_hold_the_paper_recipe(module):
 def test_training_scale_variants():
     jittered = vgg_d.get_config("256-512")
     assert (jittered.data.train_scale_min, jittered.data.train_scale_max) == (256, 512)
-    assert jittered.data.eval_scale == 384
+    assert transforms.single_test_scale(jittered.data.train_scale_min,
+                                        jittered.data.train_scale_max) == 384
     fixed = vgg_d.get_config("384")
     assert fixed.data.train_scale_min == fixed.data.train_scale_max == 384
     assert fixed.train.learning_rate == 1e-3
@@ -67,7 +69,6 @@ def _broken(**changes):
         ({"train__grad_accum_steps": 3}, r"config\.train\.batch_size=256 is not divisible by config\.train\.grad_accum_steps=3"),
         ({"data__train_scale_min": 200}, r"config\.data\.train_scale_min=200 is smaller than the crop"),
         ({"data__image_size": 200}, r"config\.data\.image_size=200 must be a positive multiple of 32"),
-        ({"data__eval_scale": 128}, r"config\.data\.eval_scale=128 is smaller than the crop"),
         ({"data__data_dir": None}, r"config\.data\.data_dir is not set for source 'tfds'"),
         ({"data__source": "csv"}, r"config\.data\.source='csv' is unknown"),
         ({"model__initializer": "he"}, r"config\.model\.initializer='he' is unknown"),

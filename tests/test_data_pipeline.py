@@ -207,7 +207,7 @@ def test_mean_rgb_command(folder):
     cmd = [
         sys.executable, "-m", "vgg_jax.data.mean_rgb", "--config=configs/vgg_a.py",
         "--config.data.source=folder", f"--config.data.data_dir={folder}",
-        "--config.data.eval_scale=40", "--threads=2",
+        "--config.data.train_scale_min=40", "--config.data.train_scale_max=40", "--threads=2",
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
     # Grey ids 0..13 times GREY_STEP: the mean of 0, 8, ..., 104 in every channel.

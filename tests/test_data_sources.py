@@ -145,7 +145,7 @@ def test_tfds_source_through_mock_data(name, grey):
 
     config = small_data.data_config(
         source="tfds", name=name, eval_split="test", image_size=24, train_scale_min=24,
-        train_scale_max=32, eval_scale=28,
+        train_scale_max=32,
     )
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
         sources.validate_source(config)

@@ -192,7 +192,7 @@ def test_finetune_command_from_a_converted_state_dict(tmp_path):
         f"--config.init_from={converted}", "--config.data.source=digits",
         f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.num_workers=0",
         "--config.data.random_flip=False", "--config.data.train_scale_min=32",
-        "--config.data.train_scale_max=32", "--config.data.eval_scale=32",
+        "--config.data.train_scale_max=32",
         "--config.train.num_epochs=1", "--config.train.frozen_layers=conv*",
         "--config.progress_bar=False"])
     log = result.stdout + result.stderr

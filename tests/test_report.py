@@ -67,7 +67,7 @@ def test_report_gathers_the_newest_evaluations_of_a_run(tmp_path):
     config.data = small_data.data_config(source="folder", data_dir=str(tmp_path / "data"),
                                       eval_split="val")
     config.data.image_size = 32
-    config.data.train_scale_min = config.data.train_scale_max = config.data.eval_scale = 256
+    config.data.train_scale_min = config.data.train_scale_max = 256
     config.eval.batch_size = 8
     config.progress_bar = False
     testing.write_folder(str(tmp_path / "data"), {"train": 1, "val": 1}, size=(40, 56),

@@ -74,7 +74,6 @@ def converted_config(
     config.data.mean_rgb = tuple(255.0 * m for m in imagenet.TORCHVISION_MEAN)
     config.data.std_rgb = tuple(255.0 * s for s in imagenet.TORCHVISION_STD)
     config.data.train_scale_min = config.data.train_scale_max = TORCHVISION_RESIZE
-    config.data.eval_scale = TORCHVISION_RESIZE
     return config
 
 

@@ -41,7 +41,7 @@ WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz", ".bin", ".safetensors")
 # Fields a config may leave None: taken from the source's run config.
 INHERITABLE_FIELDS = (
     "model.version", "model.width_divisor", "model.fc_features", "model.batch_norm",
-    "data.image_size", "data.train_scale_min", "data.train_scale_max", "data.eval_scale",
+    "data.image_size", "data.train_scale_min", "data.train_scale_max",
 )
 # The input normalisation the source's weights were trained with.
 PREPROCESSING_FIELDS = ("data.mean_rgb", "data.std_rgb")

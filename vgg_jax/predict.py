@@ -3,7 +3,7 @@
   python -m vgg_jax.predict --workdir=runs/vgg_d cat.jpg dog.png
   python -m vgg_jax.predict --workdir=runs/torchvision_vgg16 --protocol=dense cat.jpg
 
-The image is rescaled to the checkpoint's test scale (config.data.eval_scale, e.g. 256)
+The image is rescaled to the checkpoint's single test scale (Q = S, e.g. 256)
 and classified with one of the paper's protocols (default: the centre crop), with exactly
 the views and flips evaluation makes under the checkpoint's config.eval (its flip, grid and
 dense_size_step); the top-k classes are printed with their probabilities, named with
@@ -92,7 +92,7 @@ def predict(
       step: checkpoint step (None: best if any, else latest).
       protocol: one of protocols.PROTOCOLS; its flips, grid and dense bucket step are the
         checkpoint's config.eval ones, as in evaluation.
-      scale: test scale Q (None: the checkpoint's config.data.eval_scale).
+      scale: test scale Q (None: the paper's single test scale of the net's training scale).
 
     Returns:
       One dict per image: {"path", "predictions": [{"class", "name", "probability"}, ...]}
@@ -103,7 +103,7 @@ def predict(
     """
     net, run_config = load_net(workdir, step)
     image_size, num_classes = net.model.image_size, net.model.num_classes
-    q = int(scale or run_config.data.get("eval_scale", net.train_scale[0]))
+    q = int(scale or transforms.single_test_scale(*net.train_scale))
     if q < image_size:
         raise ValueError(f"Test scale {q} is smaller than the net's crop size {image_size}.")
     settings = dataclasses.replace(
@@ -163,7 +163,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("protocol", protocols.SINGLE_CROP, list(protocols.PROTOCOLS),
                       "Test protocol (paper 3.2); flips and grid as the checkpoint's config.eval.")
     flags.DEFINE_integer("scale", None, "Test scale Q, the rescaled shorter side "
-                         "(default: the checkpoint's config.data.eval_scale).")
+                         "(default: the paper's single test scale of the net's training scale S).")
     flags.DEFINE_string("json", None, "Also write the predictions to this JSON file.")
 
 

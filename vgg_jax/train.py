@@ -25,7 +25,7 @@ from flax.training import train_state
 from vgg_jax import checkpoint, init_from, optim, parallel, profiling, stop_signals, writers
 from vgg_jax import metric_names as names
 from vgg_jax.config_values import require
-from vgg_jax.data import device_prefetch, pipeline
+from vgg_jax.data import device_prefetch, pipeline, transforms
 from vgg_jax.models import VGG, create_model_from_config
 from vgg_jax.preprocess import normalize_images
 
@@ -557,7 +557,8 @@ def _train_scalars(pending, micro_batch: int, elapsed: float) -> dict[str, float
 
 def _validate(eval_step, variables, config, mesh) -> dict[str, float]:
     dataset = pipeline.eval_dataset(
-        config.data, batch_size=config.train.eval_batch_size, scale=config.data.eval_scale,
+        config.data, batch_size=config.train.eval_batch_size, scale=transforms.single_test_scale(
+            config.data.train_scale_min, config.data.train_scale_max),
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     summary = evaluate(eval_step, variables, dataset, mesh)

@@ -191,7 +191,7 @@ def train_settings(tiny: bool) -> train_run.TrainRunSettings:
             batch_size=8, train_images=train, num_classes=classes, epochs=4,
             eval_every_epochs=2, log_every_steps=2, stop_at=12, num_workers=1,
             overrides=(*TINY_NET, "--config.data.image_size=32", "--config.data.train_scale_min=32",
-                       "--config.data.train_scale_max=32", "--config.data.eval_scale=32"))
+                       "--config.data.train_scale_max=32"))
     return train_run.TrainRunSettings(
         batch_size=256, train_images=train, num_classes=classes, epochs=20,
         eval_every_epochs=10, log_every_steps=10, stop_at=100, num_workers=WORKERS_GPU)

@@ -118,7 +118,6 @@ def apply_shape(config, shape: RunShape, folder: str | None) -> None:
     size = config.data.image_size
     config.data.train_scale_min = max(config.data.train_scale_min, size)
     config.data.train_scale_max = max(config.data.train_scale_max, size)
-    config.data.eval_scale = max(config.data.eval_scale, size)
     # The step reads no data set and the loop reads an image folder, whatever the
     # config names.
     config.data.source = "folder"

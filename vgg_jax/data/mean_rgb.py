@@ -5,10 +5,11 @@ Usage:
   python -m vgg_jax.data.mean_rgb --config=configs/vgg_a.py \
       [--config.data.source=digits] [--max_images=50000] [--threads=8]
 
-Every image is decoded, rescaled isotropically to shortest side config.data.eval_scale
-(the training resolution, so the statistic weights images as training does rather than by
-their file resolution) and its pixels are summed; the result, in 0-255 units, is printed
-together with the override to pass as --config.data.mean_rgb.
+Every image is decoded, rescaled isotropically to shortest side the test scale Q of the
+config's training scale (the training resolution, so the statistic weights images as
+training does rather than by their file resolution) and its pixels are summed; the
+result, in 0-255 units, is printed together with the override to pass as
+--config.data.mean_rgb.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vgg_jax.data import decode, sources
+from vgg_jax.data import decode, sources, transforms
 
 
 def _pixel_sums(record: dict[str, Any], scale: int) -> tuple[np.ndarray, int]:
@@ -52,7 +53,7 @@ def compute_mean_rgb(data_config: Any, max_images: int = 0, threads: int = 1) ->
     source = sources.make_source(data_config, str(data_config.train_split))
     count = len(source) if max_images <= 0 else min(max_images, len(source))
     indices = np.linspace(0, len(source) - 1, count).round().astype(int)
-    scale = int(data_config.eval_scale)
+    scale = transforms.single_test_scale(data_config.train_scale_min, data_config.train_scale_max)
     total, pixels, skipped = np.zeros(3), 0, 0
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
         for sums, n in pool.map(lambda i: _pixel_sums(source[i], scale), indices):

@@ -57,12 +57,23 @@ def check_config(data_config: Any) -> None:
             f"config.data.train_scale_min={d.train_scale_min} is smaller than the crop "
             f"config.data.image_size={d.image_size}; a crop cannot be larger than the "
             "rescaled image, so raise the scale or lower the crop.")
-    require(d.eval_scale >= d.image_size,
-            f"config.data.eval_scale={d.eval_scale} is smaller than the crop "
-            f"config.data.image_size={d.image_size}; use a test scale of at least the crop.")
     require(d.colour_shift_std >= 0,
             f"config.data.colour_shift_std={d.colour_shift_std} must be >= 0 (0 turns the "
             "colour shift off; the paper: 0.1).")
+
+
+def single_test_scale(scale_min: int, scale_max: int) -> int:
+    """The paper's single test scale Q of a net trained at scale S (3.2): the scale of
+    training's validation, and of `--mode=eval` without config.eval.scales.
+
+    Args:
+      scale_min, scale_max: the training scale's range (config.data.train_scale_min and
+        train_scale_max; equal for fixed S).
+
+    Returns:
+      Q = S for fixed S; the middle of [S_min, S_max] for jittered S (384 for [256, 512]).
+    """
+    return (int(scale_min) + int(scale_max)) // 2
 
 
 def sample_scale(rng: np.random.Generator, scale_min: int, scale_max: int) -> int:

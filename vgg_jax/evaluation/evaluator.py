@@ -1,6 +1,6 @@
 """The evaluator: nets run over a split with a protocol, for validation and --mode=eval alike.
 
-Training's validation is the single-crop protocol at Q = config.data.eval_scale without
+Training's validation is the single-crop protocol at the single test scale Q without
 flips, run every few epochs by one long-lived Evaluator (its plan and compiled functions
 are made once); `main.py --mode=eval` runs the configured protocol over one net or an
 ensemble (vgg_jax.evaluation.run). Both take the same road: the plan (vgg_jax.evaluation.plan)

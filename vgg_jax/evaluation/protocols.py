@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vgg_jax.data.transforms import DENSE, MULTI_CROP, SINGLE_CROP
+from vgg_jax.data.transforms import DENSE, MULTI_CROP, SINGLE_CROP, single_test_scale
 from vgg_jax.preprocess import normalize_images
 
 DENSE_MULTI_CROP = "dense+multi_crop"
@@ -89,7 +89,7 @@ def scales_for(
     if len(explicit):
         return tuple(int(q) for q in explicit)
     lo, hi = int(train_scale[0]), int(train_scale[1])
-    mid = (lo + hi) // 2
+    mid = single_test_scale(lo, hi)
     if not multi_scale:
         return (mid,)
     if lo == hi:
