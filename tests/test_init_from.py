@@ -100,7 +100,7 @@ def test_a_weight_file_is_answered_with_the_convert_command(tmp_path):
     path = tmp_path / "vgg11.pth"
     path.write_bytes(b"not really")
     with pytest.raises(ConfigError, match=r"is a weight file.*python -m vgg_jax.convert "
-                       f"{path} --version vgg16 --out runs/vgg11"):
+                       f"{path} --version=vgg11 --out=runs/vgg11"):
         init_from.check_path(str(path))
     with pytest.raises(ConfigError, match="does not exist"):
         init_from.check_path(str(tmp_path / "nothing"))

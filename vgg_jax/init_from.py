@@ -19,6 +19,7 @@ weight file from another framework is answered with the command that converts it
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -73,9 +74,12 @@ def check_path(path: str) -> None:
     expanded = os.path.expanduser(path)
     if os.path.isfile(expanded) or expanded.endswith(WEIGHT_FILE_SUFFIXES):
         stem = os.path.splitext(os.path.basename(expanded))[0]
+        # torchvision's file names start with the net's name (vgg16_bn-6c64b313.pth).
+        named = re.match(r"vgg(11|13|16|19)(_bn)?", stem.lower())
+        version = named.group(0) if named else "vgg16"
         raise ConfigError(
             f"config.init_from={path!r} is a weight file, not a checkpoint; convert it once "
-            f"with `python -m vgg_jax.convert {path} --version vgg16 --out runs/{stem}` "
+            f"with `python -m vgg_jax.convert {path} --version={version} --out=runs/{stem}` "
             f"(vgg11/13/16/19, _bn for batch norm) and pass --config.init_from=runs/{stem}.")
     if not os.path.isdir(expanded):
         raise ConfigError(

@@ -168,10 +168,12 @@ def main(argv: Sequence[str]) -> None:
     """Command line (see the module docstring)."""
     if len(argv) > 1:
         sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
-    # Our own progress lines only; the libraries' INFO lines (orbax's, per checkpoint
-    # read) would bury them.
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= std_logging.WARNING or "/vgg_jax/" in record.pathname)
+    # Our own progress lines only: the libraries' INFO lines and orbax's warnings about a
+    # read-only restore of the parameters alone (what this command does on purpose) would
+    # bury them; orbax's errors still show.
+    logging.get_absl_handler().addFilter(lambda record: "/vgg_jax/" in record.pathname or (
+        record.levelno >= std_logging.WARNING and "/orbax/" not in record.pathname)
+        or record.levelno >= std_logging.ERROR)
     f = flags.FLAGS
     if not f.workdir or not os.path.isdir(os.path.expanduser(f.workdir)):
         sys.exit(f"--workdir={f.workdir} is not a directory; pass a trained or converted "
