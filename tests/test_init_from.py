@@ -94,6 +94,16 @@ def test_a_transfer_that_copies_nothing_is_an_error(tmp_path):
     config.model.width_divisor, config.model.fc_features = 16, 32
     _, _, lines = init_from.initialise(config, _params(config, 1)["params"], {})
     assert lines[0].startswith(f"Initialised from {tmp_path / 'wide'} (step 0): copied conv1_1")
+    # Freezing a layer the source does not provide (here a new head) is refused too.
+    config.model.num_classes = 3
+    config.train.frozen_layers = ("conv*", "fc8")
+    with pytest.raises(ConfigError, match=r"freezes fc8, which config.init_from does not "
+                       r"provide \(fc8: new head: 10 classes in the source, 3 here\)"):
+        init_from.initialise(config, _params(config, 1)["params"], {})
+    # And so is freezing without a source at all.
+    config.init_from = ""
+    with pytest.raises(ConfigError, match="frozen_layers is set without config.init_from"):
+        init_from.resolve_config(config)
 
 
 def test_a_weight_file_is_answered_with_the_convert_command(tmp_path):

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgg_jax.config_values import ConfigError
-from vgg_jax.models import BN_SUFFIX, canonical_version
+from vgg_jax.config_values import ConfigError, string_list
+from vgg_jax.models import BN_SUFFIX, canonical_version, select_layers
 
 # The paper's initialisation of the deeper nets from net A (3.1): A's first four conv
 # layers and its three FC layers, named as in the deeper net.
@@ -163,6 +163,11 @@ def resolve_config(config: ml_collections.ConfigDict, command_line: Collection[s
         raise ConfigError(
             f"config.{unset[0]} is unset: this config takes the net from the checkpoint it "
             "starts from; pass --config.init_from=<workdir or converted weights>.")
+    if evaluated is None and not config.init_from and string_list(
+            config.train.get("frozen_layers", ())):
+        raise ConfigError(
+            "config.train.frozen_layers is set without config.init_from, so the frozen layers "
+            "would keep their random initialisation; pass --config.init_from=<workdir>.")
     if config.model.get("num_classes") is None:
         from vgg_jax.data import sources
 
@@ -304,7 +309,6 @@ def initialise(config: ml_collections.ConfigDict, params, batch_stats
         transfer that would copy nothing.
     """
     from vgg_jax import checkpoint
-    from vgg_jax.config_values import string_list
 
     check_path(config.init_from)
     try:
@@ -321,6 +325,14 @@ def initialise(config: ml_collections.ConfigDict, params, batch_stats
             f"with this net ({_describe(config)}): {_first_reason(transfer.skipped)}; build "
             "the same net (configs/finetune.py takes it from the source) or start from "
             "another checkpoint.")
+    frozen = select_layers(string_list(config.train.get("frozen_layers", ())),
+                           config.model.version)
+    fresh = [name for name in frozen if name in transfer.skipped]
+    if fresh:
+        raise ConfigError(
+            f"config.train.frozen_layers freezes {', '.join(fresh)}, which config.init_from "
+            f"does not provide ({fresh[0]}: {transfer.skipped[fresh[0]]}), so it would stay at "
+            "its random initialisation; leave it out of config.train.frozen_layers.")
     new_stats = {name: source["batch_stats"][name] if name in transfer.copied else value
                  for name, value in batch_stats.items()}
     lines = [f"Initialised from {config.init_from} (step {loaded.step}): copied "
