@@ -94,10 +94,27 @@ def test_quickstart_pipeline_end_to_end(reference_run, cache_dir):
     assert os.listdir(os.path.join(workdir, "wandb"))
 
 
+def _live_processes_of_session(session_id):
+    """PIDs of the live (non-zombie) processes in a session: a run and all it started."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            found.append(int(pid))
+    return found
+
+
 def test_sigkill_then_resume_is_bit_identical(reference_run, cache_dir, tmp_path):
     reference_dir, _ = reference_run
     workdir = str(tmp_path / "killed")
+    # Its own session, so that every process the run starts (grain workers, the
+    # multiprocessing resource tracker) can be found after the kill.
     process = subprocess.Popen(_command(workdir, cache_dir), cwd=ROOT, env=_env(),
+                               start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while _latest_step(workdir) < 10 and process.poll() is None and time.time() < deadline:
@@ -106,6 +123,15 @@ def test_sigkill_then_resume_is_bit_identical(reference_run, cache_dir, tmp_path
     process.wait()
     killed_at = _latest_step(workdir)
     assert 10 <= killed_at < 66, f"the run was not killed mid-way (latest step {killed_at})"
+    # The workers notice their parent's death within a second and exit; then the resource
+    # tracker frees their shared memory and exits too.
+    deadline = time.time() + 10
+    while _live_processes_of_session(process.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    stranded = _live_processes_of_session(process.pid)
+    for pid in stranded:  # so a failure does not strand them for the rest of the session
+        os.kill(pid, signal.SIGKILL)
+    assert not stranded, f"processes of the killed run still alive: {stranded}"
 
     result = _run(_command(workdir, cache_dir))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -34,8 +34,8 @@ import grain.python
 import numpy as np
 
 from vgg_jax.config_values import require
+from vgg_jax.data import orphan_watchdog, transforms
 from vgg_jax.data import sources as sources_lib
-from vgg_jax.data import transforms
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,8 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     global _in_worker_process
     _in_worker_process = True
     _ignore_stop_signals(worker_index, worker_count)
+    # A worker ignores stop signals, so a trainer killed with SIGKILL would strand it.
+    orphan_watchdog.exit_with_parent()
 
 
 def stack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
