@@ -121,7 +121,7 @@ def main(argv):
     # Imported after flag parsing so that `--help` and config errors stay fast.
     import jax
 
-    from vgg_jax import config_checks, init_from, parallel
+    from vgg_jax import config_checks, init_from, parallel, stop_signals, workdir_lock
 
     try:
         # Fields the config leaves to the checkpoint it starts from, and that checkpoint's
@@ -159,6 +159,11 @@ def main(argv):
         sys.exit(f"Config error: {error}")
     except FloatingPointError as error:
         sys.exit(f"Training stopped: {error}")
+    except workdir_lock.WorkdirError as error:
+        sys.exit(f"Workdir error: {error}")
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(stop_signals.INTERRUPTED_EXIT_STATUS)
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         # Bad input found once work started (a missing checkpoint, a wrong path, a layer
         # name): one line; the traceback is there for a bug report at --verbosity=1.

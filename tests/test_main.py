@@ -3,6 +3,7 @@ preemption by SIGTERM, and the divergence guard."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,3 +200,120 @@ def test_plateau_stop_ends_the_run_and_a_restart_keeps_it_ended(cache_dir, tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Resumed from step 44" in again.stderr
     assert _latest_step(workdir) == 44
+
+
+def _largest_file(directory):
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+def test_broken_checkpoints_are_moved_aside_and_the_newest_intact_step_resumes(
+        reference_run, cache_dir, tmp_path):
+    reference_dir, _ = reference_run
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(reference_dir, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    damaged = os.path.join(workdir, "checkpoints.damaged")
+    assert {65, 66} <= {int(name) for name in os.listdir(checkpoints) if name.isdigit()}
+
+    # Step 66 without orbax's commit metadata (a copy cut short): orbax counted the step,
+    # so the run resumed from 65 and then failed for ever to save 66 again.
+    os.remove(os.path.join(checkpoints, "66", checkpoint.COMPLETE_MARKER))
+    result = _run(_command(workdir, cache_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Checkpoint step 66 was never finished" in result.stderr
+    assert "Resumed from step 65" in result.stderr
+    assert _latest_step(workdir) == 66
+
+    # Then a data file of step 66's parameters cut short (a full disk, a bad copy).
+    with open(_largest_file(os.path.join(checkpoints, "66", "params")), "r+b") as f:
+        f.truncate(100)
+    result = _run(_command(workdir, cache_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Checkpoint step 66 does not restore (" in result.stderr
+    assert f"moved it to {os.path.join(damaged, '66.1')}" in result.stderr
+    assert "Resumed from step 65" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    # Nothing deleted: both broken copies moved aside, and step 66 saved again.
+    assert sorted(os.listdir(damaged)) == ["66", "66.1"]
+    assert _latest_step(workdir) == 66
+    for resumed, reference in zip(jax.tree.leaves(_final_params(workdir)),
+                                  jax.tree.leaves(_final_params(reference_dir))):
+        np.testing.assert_array_equal(resumed, reference)
+
+
+def test_a_second_run_into_a_busy_workdir_fails_at_once_naming_the_holder(cache_dir, tmp_path):
+    workdir = str(tmp_path / "busy")
+    # The holder: a real process holding the workdir's lock as a training run does.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from vgg_jax import workdir_lock; "
+         "lock = workdir_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)",
+         workdir], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = _run(_command(workdir, cache_dir))
+        assert result.returncode == 1
+        assert "is in use by another training run" in result.stderr
+        assert f"PID {holder.pid}," in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))  # no work done
+    finally:
+        # A killed holder leaves no stale lock: the kernel dropped it with the process.
+        holder.kill()
+        holder.wait()
+    from vgg_jax import workdir_lock
+
+    workdir_lock.acquire(workdir).release()
+
+
+def _make_unwritable(directory):
+    """An immutable directory (even root cannot write into it), or one without write
+    permission where chattr is not allowed; returns the undo command."""
+    if subprocess.run(["chattr", "+i", directory], capture_output=True).returncode == 0:
+        return ["chattr", "-i", directory]
+    if os.geteuid() == 0:
+        pytest.skip("needs chattr +i or a non-root user to make a directory unwritable")
+    os.chmod(directory, 0o555)
+    return ["chmod", "755", directory]
+
+
+def test_an_unwritable_workdir_fails_in_one_sentence_before_any_work(cache_dir, tmp_path):
+    workdir = tmp_path / "read_only"
+    workdir.mkdir()
+    undo = _make_unwritable(str(workdir))
+    try:
+        result = _run(_command(str(workdir), cache_dir))
+    finally:
+        subprocess.run(undo, check=True)
+    assert result.returncode == 1
+    assert f"Workdir error: Cannot write to the workdir {workdir}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.listdir(workdir) == []
+
+
+def test_a_second_ctrl_c_exits_at_once_quietly_with_status_130(cache_dir, tmp_path):
+    workdir = str(tmp_path / "interrupted")
+    process = subprocess.Popen(_command(workdir, cache_dir), cwd=ROOT, env=_env(),
+                               start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while (not os.path.exists(metrics) or os.path.getsize(metrics) == 0) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = []
+    for line in process.stderr:  # the first Ctrl-C is acknowledged; then press it again
+        stderr.append(line)
+        if line.startswith("Ctrl-C: saving after this step"):
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    stderr.append(process.stderr.read())
+    process.wait(timeout=60)
+    stderr = "".join(stderr)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Ctrl-C again: stopped without saving." in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    deadline = time.time() + 10
+    while _live_processes_of_session(process.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _live_processes_of_session(process.pid)

@@ -14,6 +14,7 @@ import pytest
 
 from configs import quickstart
 from vgg_jax import checkpoint, models, optim, parallel, profiling, train, writers
+from vgg_jax.config_values import ConfigError
 
 NUM_CLASSES = 10
 
@@ -343,3 +344,13 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
     for step in ("2", "3"):
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
     jax.tree.map(np.testing.assert_array_equal, run(4, "resumed"), accumulated)
+
+
+def test_a_batch_larger_than_the_training_split_fails_before_any_work(tmp_path):
+    config = quickstart.get_config()
+    config.data.cache_dir = str(tmp_path)
+    config.train.batch_size = 4096
+    with pytest.raises(ConfigError, match=r"config\.train\.batch_size=4096 is larger than "
+                       r"the training split \(\d+ images in 'train'\), so an epoch would hold "
+                       r"no step; use a batch of at most \d+\."):
+        train.StepCounts.from_config(config)

@@ -1,8 +1,15 @@
 """Tests of the metrics writers (vgg_jax/writers.py): real files, wandb in offline mode."""
 
+import fcntl
 import glob
 import io
 import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
 
 import jax.numpy as jnp
 import ml_collections
@@ -12,6 +19,8 @@ import pytest
 from configs import base
 from vgg_jax import metric_names as names
 from vgg_jax import writers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_config(wandb_mode="disabled", progress_bar=True):
@@ -132,8 +141,15 @@ def test_non_main_process_writes_nothing(tmp_path, capsys):
     assert captured.out == captured.err == ""
 
 
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal, as the bar needs."""
+
+    def isatty(self):
+        return True
+
+
 def test_console_prints_one_line_per_evaluation():
-    stream = io.StringIO()
+    stream = _Terminal()
     console = writers.ConsoleWriter(
         total_steps=100, initial_step=0, show_progress=True, images_per_step=32, stream=stream
     )
@@ -186,3 +202,67 @@ def test_wandb_mode_resolution(tmp_path, monkeypatch):
     assert writers.resolve_wandb_mode("offline") == "offline"
     with pytest.raises(ValueError, match="config.wandb.mode"):
         writers.check_config(ml_collections.ConfigDict({"mode": "onlien"}))
+
+
+def test_console_off_a_terminal_prints_plain_lines_not_bar_frames():
+    stream = io.StringIO()  # a file or a SLURM log: not a terminal
+    console = writers.ConsoleWriter(
+        total_steps=100, initial_step=0, show_progress=True, images_per_step=32, stream=stream
+    )
+    for step in range(1, 101):
+        console.advance(step)
+        if step % 50 == 0:
+            console.write_scalars(step, {"train/loss": 2.0})
+    console.close()
+    assert "\r" not in stream.getvalue()
+    assert stream.getvalue().splitlines() == ["step 50 | train/loss=2.0000",
+                                              "step 100 | train/loss=2.0000"]
+
+
+def test_a_run_ended_early_closes_the_bar_complete_before_the_final_report():
+    stream = _Terminal()
+    console = writers.ConsoleWriter(total_steps=100, initial_step=0, show_progress=True,
+                                    stream=stream)
+    for step in range(1, 81):  # the plateau rule stops the run at step 80 of 100
+        console.advance(step)
+    console.log_text("Stopping at step 80: validation stalled after the last learning-rate cut.")
+    console.end_at(80)
+    console.log_text("Finished at step 80; last validation: ...")
+    console.close()
+    screen = [line.split("\r")[-1] for line in stream.getvalue().split("\n") if line.strip()]
+    assert screen[-1] == "Finished at step 80; last validation: ..."
+    assert "100%" in screen[-2] and "80/80" in screen[-2], screen
+
+
+def test_wandb_start_up_lines_are_not_glued_onto_the_bar(tmp_path):
+    """A real terminal (a pty) and a real offline wandb run: wandb's start-up lines come
+    before the bar is first drawn, each on a line of its own."""
+    script = (
+        "import sys; from configs import base; from vgg_jax import writers; "
+        "config = base.get_config(); config.wandb.mode = 'offline'; "
+        "writer = writers.create_writer(config, sys.argv[1], is_main_process=True, "
+        "total_steps=10); [writer.advance(step) for step in range(1, 11)]; writer.close()")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_SERVICE")}
+    env.update(WANDB_MODE="offline", JAX_PLATFORMS="cpu")
+    controller, terminal = pty.openpty()
+    # An 80-column terminal (a new pty has none, and the bar would shrink to nothing).
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
+                               stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert process.wait(timeout=120) == 0, output.decode()[-2000:]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", output.decode())  # without colours
+    starts = [index for index in range(len(text)) if text.startswith("wandb:", index)]
+    assert starts, text
+    assert all(index == 0 or text[index - 1] == "\n" for index in starts), text
+    assert "10/10" in text

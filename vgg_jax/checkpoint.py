@@ -200,7 +200,7 @@ def restore_training(
 
 
 # Written last by orbax when a step's save is complete.
-_COMPLETE_MARKER = "_CHECKPOINT_METADATA"
+COMPLETE_MARKER = "_CHECKPOINT_METADATA"
 
 
 def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
@@ -218,7 +218,7 @@ def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
     """
     steps = []
     for step in sorted(manager.all_steps()):
-        if os.path.exists(os.path.join(str(manager.directory), str(step), _COMPLETE_MARKER)):
+        if os.path.exists(os.path.join(str(manager.directory), str(step), COMPLETE_MARKER)):
             steps.append(step)
         else:
             logging.warning("Ignoring incomplete checkpoint directory %s/%d.",

@@ -6,6 +6,7 @@ rerunning the same command resumes where the run stopped.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -13,15 +14,31 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+# The shell's convention for a process ended by SIGINT (128 + 2).
+INTERRUPTED_EXIT_STATUS = 130
+
+
+def _stop_now() -> None:
+    """A second Ctrl-C: exit at once and quietly, saving nothing.
+
+    os._exit rather than KeyboardInterrupt: unwinding would print a traceback and wait for
+    a checkpoint being written and for wandb, which is what the user declined. What is left
+    is safe: a half-written checkpoint is never resumed from, the workdir lock is the
+    kernel's, and the data workers exit when they see this process gone.
+    """
+    print("Ctrl-C again: stopped without saving.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(INTERRUPTED_EXIT_STATUS)
+
 
 class StopSignals:
     """Notices SIGTERM (preemption) or Ctrl-C so the loop can finish its step, save and exit.
 
-    One process: signal handlers set a flag; a second Ctrl-C interrupts at once, without
-    saving. Several processes: they must stop at the same step, or the collective save
-    would hang; jax's preemption service (started by jax.distributed, which catches
-    SIGTERM itself) propagates the notice to every process and names a common step,
-    without blocking the steps in between.
+    One process: signal handlers set a flag; a second Ctrl-C exits at once with status
+    130, without saving. Several processes: they must stop at the same step, or the
+    collective save would hang; jax's preemption service (started by jax.distributed, which
+    catches SIGTERM itself) propagates the notice to every process and names a common
+    step, without blocking the steps in between.
     """
 
     def __init__(self):
@@ -34,10 +51,10 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         del frame
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            _stop_now()
         self.signal_name = signal.Signals(signum).name
         if signum == signal.SIGINT:
-            # The next Ctrl-C gets Python's default: an immediate KeyboardInterrupt.
-            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
             print("\nCtrl-C: saving after this step (press it again to stop without saving).",
                   file=sys.stderr, flush=True)
 

@@ -22,7 +22,17 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from vgg_jax import checkpoint, init_from, optim, parallel, profiling, stop_signals, writers
+from vgg_jax import (
+    checkpoint,
+    checkpoint_recovery,
+    init_from,
+    optim,
+    parallel,
+    profiling,
+    stop_signals,
+    workdir_lock,
+    writers,
+)
 from vgg_jax import metric_names as names
 from vgg_jax.config_values import require
 from vgg_jax.data import device_prefetch, pipeline, transforms
@@ -250,8 +260,8 @@ def summarize(sums_list: list[Mapping[str, jax.Array]]) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains with periodic validation and checkpoints; resumes from the workdir if possible.
 
-    The phases: set-up (mesh, checkpoints, net, optimiser, data), resume or weight transfer,
-    the learning rate pushed from the plateau schedule, then the loop (`_Loop.run`).
+    Holds the workdir's lock (`workdir_lock`) for the whole run, so a second run into the
+    same workdir fails at once instead of corrupting this one.
 
     Args:
       config: a validated run config.
@@ -259,9 +269,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns:
       The metrics of the last validation.
+
+    Raises:
+      workdir_lock.WorkdirError: the workdir is not writable or another run holds it.
     """
+    lock = workdir_lock.acquire(workdir, jax.process_index())
+    try:
+        return _train_and_evaluate(config, workdir)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """The phases: set-up (mesh, checkpoints, net, optimiser, data), resume or weight transfer,
+    the learning rate pushed from the plateau schedule, then the loop (`_Loop.run`)."""
     mesh = parallel.create_mesh()
     tc = config.train
+    counts = StepCounts.from_config(config)  # first: it checks the batch against the split
+    checkpoint_recovery.set_aside_unfinished(workdir)
     manager = checkpoint.create_manager(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
     )
@@ -271,7 +296,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = optim.create_optimizer(tc, frozen=model.frozen_parameters)
     state = create_train_state(model, tx, config.seed, mesh)
     plateau = optim.plateau_init(tc)
-    counts = StepCounts.from_config(config)
     # Batches reach the devices on a background thread, `device_prefetch` ahead of the step;
     # checkpoints record the position of the batches consumed.
     train_iter = device_prefetch.on_devices(iter(pipeline.train_dataset(
@@ -281,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     last_eval = {}
     if resume_step is not None:
-        state, plateau, last_eval = _restore(manager, resume_step, state, plateau, train_iter)
+        resume_step, state, plateau, last_eval = _restore(manager, state, plateau, train_iter)
     elif config.init_from:
         state = _initialise_from(state, config, mesh)
     # The learning rate lives in the optimiser state, set from the plateau schedule.
@@ -328,10 +352,19 @@ class StepCounts:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> StepCounts:
-        """The counts of `config`'s run (reads the training split's size)."""
+        """The counts of `config`'s run (reads the training split's size).
+
+        Raises:
+          ConfigError: the batch is larger than the training split (an epoch
+            would hold no step).
+        """
         tc = config.train
         num_train = pipeline.num_examples(config.data, config.data.train_split)
         steps_per_epoch = num_train // tc.batch_size
+        require(steps_per_epoch > 0,
+                f"config.train.batch_size={tc.batch_size} is larger than the training split "
+                f"({num_train} images in {config.data.train_split!r}), so an epoch would hold "
+                f"no step; use a batch of at most {num_train}.")
         return cls(accum_steps=tc.grad_accum_steps,
                    micro_batch=tc.batch_size // tc.grad_accum_steps,
                    steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * tc.num_epochs)
@@ -356,27 +389,30 @@ def validation_fn(model: VGG, config: ml_collections.ConfigDict, mesh: jax.shard
 def _check_resume(manager, config: ml_collections.ConfigDict, workdir: str) -> int | None:
     """The step to resume from (None for a fresh run), once the saved run is known to be
     continuable under `config`."""
-    resume_step = checkpoint.latest_complete_step(manager)
-    if resume_step is not None:
-        # Before any work: a resume under other settings would fail deep in orbax or grain,
-        # or worse, go on with a wrong step count.
-        saved_config = checkpoint.read_meta(manager, resume_step).get("config") or {}
-        checkpoint.check_resumable(saved_config, config, workdir)
+    found = checkpoint_recovery.newest_that_restores(
+        manager, lambda step: checkpoint.read_meta(manager, step))
+    if found is None:
+        return None
+    resume_step, meta = found
+    # Before any work: a resume under other settings would fail deep in orbax or grain,
+    # or worse, go on with a wrong step count.
+    checkpoint.check_resumable(meta.get("config") or {}, config, workdir)
     return resume_step
 
 
-def _restore(manager, step: int, state: TrainState, plateau, train_iter):
-    """Restores state, plateau state and data position of `step`; returns (state, plateau,
-    the metrics of its last validation)."""
-    params, train, meta, batch_stats = checkpoint.restore_training(
-        manager, step, params_target=state.params,
-        train_target=_train_item(state, plateau), data_iterator=train_iter,
-        batch_stats_target=state.batch_stats,
-    )
+def _restore(manager, state: TrainState, plateau, train_iter):
+    """Restores state, plateau state and data position of the newest step that restores
+    (moving damaged newer ones aside); returns (its step, state, plateau, the metrics of
+    its last validation)."""
+    step, (params, train, meta, batch_stats) = checkpoint_recovery.newest_that_restores(
+        manager, lambda step: checkpoint.restore_training(
+            manager, step, params_target=state.params,
+            train_target=_train_item(state, plateau), data_iterator=train_iter,
+            batch_stats_target=state.batch_stats))
     state = state.replace(params=params, step=train["step"], opt_state=train["opt_state"],
                           rng=train["rng"], batch_stats=batch_stats)
     logging.info("Resumed from step %d of %s.", step, manager.directory)
-    return state, train["plateau"], meta.get("metrics") or {}
+    return step, state, train["plateau"], meta.get("metrics") or {}
 
 
 def _initialise_from(state: TrainState, config: ml_collections.ConfigDict, mesh) -> TrainState:
@@ -446,6 +482,8 @@ class _Loop:
                 break
         if self.step == total and self.last_saved != self.step:
             self._save()
+        if self.step == total or self.stalled:
+            self.writer.end_at(self.step)  # the real end: the bar is complete there
         self._report()
 
     def _epoch(self) -> int:

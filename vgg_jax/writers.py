@@ -85,6 +85,12 @@ class MetricWriter(abc.ABC):
     def log_text(self, message: str) -> None:
         """Prints an informational message (without breaking the progress bar)."""
 
+    def end_at(self, step: int) -> None:
+        """Says training is over at `step`, possibly before the planned last step (the
+        plateau rule stopped it): the progress bar ends there, complete and closed, so
+        the lines printed after it (the final report) come below it.
+        """
+
     def close(self) -> None:
         """Flushes and releases everything; the writer must not be used afterwards."""
 
@@ -123,7 +129,9 @@ class ConsoleWriter(MetricWriter):
 
     The bar's postfix shows the latest loss, learning rate and images/s; an evaluation (a
     write that holds any "val/" metric) prints a line with the latest train and the new
-    validation loss and errors. Without a bar, every write prints a line.
+    validation loss and errors. Without a bar, every write prints a line. Off a terminal
+    (a SLURM log, a file, a pipe) there is no bar either: its carriage-return frames would
+    pile up there, so the writes' plain lines report progress instead.
     """
 
     def __init__(
@@ -138,7 +146,8 @@ class ConsoleWriter(MetricWriter):
         """Args:
         total_steps: the last step of training (the bar's total).
         initial_step: the step training starts from (non-zero on resume).
-        show_progress: draw the tqdm bar; False prints every write instead.
+        show_progress: draw the tqdm bar when `stream` is a terminal; False (or not a
+          terminal) prints every write instead.
         images_per_step: global batch size, to show images/s from the bar's own rate
           until a train/images_per_sec value is written.
         stream: where to write (default sys.stderr, like tqdm).
@@ -147,7 +156,7 @@ class ConsoleWriter(MetricWriter):
         self._images_per_step = images_per_step
         self._latest: dict[str, float] = {}
         self._bar = None
-        if show_progress:
+        if show_progress and _is_terminal(self._stream):
             self._bar = tqdm.tqdm(
                 total=total_steps,
                 initial=initial_step,
@@ -210,10 +219,24 @@ class ConsoleWriter(MetricWriter):
     def log_text(self, message: str) -> None:
         self._print(message)
 
+    def end_at(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.total = step
+            self._bar.update(step - self._bar.n)
+            self.close()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -410,6 +433,10 @@ class MultiWriter(MetricWriter):
         for writer in self.writers:
             writer.log_text(message)
 
+    def end_at(self, step: int) -> None:
+        for writer in self.writers:
+            writer.end_at(step)
+
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
@@ -440,6 +467,9 @@ def create_writer(
     if not is_main_process:
         return NoOpWriter()
     mode = resolve_wandb_mode(config.wandb.mode)
+    # wandb first: the lines it prints while starting would otherwise be glued onto the
+    # progress bar's line (the bar's frames end without a newline).
+    wandb_writers = [WandbWriter(config, workdir, mode=mode)] if mode != "disabled" else []
     writers: list[MetricWriter] = [
         ConsoleWriter(
             total_steps=total_steps,
@@ -448,7 +478,6 @@ def create_writer(
             images_per_step=config.train.batch_size,
         ),
         JsonLinesWriter(workdir, initial_step=initial_step),
+        *wandb_writers,
     ]
-    if mode != "disabled":
-        writers.append(WandbWriter(config, workdir, mode=mode))
     return MultiWriter(writers)

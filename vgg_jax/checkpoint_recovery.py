@@ -1,0 +1,177 @@
+"""Resuming past broken checkpoints: unfinished or damaged steps are moved aside, never
+deleted, and training resumes from the newest step that restores.
+
+Two kinds of broken step directory under `<workdir>/checkpoints/`:
+
+* unfinished: a step-named directory without orbax's commit metadata (a copy cut short,
+  a save on a file system without atomic renames killed midway). orbax counts it as a
+  step, so the run could never save that step again ("Checkpoint for step N already
+  exists"). `set_aside_unfinished` moves such directories before the manager is built.
+* damaged: a finished step whose files no longer restore (truncated or deleted data
+  files, a disk error). `newest_that_restores` tries the steps from the newest down and
+  moves each one that fails.
+
+Both go to `<workdir>/checkpoints.damaged/<step>` (`<step>.1`, ... if that exists), with
+one warning line each, so that nothing a user might still want is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from vgg_jax.checkpoint import CHECKPOINT_SUBDIR, COMPLETE_MARKER, complete_steps
+
+DAMAGED_SUBDIR = "checkpoints.damaged"
+
+T = TypeVar("T")
+
+
+def damaged_dir(checkpoints_directory: str) -> str:
+    """Where broken steps of a checkpoints/ directory are moved: its sibling
+    checkpoints.damaged/."""
+    return os.path.join(os.path.dirname(os.path.normpath(str(checkpoints_directory))),
+                        DAMAGED_SUBDIR)
+
+
+def set_aside(checkpoints_directory: str, step: int, why: str) -> str:
+    """Moves one step directory to checkpoints.damaged/ and says so in one warning line.
+
+    Args:
+      checkpoints_directory: the run's checkpoints/ directory.
+      step: the step to move.
+      why: the reason, completing "Checkpoint step N ...".
+
+    Returns:
+      The step directory's new path.
+    """
+    target_root = damaged_dir(checkpoints_directory)
+    os.makedirs(target_root, exist_ok=True)
+    target, suffix = os.path.join(target_root, str(step)), 0
+    while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(target_root, f"{step}.{suffix}")
+    shutil.move(os.path.join(str(checkpoints_directory), str(step)), target)
+    logging.warning("Checkpoint step %d %s; moved it to %s.", step, why, target)
+    return target
+
+
+def _sync(name: str) -> None:
+    # Several processes share the workdir: only process 0 moves, the others wait for it.
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"vgg_jax.checkpoint_recovery.{name}")
+
+
+def set_aside_unfinished(workdir: str) -> list[int]:
+    """Moves step directories without orbax's commit metadata out of the way; call it
+    before building the run's checkpoint manager (which would count them as steps).
+
+    Args:
+      workdir: the run's directory.
+
+    Returns:
+      The steps moved.
+    """
+    directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    unfinished = [int(name) for name in names if name.isdigit()
+                  and not os.path.exists(os.path.join(directory, name, COMPLETE_MARKER))]
+    if jax.process_index() == 0:
+        for step in unfinished:
+            set_aside(directory, step, f"was never finished (no {COMPLETE_MARKER}), so it "
+                      "could not be saved again")
+    _sync("set_aside_unfinished")
+    return unfinished
+
+
+# Longest error text quoted in the one-line warning about a damaged step.
+_MAX_ERROR_CHARS = 200
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # tensorstore appends a dump of its whole spec to the message.
+    text = (lines[0] if lines else "").split(" See full TensorStore details")[0]
+    if len(text) > _MAX_ERROR_CHARS:
+        text = text[:_MAX_ERROR_CHARS] + "..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _ignore_late_reads_of_failed_restores() -> None:
+    """Silences the reads a failed restore leaves in flight.
+
+    When one array of a step fails to read, orbax's restore raises and closes its event
+    loop while tensorstore still completes the step's other reads; each completion then
+    finds the loop closed and is reported through sys.unraisablehook as a traceback
+    ("RuntimeError: Event loop is closed"), after the step was already set aside. Only that
+    exact error is dropped; every other unraisable exception is reported as before.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop_errors = True
+    sys.unraisablehook = hook
+
+
+def _all_processes(ok: bool) -> bool:
+    """True if `ok` holds on every process (a step one process cannot read is damaged
+    for all: they must resume from the same step)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def newest_that_restores(
+    manager: ocp.CheckpointManager, restore: Callable[[int], T]
+) -> tuple[int, T] | None:
+    """Restores the newest finished step that restores, moving aside each newer one that
+    fails.
+
+    Args:
+      manager: the run's checkpoint manager.
+      restore: reads one step (raises if the step's files are damaged).
+
+    Returns:
+      (step, what `restore` returned), or None when the run has no checkpoint.
+
+    Raises:
+      ValueError: when checkpoints exist but none restores (all were moved aside).
+    """
+    directory = str(manager.directory)
+    steps = complete_steps(manager)
+    # Before the first attempt: a failing read closes orbax's event loop before it raises.
+    _ignore_late_reads_of_failed_restores()
+    for step in reversed(steps):
+        error: BaseException | None = None
+        try:
+            restored: Any = restore(step)
+        except Exception as caught:  # any failure to read a step: try the one before
+            error = caught
+        if _all_processes(error is None):
+            return step, restored
+        if jax.process_index() == 0:
+            why = f"does not restore ({_first_line(error) if error else 'on another process'})"
+            set_aside(directory, step, why)
+        _sync(f"newest_that_restores.{step}")
+        manager.reload()
+    if steps:
+        raise ValueError(
+            f"No checkpoint in {directory} restores; all were moved to "
+            f"{damaged_dir(directory)}. Rerun to start from scratch, or pass another --workdir.")
+    return None
