@@ -164,3 +164,22 @@ def test_main_reports_bad_input_in_one_line(tmp_path, arguments, expected):
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("I")]
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr[-2000:]
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("stage", ["384", "256-512"])
+def test_fine_tuning_stages_need_init_from_or_an_explicit_from_scratch(stage):
+    config = vgg_d.get_config(stage)
+    config.data.data_dir = "/nonexistent"
+    with pytest.raises(ConfigError, match=r"fine-tuning stages .*--config\.init_from=<workdir>, "
+                       r"or --config\.init_from_required=False"):
+        validate_config(config, device_count=4)
+    # Either choice gets past this rule (to the data check, which fails here).
+    for choice in ({"init_from": "runs/vgg_d"}, {"init_from_required": False}):
+        chosen = vgg_d.get_config(stage)
+        chosen.data.data_dir = "/nonexistent"
+        chosen.update(choice)
+        with pytest.raises(ConfigError) as error:
+            validate_config(chosen, device_count=4)
+        assert "init_from_required" not in str(error.value)
+    # S=256 is the paper's from-scratch stage.
+    assert not vgg_d.get_config("256").init_from_required

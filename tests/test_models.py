@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax.models import VERSIONS, count_parameters, create_model, local_response_norm
+from configs import vgg_a
+from vgg_jax.models import (
+    VERSIONS,
+    count_parameters,
+    create_model,
+    create_model_from_config,
+    local_response_norm,
+)
 
 # Exact parameter counts with a 1000-class head (the paper's Table 2, torchvision agrees).
 PAPER_PARAMETER_COUNTS = {
@@ -282,3 +289,22 @@ def test_trunk_without_head_takes_any_size_and_pools_globally():
         trunk.apply(variables, jnp.zeros((1, 31, 64, 3)))
     with pytest.raises(ValueError, match="fc6"):
         trunk.apply(variables, images, outputs=("fc6",))
+
+
+def test_normal_initialiser_default_gives_net_a_trainable_logits():
+    """Full-width net A (on 32x32 inputs, to stay cheap) under `initializer=normal`: the
+    config's default std keeps the initial logits small; the paper's literal "variance
+    1e-2" (std 0.1) stays reachable by override, and blows them up."""
+    config = vgg_a.get_config()
+    config.model.initializer = "normal"
+    config.data.image_size = 32
+    images = 50.0 * jax.random.normal(jax.random.key(1), (2, 32, 32, 3))  # mean-subtracted
+
+    def max_logit(stddev):
+        config.model.normal_init_stddev = stddev
+        model = create_model_from_config(config)
+        variables = jax.jit(model.init)(jax.random.key(0), images)
+        return float(jnp.max(jnp.abs(model.apply(variables, images))))
+
+    assert max_logit(vgg_a.get_config().model.normal_init_stddev) < 1.0
+    assert max_logit(0.1) > 1e4

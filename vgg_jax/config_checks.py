@@ -48,7 +48,8 @@ def validate_config(
     checkpoint.check_config(config.checkpoint)
     writers.check_config(config.wandb)
     _check_eval_config(config.eval, config.data.image_size)
-    if check_data:
+    if check_data:  # a training run
+        _check_starting_point(config)
         _check_data_set(config)
 
 
@@ -77,6 +78,17 @@ def _check_eval_config(eval_config: ml_collections.ConfigDict, image_size: int) 
     require(ev.dense_size_step >= 1,
             f"config.eval.dense_size_step={ev.dense_size_step} must be at least 1 pixel "
             "(32, the net's stride, keeps compilations few).")
+
+
+def _check_starting_point(config: ml_collections.ConfigDict) -> None:
+    """A fine-tuning stage (config.init_from_required, set by the ':384' and ':256-512'
+    variants) starts from a trained net, or is told explicitly to train from scratch."""
+    require(not config.get("init_from_required", False) or bool(config.init_from),
+            "This config is one of the paper's fine-tuning stages (config.init_from_required="
+            "True: S=384 starts from the trained S=256 net, S in [256,512] from the S=384 "
+            "one, at learning rate 1e-3), so pass the run it continues as "
+            "--config.init_from=<workdir>, or --config.init_from_required=False to train it "
+            "from scratch.")
 
 
 def _check_data_set(config: ml_collections.ConfigDict) -> None:

@@ -220,7 +220,7 @@ class VGG(nn.Module):
     lrn_beta: float = 0.75
     lrn_k: float = 2.0
     initializer: str = "glorot_uniform"
-    normal_init_stddev: float = 0.1
+    normal_init_stddev: float = 0.01
     batch_norm: bool = False
     frozen: tuple[str, ...] = ()
     bn_momentum: float = 1.0 - TORCH_BN_MOMENTUM
