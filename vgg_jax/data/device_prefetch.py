@@ -3,7 +3,8 @@
 The training loop would otherwise take each batch from grain and start its host-to-device
 transfer only once the previous step was dispatched, so a step could wait for its own
 batch. `DevicePrefetcher` runs `next(host_iterator)` and the transfer on a thread that
-stays `depth` batches ahead (each one already on the devices when the loop takes it).
+stays `depth` batches ahead (each one already on the devices when the loop takes it; while
+those wait, the thread may hold one more, being made or copied).
 
 Checkpoints: grain's position must be that of the batches the loop CONSUMED, not of those
 the thread pulled ahead, or a resume would skip them. The thread records the grain state
