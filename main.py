@@ -29,7 +29,13 @@ def _last_line(error: BaseException) -> str:
 
 
 def _config_error_text(error: BaseException) -> str:
+    from vgg_jax.config_checks import renamed_field_message
+
     text = str(error)
+    for field in re.findall(r"'(?:config\.)?([\w.]+)'|\"(\w+)\"", text):
+        message = renamed_field_message(field[0] or field[1])
+        if message:  # a field an older version had
+            return message
     unknown = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
     if unknown:
         return (f"a --config override names the field {unknown.group(2)!r}, which the config "

@@ -129,7 +129,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every_steps = 100
     config.train.eval_every_epochs = 1
     config.train.checkpoint_every_steps = 2000
-    config.train.eval_batch_size = 256
     # Device profile: trace `profile_num_steps` steps from step `profile_first_step` into
     # <workdir>/profile (jax.profiler; view with xprof or TensorBoard's profile plugin).
     # -1 = no profile. Start after compilation and warm-up, e.g. 100.
@@ -179,9 +178,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.multi_scale = False
     # Average each view with its horizontal flip in dense and multi-crop evaluation (3.2).
     config.eval.flip = True
-    # Per global batch, the number of image_size x image_size net inputs (a multi-crop image
-    # counts 2 * grid^2, a dense image 2 x its area in crops): bounds memory in every protocol.
-    config.eval.batch_size = 128
+    # Per global batch, the number of image_size x image_size net inputs, in training's
+    # validation (one per image) and in every protocol here (a multi-crop image counts
+    # 2 * grid^2, a dense image 2 x its area in crops): bounds memory alike everywhere.
+    config.eval.batch_size = 256
     # Dense evaluation crops each rescaled image to multiples of this many pixels, so the
     # images fall into a bounded number of shapes (one compilation each).
     config.eval.dense_size_step = 32

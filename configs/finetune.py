@@ -48,7 +48,7 @@ def get_config():
     config.train.learning_rate = 1e-3
     config.train.num_epochs = 20
     config.train.batch_size = 64
-    config.train.eval_batch_size = 64
+    config.eval.batch_size = 64
     config.train.plateau_patience = 3
     config.train.log_every_steps = 20
     # Single-crop validation at the source's test scale; --mode=eval offers the rest.

@@ -43,7 +43,7 @@ def get_config():
     config.data.num_workers = 1
 
     config.train.batch_size = 64
-    config.train.eval_batch_size = 128
+    config.eval.batch_size = 128
     config.train.num_epochs = 30
     config.train.learning_rate = 0.01
     config.train.plateau_patience = 3

@@ -78,7 +78,10 @@ def _broken(**changes):
         ({"eval__scales": (128, 256)}, r"config\.eval\.scales holds 128, smaller than the crop"),
         ({"eval__scales": ("abc",)}, r"config\.eval\.scales holds 'abc', not a whole number"),
         ({"eval__dense_size_step": -32}, r"config\.eval\.dense_size_step=-32 must be at least 1"),
-        ({"train__eval_batch_size": 0}, r"config\.train\.eval_batch_size=0 must be positive"),
+        ({"eval__batch_size": 0}, r"config\.eval\.batch_size=0 must be positive"),
+        # A config file of an older version setting a renamed field.
+        ({"train__eval_batch_size": 64}, r"config\.train\.eval_batch_size is now "
+                                         r"config\.eval\.batch_size"),
         ({"data__colour_shift_std": -1.0}, r"config\.data\.colour_shift_std=-1\.0 must be >= 0"),
         ({"data__prefetch_buffer_size": 0}, r"config\.data\.prefetch_buffer_size=0 must be"),
         ({"data__device_prefetch": -1}, r"config\.data\.device_prefetch=-1 must be 0"),
@@ -152,6 +155,8 @@ def test_a_resume_under_other_settings_names_every_difference():
     (["--config=configs/vgg_d.py:999"], "Config error: Unknown training scale '999'"),
     (["--mode=eval"], "Error: Checkpoint path "),
     (["--num_processes=2"], "Multi-host error: --num_processes=2 needs --coordinator_address"),
+    (["--config.train.eval_batch_size=64"], "Config error: config.train.eval_batch_size is now "
+                                            "config.eval.batch_size (net inputs"),
 ])
 def test_main_reports_bad_input_in_one_line(tmp_path, arguments, expected):
     result = subprocess.run(

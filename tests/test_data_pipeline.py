@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 import subprocess
 import sys
 
@@ -130,29 +129,12 @@ def test_two_processes_read_disjoint_complete_shards_of_one_stream(folder):
         _assert_same([merged], [single[step]])
 
 
-@pytest.mark.parametrize("process_count,batch_size", [(1, 4), (2, 4), (3, 6)])
-def test_eval_counts_every_example_exactly_once(folder, process_count, batch_size):
-    config = _config(folder)
-    per_process = []
-    for p in range(process_count):
-        batches = list(pipeline.eval_dataset(
-            config, batch_size=batch_size, scale=40, process_index=p, process_count=process_count))
-        per_process.append(batches)
-        for b in batches:
-            assert b["image"].shape == (batch_size // process_count, 32, 32, 3)
-            np.testing.assert_array_equal(b["rgb_shift"], 0)
-    num_batches = {len(b) for b in per_process}
-    assert num_batches == {math.ceil(math.ceil(9 / process_count) / (batch_size // process_count))}
-    ids = sorted(i for batches in per_process for i in _ids(batches))
-    assert ids == list(range(9))
-    assert pipeline.num_examples(config, "validation") == 9
-
-
 def test_invalid_batch_and_process_arguments(folder):
     with pytest.raises(ValueError, match="multiple of the process count"):
         pipeline.train_dataset(_config(folder), global_batch_size=5, seed=0, process_count=2)
     with pytest.raises(ValueError, match="process_index"):
-        pipeline.eval_dataset(_config(folder), batch_size=4, scale=40, process_index=2, process_count=2)
+        pipeline.train_dataset(_config(folder), global_batch_size=4, seed=0, process_index=2,
+                               process_count=2)
 
 
 _SMALL_BENCHMARK = ["--max_workers=1", "--repeats=1", "--rounds=1", "--batch_size=4",

@@ -234,19 +234,20 @@ def test_quirky_files_decode_to_rgb(tmp_path):
         np.asarray(Image.fromarray(pixels).convert("P")), "PNG", mode="P"
     )
     transform = transforms.TrainTransform(small_data.data_config())
-    evaluate = transforms.EvalTransform(32, 40)
+
+    def evaluate(data):  # the validation view
+        return transforms.image_views(data, transforms.SINGLE_CROP, 40, 32)[0]
+
     for data, name in ((cmyk, "cmyk.JPEG"), (grey, "grey.JPEG"), (png, "png.JPEG"), (palette, "p.JPEG")):
         assert decode.decode_image(data).shape == (48, 64, 3)
-        for out in (
-            transform.random_map(_record(data, name=name), np.random.default_rng(0)),
-            evaluate.map(_record(data, name=name)),
-        ):
-            assert out["image"].shape == (32, 32, 3) and bool(out["mask"]), name
+        out = transform.random_map(_record(data, name=name), np.random.default_rng(0))
+        assert out["image"].shape == (32, 32, 3) and bool(out["mask"]), name
+        assert evaluate(data).shape == (32, 32, 3), name
     # The grey JPEG becomes three equal channels; the CMYK one keeps its colours.
-    grey_out = evaluate.map(_record(grey))["image"].astype(int)
+    grey_out = evaluate(grey).astype(int)
     np.testing.assert_array_equal(grey_out[..., 0], grey_out[..., 2])
-    cmyk_crop = evaluate.map(_record(cmyk))["image"].astype(float)
-    rgb_crop = evaluate.map(_record(png))["image"].astype(float)
+    cmyk_crop = evaluate(cmyk).astype(float)
+    rgb_crop = evaluate(png).astype(float)
     assert np.abs(cmyk_crop - rgb_crop).mean() < 8
 
 
@@ -256,28 +257,26 @@ def test_truncated_file_gives_masked_zero_image_and_a_note_or_warning(caplog):
     transform = transforms.TrainTransform(small_data.data_config())
     with caplog.at_level(logging.WARNING):
         out = transform.random_map(_record(truncated, name="/x/broken.JPEG"), np.random.default_rng(0))
-        garbage = transforms.EvalTransform(32, 40).map(_record(b"not an image", name="junk.JPEG"))
-    for o in (out, garbage):
-        assert not o["mask"] and o["image"].shape == (32, 32, 3) and not o["image"].any()
-        np.testing.assert_array_equal(o["rgb_shift"], np.zeros(3))
+    assert not out["mask"] and out["image"].shape == (32, 32, 3) and not out["image"].any()
+    np.testing.assert_array_equal(out["rgb_shift"], np.zeros(3))
     assert out["label"] == 3
     # Training names the file in the example (the pipeline warns once per file where
-    # batches are consumed: tests/test_data_pipeline.py); evaluation warns at once.
+    # batches are consumed: tests/test_data_pipeline.py); evaluation's views raise, and the
+    # evaluation plan masks and warns (tests/test_evaluate.py).
     assert b"/x/broken.JPEG" in out[transforms.DECODE_ERROR_KEY]
-    assert "junk.JPEG" in caplog.text and "broken.JPEG" not in caplog.text
+    assert "broken.JPEG" not in caplog.text
+    with pytest.raises(decode.DECODE_ERRORS):
+        transforms.image_views(b"not an image", transforms.SINGLE_CROP, 40, 32)
     good = transform.random_map(_record(data), np.random.default_rng(0))
     assert good["mask"] and good[transforms.DECODE_ERROR_KEY] == b""
 
 
-def test_eval_transform_centre_crop_and_padding():
+def test_single_crop_view_is_the_centre_crop_of_the_rescaled_image():
     data = _jpeg(np.random.default_rng(0))
-    out = transforms.EvalTransform(32, 40).map(_record(data))
+    out = transforms.image_views(data, transforms.SINGLE_CROP, 40, 32)
+    assert out.shape == (1, 32, 32, 3)
     reference = testing.centre_crop(testing.rescale_shorter_side(decode.decode_image(data), 40), 32)
-    assert np.abs(out["image"].astype(float) - reference).mean() < 1
-    pad = transforms.EvalTransform(32, 40).map({"image": None, "label": 0, "name": "<padding>"})
-    assert not pad["mask"] and not pad["image"].any()
-    with pytest.raises(ValueError, match="smaller than the crop"):
-        transforms.EvalTransform(32, 31)
+    assert np.abs(out[0].astype(float) - reference).mean() < 1
 
 
 def test_rescale_shorter_side_and_multi_crop_grid():

@@ -1,6 +1,8 @@
 """The test protocols of paper 3.2 on tiny nets: views, dense maps, flips, exact counting."""
 
 import json
+import logging
+import math
 import os
 
 import jax
@@ -10,9 +12,9 @@ import pytest
 import small_data
 
 from configs import base
-from vgg_jax import checkpoint
-from vgg_jax.data import testing, transforms
-from vgg_jax.evaluation import plan, protocols, results
+from vgg_jax import checkpoint, parallel
+from vgg_jax.data import sources, testing, transforms
+from vgg_jax.evaluation import metrics, plan, protocols, results
 from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
 from vgg_jax.evaluation.protocols import Protocol, class_probabilities
 from vgg_jax.evaluation.run import load_net, run_evaluation
@@ -197,6 +199,43 @@ def test_undecodable_images_are_reported_not_counted(net):
     assert result.rows[0].images == 3
 
 
+def test_undecodable_and_padding_rows_are_masked_zero_views(caplog):
+    source = [{"image": b"not an image", "label": 3, "name": "junk.JPEG"}]
+    maker = plan.ViewMaker(source, np.arange(1), Protocol("single_crop", (40,), flip=False),
+                           "single_crop", 40, 32, (32, 32))
+    with caplog.at_level(logging.WARNING):
+        garbage, pad = maker(0), maker(-1)
+    for example in (garbage, pad):
+        assert not example["mask"] and example["views"].shape == (1, 32, 32, 3)
+        assert not example["views"].any()
+    assert garbage["label"] == 3 and pad["row"] == -1
+    assert "junk.JPEG" in caplog.text
+
+
+@pytest.mark.parametrize("process_count,batch_size", [(1, 4), (2, 4), (3, 6)])
+def test_validation_plan_counts_every_example_exactly_once(tmp_path, process_count, batch_size):
+    # The single-crop pass of training's validation, read from an odd folder split (9 images
+    # whose grey level is their id) by each of several processes.
+    root = str(tmp_path / "grey_ids")
+    testing.write_folder(root, {"train": 1, "val": 5}, grey_ids=True)
+    os.unlink(os.path.join(root, "val", "dog", "004.png"))
+    source = sources.make_source(small_data.data_config(source="folder", data_dir=root), "val")
+    protocol = Protocol("single_crop", (40,), flip=False)
+    keys = plan.uniform_keys(len(source), (32, 32), process_count)
+    num_batches, ids = set(), []
+    for p in range(process_count):
+        [bucket] = plan.plan_buckets(keys, {(32, 32): 1}, batch_size, 1, process_count, p)
+        maker = plan.ViewMaker(source, plan.local_indices(len(source), p, process_count),
+                               protocol, "single_crop", 40, 32, bucket.shape)
+        batches = list(plan.view_batches(maker, bucket, 0))
+        num_batches.add(len(batches))
+        for b in batches:
+            assert b["views"].shape == (batch_size // process_count, 1, 32, 32, 3)
+        ids += [testing.grey_id(v) for b in batches for v, m in zip(b["views"], b["mask"]) if m]
+    assert num_batches == {math.ceil(math.ceil(9 / process_count) / (batch_size // process_count))}
+    assert sorted(ids) == list(range(9))
+
+
 def test_plan_gives_every_process_the_same_batches():
     # Three processes with unequal shares of three shapes.
     rng = np.random.default_rng(0)
@@ -304,3 +343,40 @@ def test_a_batch_norm_checkpoint_evaluates_with_its_running_averages(tmp_path):
     initial = jax.tree.map(jnp.asarray, model.init(jax.random.key(0), x)["batch_stats"])
     assert not np.allclose(got, jax.nn.softmax(model.apply(
         dict(variables, batch_stats=initial), x)), atol=1e-4)
+
+
+def test_masked_examples_do_not_count(net):
+    # The device function of every pass (training's validation included): padding and
+    # undecodable images (mask False) change no sum.
+    evaluator = Evaluator(testing.ArrayImages([], []), Protocol("single_crop", (32,), flip=False),
+                          32, batch_size=8)
+    function = evaluator.function(net, "single_crop")
+    rng = np.random.default_rng(0)
+    full = {"views": rng.integers(0, 256, (8, 1, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32), "mask": np.ones(8, bool)}
+    half = {key: value[:4] for key, value in full.items()}
+    masked = dict(full, mask=np.array([True] * 4 + [False] * 4))
+
+    def sums(batch):
+        device = parallel.shard_batch(batch, evaluator.mesh)
+        _, batch_sums = function(net.variables, device["views"], device["label"], device["mask"])
+        return metrics.summarize([batch_sums])
+
+    sums_half, sums_masked = sums(half), sums(masked)
+    assert sums_masked["count"] == 4
+    for key in ("loss", "top1_error", "top5_error"):
+        np.testing.assert_allclose(sums_masked[key], sums_half[key], rtol=1e-5)
+
+
+def test_classification_sums_count_top1_and_top5():
+    logits = np.array([[9.0, 8, 7, 6, 5, 4, 3], [1.0, 2, 3, 4, 5, 6, 7]], np.float32)
+    labels = np.array([0, 0])
+    sums = metrics.classification_sums(logits, labels, np.ones(2, np.float32))
+    assert float(sums["top1_errors"]) == 1.0  # the second example is wrong at top-1
+    assert float(sums["top5_errors"]) == 1.0  # and class 0 is its lowest score
+    assert float(sums["count"]) == 2.0
+    # Log-probabilities rank and score as their logits do (evaluation's inputs).
+    log_probs = np.asarray(jax.nn.log_softmax(logits))
+    again = metrics.classification_sums(log_probs, labels, np.ones(2, np.float32))
+    for key in sums:
+        np.testing.assert_allclose(again[key], sums[key], rtol=1e-6)

@@ -24,7 +24,7 @@ RUN = [
     # Five large steps: float summation order differs between the layouts, and early
     # training amplifies rounding, so a long run would drift apart by more than rounding.
     "--config.train.num_epochs=1", "--config.train.batch_size=256",
-    "--config.train.eval_batch_size=64", "--config.train.log_every_steps=1",
+    "--config.eval.batch_size=64", "--config.train.log_every_steps=1",
     "--config.data.num_workers=0", "--config.progress_bar=False",
 ]
 

@@ -95,31 +95,6 @@ def test_no_recompilation_after_the_first_step():
     assert step._cache_size() == 1
 
 
-def test_masked_examples_do_not_count():
-    config = _config()
-    model = models.create_model_from_config(config)
-    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
-    eval_step = jax.jit(train.make_eval_step(model, config.data))
-    full = _batch(size=8)
-    half = {key: value[:4] for key, value in full.items()}
-    masked = dict(full, mask=np.array([True] * 4 + [False] * 4))
-    mesh = parallel.create_mesh()
-    sums_half = train.summarize([eval_step(variables, parallel.shard_batch(half, mesh))])
-    sums_masked = train.summarize([eval_step(variables, parallel.shard_batch(masked, mesh))])
-    assert sums_masked["count"] == 4
-    for key in ("loss", "top1_error", "top5_error"):
-        np.testing.assert_allclose(sums_masked[key], sums_half[key], rtol=1e-5)
-
-
-def test_classification_sums_count_top1_and_top5():
-    logits = np.array([[9.0, 8, 7, 6, 5, 4, 3], [1.0, 2, 3, 4, 5, 6, 7]], np.float32)
-    labels = np.array([0, 0])
-    sums = train.classification_sums(logits, labels, np.ones(2, np.float32))
-    assert float(sums["top1_errors"]) == 1.0  # the second example is wrong at top-1
-    assert float(sums["top5_errors"]) == 1.0  # and class 0 is its lowest score
-    assert float(sums["count"]) == 2.0
-
-
 def _grain_iterator():
     dataset = grain.MapDataset.range(100).shuffle(seed=0).to_iter_dataset()
     return iter(dataset)
@@ -214,7 +189,7 @@ def test_training_loop_on_a_tfds_data_set(tmp_path):
     config.data.num_workers = 0  # the mock lives in this process only
     config.model.width_divisor, config.model.fc_features = 16, 32
     config.model.batch_norm = True
-    config.train.num_epochs, config.train.batch_size, config.train.eval_batch_size = 2, 8, 8
+    config.train.num_epochs, config.train.batch_size, config.eval.batch_size = 2, 8, 8
     config.train.log_every_steps = 2
     config.progress_bar = False
     config.wandb.mode = "disabled"
@@ -225,14 +200,12 @@ def test_training_loop_on_a_tfds_data_set(tmp_path):
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "10")
         resumed_metrics = train.train_and_evaluate(config, str(tmp_path / "resumed"))
         variables, loaded_config = checkpoint.load_variables(str(tmp_path / "run"), "latest")
-        mesh = parallel.create_mesh()
-        eval_step = jax.jit(train.make_eval_step(
-            models.create_model_from_config(loaded_config), config.data))
-        revalidated = train._validate(eval_step, variables, config, mesh)
+        validate = train.validation_fn(models.create_model_from_config(loaded_config), config,
+                                       parallel.create_mesh())
+        revalidated = validate(variables)
         initial_stats = {name: {"mean": np.zeros_like(s["mean"]), "var": np.ones_like(s["var"])}
                          for name, s in variables["batch_stats"].items()}
-        fresh_stats = train._validate(
-            eval_step, dict(variables, batch_stats=initial_stats), config, mesh)
+        fresh_stats = validate(dict(variables, batch_stats=initial_stats))
     assert metrics["val/count"] == 12
     assert np.isfinite(metrics["val/loss"])
     assert loaded_config.data.name == "cifar10" and loaded_config.model.batch_norm
@@ -322,7 +295,7 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
         config.data.num_workers = 0
         config.model.num_classes, config.model.dropout_rate = 2, 0.0
         config.train.batch_size, config.train.grad_accum_steps = 16, accum
-        config.train.num_epochs, config.train.eval_batch_size = 1, 4
+        config.train.num_epochs, config.eval.batch_size = 1, 4
         config.train.log_every_steps = config.train.checkpoint_every_steps = 1
         config.checkpoint.max_to_keep = 5
         config.progress_bar, config.wandb.mode = False, "disabled"

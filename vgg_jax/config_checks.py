@@ -14,10 +14,18 @@ import ml_collections
 from vgg_jax import checkpoint, optim, preprocess, train, writers
 from vgg_jax.config_values import ConfigError, require
 from vgg_jax.data import pipeline, sources
+from vgg_jax.evaluation import protocols
 from vgg_jax.models import check_config as check_model_config
 from vgg_jax.models import check_frozen_layers
 
-__all__ = ["ConfigError", "check_batch_split", "validate_config"]
+__all__ = ["ConfigError", "check_batch_split", "renamed_field_message", "validate_config"]
+
+# Fields that were renamed: old path -> the new field and its unit, for the one-sentence
+# error that an old command line or config file gets.
+RENAMED_FIELDS = {
+    "train.eval_batch_size": "config.eval.batch_size (net inputs of image_size^2 per global "
+                             "batch; one per image in training's single-crop validation)",
+}
 
 
 def validate_config(
@@ -37,6 +45,9 @@ def validate_config(
     Raises:
       ConfigError: with one sentence naming the field and the fix.
     """
+    for old in RENAMED_FIELDS:
+        section, field = old.split(".")
+        require(field not in config.get(section, {}), renamed_field_message(old))
     check_model_config(config.model, config.data.image_size)
     check_frozen_layers(config.train.get("frozen_layers", ()), config.model.version)
     pipeline.check_config(config.data)
@@ -47,37 +58,31 @@ def validate_config(
     optim.check_config(config.train)
     checkpoint.check_config(config.checkpoint)
     writers.check_config(config.wandb)
-    _check_eval_config(config.eval, config.data.image_size)
+    protocols.check_config(config.eval, config.data.image_size)
     if check_data:  # a training run
         _check_starting_point(config)
         _check_data_set(config)
+
+
+def renamed_field_message(field: str) -> str | None:
+    """The sentence for an old field name ("eval_batch_size" or "train.eval_batch_size").
+
+    Args:
+      field: a field path or its last part.
+
+    Returns:
+      The sentence naming the new field, or None when `field` was not renamed.
+    """
+    for old, new in RENAMED_FIELDS.items():
+        if field in (old, old.rsplit(".", 1)[-1]):
+            return f"config.{old} is now {new}; set that instead."
+    return None
 
 
 def check_batch_split(config: ml_collections.ConfigDict, device_count: int,
                       process_count: int = 1) -> None:
     """`train.check_batch_split` of the config's train section (see there)."""
     train.check_batch_split(config.train, device_count, process_count)
-
-
-def _check_eval_config(eval_config: ml_collections.ConfigDict, image_size: int) -> None:
-    from vgg_jax.evaluation.protocols import PROTOCOLS
-
-    ev = eval_config
-    require(ev.protocol in PROTOCOLS,
-            f"config.eval.protocol={ev.protocol!r} is unknown; use one of {PROTOCOLS}.")
-    for q in ev.scales:
-        require(isinstance(q, int) or str(q).strip().isdigit(),
-                f"config.eval.scales holds {q!r}, not a whole number of pixels; pass e.g. "
-                "--config.eval.scales=256,384,512.")
-        require(int(q) >= image_size,
-                f"config.eval.scales holds {q}, smaller than the crop config.data.image_size="
-                f"{image_size}; use test scales of at least the crop.")
-    require(ev.multi_crop_grid >= 1,
-            f"config.eval.multi_crop_grid={ev.multi_crop_grid} must be at least 1 (the paper: 5).")
-    require(ev.batch_size >= 1, f"config.eval.batch_size={ev.batch_size} must be positive.")
-    require(ev.dense_size_step >= 1,
-            f"config.eval.dense_size_step={ev.dense_size_step} must be at least 1 pixel "
-            "(32, the net's stride, keeps compilations few).")
 
 
 def _check_starting_point(config: ml_collections.ConfigDict) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -35,7 +35,10 @@ from vgg_jax import (
 )
 from vgg_jax import metric_names as names
 from vgg_jax.config_values import require
-from vgg_jax.data import device_prefetch, pipeline, transforms
+from vgg_jax.data import device_prefetch, pipeline, sources, transforms
+from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
+from vgg_jax.evaluation.metrics import classification_sums, summarize
+from vgg_jax.evaluation.protocols import SINGLE_CROP, Protocol
 from vgg_jax.models import VGG, create_model_from_config
 from vgg_jax.preprocess import normalize_images
 
@@ -58,32 +61,6 @@ class TrainState(train_state.TrainState):
         return {"params": self.params}
 
 
-def classification_sums(
-    logits: jax.Array, labels: jax.Array, weights: jax.Array
-) -> dict[str, jax.Array]:
-    """Weighted sums of loss and top-1/top-k errors (sums, so shards and batches add up).
-
-    Args:
-      logits: [N, classes] float32.
-      labels: [N] integer class indices.
-      weights: [N] float32; 0 for padding and undecodable images.
-
-    Returns:
-      {"loss": sum of cross-entropy, "top1_errors", "top5_errors", "count"}.
-    """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    k = min(names.TOP_K, logits.shape[-1])
-    _, top_k = jax.lax.top_k(logits, k)
-    in_top_k = jnp.any(top_k == labels[:, None], axis=-1)
-    top1_wrong = top_k[:, 0] != labels
-    return {
-        "loss": jnp.sum(losses * weights),
-        "top1_errors": jnp.sum(top1_wrong * weights),
-        "top5_errors": jnp.sum(~in_top_k * weights),
-        "count": jnp.sum(weights),
-    }
-
-
 def check_config(train_config: ml_collections.ConfigDict) -> None:
     """The rules of config.train's batch, length, cadence and profile fields (the
     optimiser's own: `optim.check_config`).
@@ -100,8 +77,6 @@ def check_config(train_config: ml_collections.ConfigDict) -> None:
             f"config.train.batch_size={t.batch_size} is not divisible by "
             f"config.train.grad_accum_steps={t.grad_accum_steps}; pick an accumulation count "
             "that divides the batch.")
-    require(t.eval_batch_size >= 1,
-            f"config.train.eval_batch_size={t.eval_batch_size} must be positive.")
     require(t.num_epochs >= 1, f"config.train.num_epochs={t.num_epochs} must be at least 1.")
     require(t.profile_num_steps >= 1,
             f"config.train.profile_num_steps={t.profile_num_steps} must be at least 1 "
@@ -112,7 +87,8 @@ def check_config(train_config: ml_collections.ConfigDict) -> None:
 
 def check_batch_split(train_config: ml_collections.ConfigDict, device_count: int,
                       process_count: int = 1) -> None:
-    """Checks that the training and validation batches split evenly over the devices.
+    """Checks that the training batch splits evenly over the devices (validation pads its
+    batches to whole multiples of the devices itself).
 
     Args:
       train_config: config.train (already through `check_config`).
@@ -127,9 +103,6 @@ def check_batch_split(train_config: ml_collections.ConfigDict, device_count: int
     require(micro_batch % device_count == 0 and micro_batch % process_count == 0,
             f"config.train.batch_size={t.batch_size} (per accumulation step {micro_batch}) is "
             f"not divisible by the {device_count} devices; use a multiple of {device_count}.")
-    require(t.eval_batch_size % device_count == 0,
-            f"config.train.eval_batch_size={t.eval_batch_size} is not divisible by the "
-            f"{device_count} devices; use a multiple of {device_count}.")
 
 
 def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
@@ -185,19 +158,6 @@ def jit_train_step(model: VGG, data_config: ml_collections.ConfigDict):
     return jax.jit(make_train_step(model, data_config), donate_argnums=(0,))
 
 
-def make_eval_step(model: VGG, data_config: ml_collections.ConfigDict):
-    """Returns the un-jitted eval step: (variables, batch) -> metric sums over valid
-    examples (batch norm normalises by the running averages in `variables`)."""
-    mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
-
-    def eval_step(variables, batch: Mapping[str, jax.Array]):
-        images = normalize_images(batch["image"], mean_rgb, std_rgb, None, model.dtype)
-        logits = model.apply(variables, images, train=False)
-        return classification_sums(logits, batch["label"], batch["mask"].astype(jnp.float32))
-
-    return eval_step
-
-
 def create_train_state(
     model: VGG, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
 ) -> TrainState:
@@ -223,38 +183,6 @@ def create_train_state(
         )
 
     return jax.jit(init, out_shardings=parallel.replicated(mesh))(init_key)
-
-
-def evaluate(
-    eval_step, variables, batches: Iterable[Mapping[str, np.ndarray]], mesh
-) -> dict[str, float]:
-    """Runs the eval step over a whole split and turns the sums into mean metrics.
-
-    Args:
-      eval_step: the jitted eval step.
-      variables: replicated variables ({"params"[, "batch_stats"]}).
-      batches: per-process batches with "image", "label", "mask" (padding masked out).
-      mesh: the data mesh.
-
-    Returns:
-      {"loss", "top1_error", "top5_error", "count"} over the valid examples.
-    """
-    pending = [eval_step(variables, parallel.shard_batch(batch, mesh)) for batch in batches]
-    return summarize(pending)
-
-
-def summarize(sums_list: list[Mapping[str, jax.Array]]) -> dict[str, float]:
-    """Adds up per-step metric sums on the host and divides by the example count."""
-    if not sums_list:
-        return {}
-    totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(sums_list))
-    count = max(totals["count"], 1.0)
-    return {
-        "loss": totals["loss"] / count,
-        "top1_error": totals["top1_errors"] / count,
-        "top5_error": totals["top5_errors"] / count,
-        "count": totals["count"],
-    }
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -375,15 +303,29 @@ def validation_fn(model: VGG, config: ml_collections.ConfigDict, mesh: jax.shard
 
     Args:
       model: the net.
-      config: the run config (data, eval batch size).
+      config: the run config (data; config.eval.batch_size images per global batch).
       mesh: the data mesh.
 
     Returns:
       A function of the replicated variables returning {val/loss, val/top1_error,
       val/top5_error, val/count}.
     """
-    eval_step = jax.jit(make_eval_step(model, config.data))
-    return lambda variables: _validate(eval_step, variables, config, mesh)
+    d = config.data
+    # The single-crop protocol at the paper's single test scale, without flips.
+    protocol = Protocol(SINGLE_CROP, (transforms.single_test_scale(d.train_scale_min,
+                                                                   d.train_scale_max),),
+                        flip=False)
+    evaluator = Evaluator(
+        sources.make_source(d, str(d.eval_split)), protocol, model.image_size,
+        batch_size=config.eval.batch_size, mesh=mesh, num_threads=max(1, int(d.num_workers)))
+
+    def validate(variables) -> dict[str, float]:
+        net = EvalNet("validation", model, variables, tuple(d.mean_rgb), tuple(d.std_rgb))
+        summary = evaluator.validate(net)
+        return {names.VAL_LOSS: summary["loss"], names.VAL_TOP1_ERROR: summary["top1_error"],
+                names.VAL_TOP5_ERROR: summary["top5_error"], names.VAL_COUNT: summary["count"]}
+
+    return validate
 
 
 def _check_resume(manager, config: ml_collections.ConfigDict, workdir: str) -> int | None:
@@ -591,14 +533,3 @@ def _train_scalars(pending, micro_batch: int, elapsed: float) -> dict[str, float
         names.TRAIN_SKIPPED_IMAGES: float(np.sum([m["skipped"] for m in host])),
         names.TRAIN_IMAGES_PER_SEC: len(pending) * micro_batch / max(elapsed, _TINY_SECONDS),
     }
-
-
-def _validate(eval_step, variables, config, mesh) -> dict[str, float]:
-    dataset = pipeline.eval_dataset(
-        config.data, batch_size=config.train.eval_batch_size, scale=transforms.single_test_scale(
-            config.data.train_scale_min, config.data.train_scale_max),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
-    summary = evaluate(eval_step, variables, dataset, mesh)
-    return {names.VAL_LOSS: summary["loss"], names.VAL_TOP1_ERROR: summary["top1_error"],
-            names.VAL_TOP5_ERROR: summary["top5_error"], names.VAL_COUNT: summary["count"]}

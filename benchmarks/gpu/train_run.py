@@ -65,7 +65,7 @@ def command(folder: str, workdir: str, s: TrainRunSettings) -> list[str]:
         f"--config.data.data_dir={folder}", "--config.data.eval_split=val",
         f"--config.model.num_classes={s.num_classes}",
         f"--config.train.batch_size={s.batch_size}",
-        f"--config.train.eval_batch_size={s.batch_size}",
+        f"--config.eval.batch_size={s.batch_size}",
         f"--config.train.num_epochs={s.epochs}",
         f"--config.train.eval_every_epochs={s.eval_every_epochs}",
         f"--config.train.log_every_steps={s.log_every_steps}",

@@ -15,16 +15,13 @@ global stream, so within every epoch they read disjoint examples that together c
 the split exactly once, and the augmentation of an element does not depend on how many
 processes there are.
 
-Validation: each process takes positions process_index, process_index + process_count,
-... of the split and pads its share with masked examples up to the same number of
-batches on every process, so collectives never wait on a process that ran out, and every
-real example is counted exactly once.
+Validation runs through vgg_jax.evaluation (the single-crop protocol), which lays the split
+out over the processes and pads every process's share to the same number of batches.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -234,80 +231,6 @@ def train_dataset(
     # Batches straddle epoch boundaries, so no example is ever dropped.
     ds = ds.batch(per_process, drop_remainder=True, batch_fn=stack_examples)
     return _to_iter_dataset(ds, data_config).map(WarnUndecodableOnce())
-
-
-class PaddedShard:
-    """Process `process_index`'s share of an eval source, padded to `length` records.
-
-    Position i holds source record process_index + i * process_count while that exists,
-    then a padding record ({"image": None, ...}, turned into a masked example).
-
-    Args:
-      source: the split's random-access source.
-      process_index, process_count: this process and the number of processes.
-      length: the padded length (equal on every process).
-    """
-
-    def __init__(self, source: Any, process_index: int, process_count: int, length: int):
-        self.source = source
-        self.process_index = process_index
-        self.process_count = process_count
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        position = self.process_index + int(index) * self.process_count
-        if position < len(self.source):
-            return self.source[position]
-        # Not None: grain treats None as a filtered-out element.
-        return {"image": None, "label": 0, "name": "<padding>"}
-
-    def __repr__(self) -> str:
-        return (
-            f"PaddedShard(source={self.source!r}, process_index={self.process_index}, "
-            f"process_count={self.process_count}, length={self.length})"
-        )
-
-
-def eval_batches_per_process(num_examples_: int, per_process: int, process_count: int) -> int:
-    """Batches every process yields so that all examples fit (the same on all processes)."""
-    return max(1, math.ceil(math.ceil(num_examples_ / process_count) / per_process))
-
-
-def eval_dataset(
-    data_config: Any,
-    *,
-    batch_size: int,
-    scale: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.IterDataset:
-    """One pass over config.data.eval_split: centre image_size crops at test scale Q.
-
-    Args:
-      data_config: config.data.
-      batch_size: the global eval batch (config.train.eval_batch_size).
-      scale: the test scale Q (the shortest side before the centre crop).
-      process_index: this process (jax.process_index()).
-      process_count: the number of processes (jax.process_count()).
-
-    Returns:
-      An IterDataset of per-process batches of batch_size // process_count with the keys
-      of `train_dataset` (rgb_shift zeros). Every process yields the same number of batches;
-      padding examples have mask False; each real example appears once over all processes.
-    """
-    _check_process(process_index, process_count)
-    per_process = _per_process(batch_size, process_count, "batch_size")
-    source = sources_lib.make_source(data_config, str(data_config.eval_split))
-    num_batches = eval_batches_per_process(len(source), per_process, process_count)
-    shard = PaddedShard(source, process_index, process_count, num_batches * per_process)
-    ds = grain.MapDataset.source(shard).map(
-        transforms.EvalTransform(int(data_config.image_size), int(scale))
-    )
-    ds = ds.batch(per_process, drop_remainder=True)
-    return _to_iter_dataset(ds, data_config, worker_processes=False)
 
 
 def num_examples(data_config: Any, split: str) -> int:

@@ -178,7 +178,7 @@ def rescale_shorter_side(image: np.ndarray, q: int) -> np.ndarray:
 
     The reference implementation of the dense view on an already decoded array: evaluation
     itself decodes straight to the test scale with `decode.decode_rescaled`, and the tests
-    compare that, `transforms.EvalTransform` and dense evaluation against this plain PIL
+    compare that, `transforms.centre_view` and dense evaluation against this plain PIL
     rescale.
 
     Args:

@@ -125,14 +125,6 @@ def failure_note(name: str, error: Exception) -> str:
     return f"{name} ({error.__class__.__name__}: {error})"
 
 
-def _failed(name: str, error: Exception, crop_size: int, label: int) -> dict[str, Any]:
-    logger.warning(
-        "Could not decode image %s; using a zero image with mask=False.",
-        failure_note(name, error),
-    )
-    return _example(np.zeros((crop_size, crop_size, 3), np.uint8), label, None, False)
-
-
 def _example(
     image: np.ndarray, label: int, rgb_shift: np.ndarray | None, mask: bool
 ) -> dict[str, Any]:
@@ -213,36 +205,6 @@ def centre_view(data: bytes, scale: int, crop_size: int) -> np.ndarray:
     rw, rh = decode.rescaled_size(*decode.image_size(data), scale)
     left, top = (rw - crop_size) // 2, (rh - crop_size) // 2
     return decode.resample_crop(data, scale, left, top, crop_size)
-
-
-class EvalTransform(grain.transforms.Map):
-    """Validation view of one record: rescale to shortest side Q, centre image_size crop.
-
-    A record whose image is None (padding added by the eval pipeline) gives a zero image,
-    label 0 and mask False, silently. Output keys image, label, rgb_shift (zeros), mask.
-
-    Args:
-      crop_size: config.data.image_size.
-      scale: the test scale Q.
-    """
-
-    def __init__(self, crop_size: int, scale: int):
-        self.crop_size = int(crop_size)
-        self.scale = int(scale)
-        if self.scale < self.crop_size:
-            raise ValueError(
-                f"Test scale Q={self.scale} is smaller than the crop image_size="
-                f"{self.crop_size}; use Q >= image_size."
-            )
-
-    def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        if element["image"] is None:  # Padding that evens out the processes' shares.
-            return _example(np.zeros((self.crop_size, self.crop_size, 3), np.uint8), 0, None, False)
-        try:
-            array = centre_view(element["image"], self.scale, self.crop_size)
-        except decode.DECODE_ERRORS as e:
-            return _failed(element["name"], e, self.crop_size, element["label"])
-        return _example(array, element["label"], None, True)
 
 
 # --------------------------------------------------------------------------------------

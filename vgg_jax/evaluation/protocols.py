@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vgg_jax.config_values import require
 from vgg_jax.data.transforms import DENSE, MULTI_CROP, SINGLE_CROP, single_test_scale
 from vgg_jax.preprocess import normalize_images
 
@@ -69,6 +70,34 @@ def components(protocol: str) -> tuple[str, ...]:
             f"Unknown config.eval.protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}."
         )
     return (DENSE, MULTI_CROP) if protocol == DENSE_MULTI_CROP else (protocol,)
+
+
+def check_config(eval_config: Any, image_size: int) -> None:
+    """The rules of config.eval, beside the protocols that interpret it.
+
+    Args:
+      eval_config: config.eval.
+      image_size: config.data.image_size (the crop every test scale must reach).
+
+    Raises:
+      ConfigError: one sentence naming the first bad field and the fix.
+    """
+    ev = eval_config
+    require(ev.protocol in PROTOCOLS,
+            f"config.eval.protocol={ev.protocol!r} is unknown; use one of {PROTOCOLS}.")
+    for q in ev.scales:
+        require(isinstance(q, int) or str(q).strip().isdigit(),
+                f"config.eval.scales holds {q!r}, not a whole number of pixels; pass e.g. "
+                "--config.eval.scales=256,384,512.")
+        require(int(q) >= image_size,
+                f"config.eval.scales holds {q}, smaller than the crop config.data.image_size="
+                f"{image_size}; use test scales of at least the crop.")
+    require(ev.multi_crop_grid >= 1,
+            f"config.eval.multi_crop_grid={ev.multi_crop_grid} must be at least 1 (the paper: 5).")
+    require(ev.batch_size >= 1, f"config.eval.batch_size={ev.batch_size} must be positive.")
+    require(ev.dense_size_step >= 1,
+            f"config.eval.dense_size_step={ev.dense_size_step} must be at least 1 pixel "
+            "(32, the net's stride, keeps compilations few).")
 
 
 def scales_for(
