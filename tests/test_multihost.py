@@ -131,9 +131,11 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(single_run):
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-3000:]
     saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
-    assert saved and saved[-1] < 44 and saved[-1] != 22, saved
+    # The common step that jax's preemption service picks may be an epoch's end (22),
+    # where the run saves anyway; the run stops there all the same, on both processes.
+    assert saved and saved[-1] < 44, saved
     for _, stderr in outputs:
-        assert f"Reached preemption sync point, step={saved[-1]}" in stderr
+        assert f"Preemption notice: every process stops at step {saved[-1]}." in stderr
 
     outputs = _launch_pair(args)
     for _, stderr in outputs:

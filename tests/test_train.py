@@ -327,3 +327,20 @@ def test_a_batch_larger_than_the_training_split_fails_before_any_work(tmp_path):
                        r"the training split \(\d+ images in 'train'\), so an epoch would hold "
                        r"no step; use a batch of at most \d+\."):
         train.StepCounts.from_config(config)
+
+
+def test_checkpoint_saves_leave_the_preemption_sync_point_to_the_loop(tmp_path, monkeypatch):
+    # jax's sync manager remembers the latest step it was asked about; orbax asking it
+    # again about a saved step from its finalize thread, steps behind the loop, could set
+    # the common stop step behind the loop and lose a preemption.
+    from jax.experimental import multihost_utils
+
+    asked = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                        lambda step: asked.append(step) or False)
+    manager = checkpoint.create_manager(str(tmp_path))
+    checkpoint.save(manager, 3, params={"w": np.zeros(2, np.float32)},
+                    meta={"config": {}, "metrics": {}})
+    manager.wait_until_finished()
+    manager.close()
+    assert asked == []

@@ -102,7 +102,26 @@ def create_manager(
         # Saves run in a background thread; the step loop does not wait for the disk.
         enable_async_checkpointing=True,
     )
-    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+    return _TrainingCheckpointManager(directory, options=options,
+                                      item_handlers=_item_handlers())
+
+
+class _TrainingCheckpointManager(ocp.CheckpointManager):
+    """orbax's manager, kept away from jax's preemption sync point.
+
+    jax's sync manager remembers the step of the latest `reached_preemption_sync_point`
+    call and, on a notice, sets the common stop step to the largest remembered step + 1,
+    then answers True only at exactly that step. orbax calls it too, with the step being
+    saved, also from its background finalize thread once the save is written, when the
+    loop is a few steps further on: a notice arriving then would fix the stop step behind
+    the loop, which never meets it again, and the preemption would be lost. The loop
+    (`stop_signals.StopSignals`) is the only caller; it saves with force=True and needs
+    none of orbax's preemption bookkeeping.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import jax
+from absl import logging
 from jax.experimental import multihost_utils
 
 # The shell's convention for a process ended by SIGINT (128 + 2).
@@ -70,6 +71,7 @@ class StopSignals:
         if self._distributed:
             if multihost_utils.reached_preemption_sync_point(step):
                 self.signal_name = "SIGTERM"
+                logging.warning("Preemption notice: every process stops at step %d.", step)
                 return True
             return False
         return self.signal_name is not None
