@@ -17,6 +17,7 @@ one warning line each, so that nothing a user might still want is lost.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import sys
@@ -106,24 +107,32 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+def _is_late_read_of_a_failed_restore(unraisable) -> bool:
+    value, source = unraisable.exc_value, unraisable.object
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return True
+    # An orbax read coroutine that failed after its restore had already given up.
+    code = getattr(source, "cr_code", None)
+    return inspect.iscoroutine(source) and code is not None and "orbax" in code.co_filename
+
+
 def _ignore_late_reads_of_failed_restores() -> None:
     """Silences the reads a failed restore leaves in flight.
 
     When one array of a step fails to read, orbax's restore raises and closes its event
-    loop while tensorstore still completes the step's other reads; each completion then
-    finds the loop closed and is reported through sys.unraisablehook as a traceback
-    ("RuntimeError: Event loop is closed"), after the step was already set aside. Only that
-    exact error is dropped; every other unraisable exception is reported as before.
+    loop while tensorstore still completes the step's other reads: each completion then
+    finds the loop closed ("RuntimeError: Event loop is closed"), and read coroutines that
+    failed too are collected with nobody to take their error. Both are reported through
+    sys.unraisablehook as tracebacks, after the step's one-line warning; only these two
+    kinds are dropped, every other unraisable exception is reported as before.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop_errors", False):
         return
 
     def hook(unraisable):
-        value = unraisable.exc_value
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            return
-        previous(unraisable)
+        if not _is_late_read_of_a_failed_restore(unraisable):
+            previous(unraisable)
 
     hook._drops_closed_loop_errors = True
     sys.unraisablehook = hook
