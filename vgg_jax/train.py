@@ -242,7 +242,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     start_step = resume_step or 0
     loop = _Loop(
         config=config, counts=counts, train_step=jit_train_step(model, config.data),
-        validate=validation_fn(model, config, mesh), mesh=mesh, train_iter=train_iter,
+        validate=validation_fn(model, config, mesh), train_iter=train_iter,
         manager=manager, state=state, plateau=plateau, step=start_step, last_eval=last_eval,
         last_saved=resume_step,
         writer=writers.create_writer(
@@ -381,7 +381,6 @@ class _Loop:
     counts: StepCounts
     train_step: Callable
     validate: Callable[[Mapping[str, Any]], dict[str, float]]
-    mesh: jax.sharding.Mesh
     train_iter: Any
     manager: Any
     writer: writers.MetricWriter
