@@ -136,3 +136,17 @@ def test_training_loop_benchmark_runs_on_cpu(tmp_path):
     assert _positive(results["step"]["images_per_s"])
     assert "unsupported for VGG-C" in stdout and "unsupported" in results["torch"]["skipped"]
     assert "skipped on CPU" in stdout and results["max_batch"] is None
+
+
+def test_validation_benchmark_runs_on_cpu(tmp_path):
+    # Training's validation, timed as the loop calls it (the quickstart: 360 digits).
+    out = tmp_path / "validation.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/validation.py", "--cases=quickstart", "--repeats=1",
+         f"--json={out}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())["quickstart"]
+    assert figures["images"] == 360 and 0 <= figures["top1_error"] <= 1
+    for key in ("first_s", "median_ms_per_image", "median_cpu_ms_per_image"):
+        assert _positive(figures[key]), (key, figures[key])
+    assert "quickstart: 360 images" in result.stdout

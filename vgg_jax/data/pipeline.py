@@ -93,18 +93,12 @@ def _check_process(process_index: int, process_count: int) -> None:
         )
 
 
-def _to_iter_dataset(
-    ds: grain.MapDataset, data_config: Any, *, worker_processes: bool = True
-) -> grain.IterDataset:
-    """Batched MapDataset -> IterDataset with the configured workers and prefetching.
-
-    With `worker_processes` False the workers are threads of this process instead: they
-    start instantly, which suits a pass made many times (validation every epoch), and
-    decoding still runs in parallel since PIL releases the GIL while it decodes and resizes.
-    """
+def _to_iter_dataset(ds: grain.MapDataset, data_config: Any) -> grain.IterDataset:
+    """Batched MapDataset -> IterDataset with the configured worker processes (one thread
+    of this process when config.data.num_workers is 0) and prefetching."""
     buffer = int(data_config.prefetch_buffer_size)
     num_workers = int(data_config.num_workers)
-    processes = num_workers > 0 and worker_processes
+    processes = num_workers > 0
     # Each thread produces whole batches; one per process: grain's default (16 threads,
     # 500 elements) would hold hundreds of batches of images in memory per worker. A
     # worker process needs no thread of its own: its hand-off queue (per_worker_buffer_size)
