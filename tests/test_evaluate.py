@@ -1,9 +1,11 @@
 """The test protocols of paper 3.2 on tiny nets: views, dense maps, flips, exact counting."""
 
+import io
 import json
 import logging
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import small_data
 from configs import base
 from vgg_jax import checkpoint, parallel
 from vgg_jax.data import sources, testing, transforms
+from vgg_jax.evaluation import evaluator as evaluator_module
 from vgg_jax.evaluation import metrics, plan, protocols, results
 from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
 from vgg_jax.evaluation.protocols import Protocol, class_probabilities
@@ -380,3 +383,20 @@ def test_classification_sums_count_top1_and_top5():
     again = metrics.classification_sums(log_probs, labels, np.ones(2, np.float32))
     for key in sums:
         np.testing.assert_allclose(again[key], sums[key], rtol=1e-6)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream_type, draws_frames", [(io.StringIO, False), (_Terminal, True)])
+def test_evaluation_progress_bar_is_drawn_only_on_a_terminal(monkeypatch, stream_type,
+                                                             draws_frames):
+    """A log file or SLURM output gets no carriage-return frames from evaluation's bar."""
+    stream = stream_type()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = evaluator_module._progress(10, "dense Q=36", enabled=True)
+    bar.update(10)
+    bar.close()
+    assert bool(stream.getvalue()) == draws_frames

@@ -156,7 +156,7 @@ class ConsoleWriter(MetricWriter):
         self._images_per_step = images_per_step
         self._latest: dict[str, float] = {}
         self._bar = None
-        if show_progress and _is_terminal(self._stream):
+        if show_progress and is_terminal(self._stream):
             self._bar = tqdm.tqdm(
                 total=total_steps,
                 initial=initial_step,
@@ -231,7 +231,16 @@ class ConsoleWriter(MetricWriter):
             self._bar = None
 
 
-def _is_terminal(stream) -> bool:
+def is_terminal(stream) -> bool:
+    """Whether `stream` is an interactive terminal (a progress bar's carriage returns belong
+    only there: in a log file or a SLURM output they pile up as one line per frame).
+
+    Args:
+      stream: a file object, possibly closed or without `isatty`.
+
+    Returns:
+      True only for an open stream attached to a terminal.
+    """
     isatty = getattr(stream, "isatty", None)
     try:
         return bool(isatty and isatty())

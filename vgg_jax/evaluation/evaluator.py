@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from vgg_jax import parallel
+from vgg_jax import parallel, writers
 from vgg_jax.evaluation import metrics, plan
 from vgg_jax.evaluation.protocols import Protocol, log_probabilities
 from vgg_jax.evaluation.results import Accumulator, Evaluation
@@ -231,7 +232,9 @@ class _NoBar:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    # Off a terminal (a log file, SLURM output) a bar's frames would pile up; the results
+    # printed after each protocol are the record there.
+    if not enabled or not writers.is_terminal(sys.stderr):
         return _NoBar()
     from tqdm import tqdm
 
