@@ -1,6 +1,7 @@
 """The device prefetch thread: same stream, exact resume from consumed batches, timings."""
 
 import json
+import threading
 import time
 
 import grain
@@ -10,6 +11,7 @@ import pytest
 from etils import epath
 
 from vgg_jax import parallel
+from vgg_jax.data import device_prefetch
 from vgg_jax.data.device_prefetch import DevicePrefetcher
 
 
@@ -161,3 +163,47 @@ def test_a_thread_ahead_hides_the_batch_time_behind_the_step():
 def test_negative_depth_is_refused():
     with pytest.raises(ValueError, match="depth=-1"):
         DevicePrefetcher(_host_iterator(), _put, -1)
+
+
+class _StuckOnce:
+    """A host iterator whose next batch hangs until released (a worker that stalls)."""
+
+    def __init__(self):
+        self._inner = _host_iterator()
+        self.release = threading.Event()
+        self.stuck = threading.Event()
+        self.hang = True
+
+    def __next__(self):
+        if self.hang:
+            self.hang = False
+            self.stuck.set()
+            self.release.wait()
+        return next(self._inner)
+
+    def get_state(self):
+        return self._inner.get_state()
+
+    def set_state(self, state):
+        self._inner.set_state(state)
+
+
+def test_a_thread_that_outlives_its_join_stops_the_restore_and_stays_stopped(monkeypatch):
+    monkeypatch.setattr(device_prefetch, "_JOIN_TIMEOUT_S", 0.2)
+    host = _StuckOnce()
+    start_state = json.dumps(host.get_state()).encode()
+    prefetcher = DevicePrefetcher(host, _put, depth=2)
+    prefetcher.start_prefetch()
+    assert host.stuck.wait(5)
+    with pytest.raises(RuntimeError, match="did not stop"):
+        prefetcher.set_state(start_state)
+    # A new thread starts; the stuck one, once released, must not feed its batch too.
+    prefetcher.start_prefetch()
+    host.release.set()
+    time.sleep(0.3)
+    got = _values(prefetcher)
+    prefetcher.close()
+    # The stuck thread took one batch out of the stream and dropped it: 9 of the 10 arrive,
+    # each once (with a revived stale thread all 10 would).
+    expected = _values(_host_iterator())
+    assert len(got) == 9 and all(batch in expected for batch in got)

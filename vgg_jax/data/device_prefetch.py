@@ -130,13 +130,16 @@ class DevicePrefetcher(Iterator[Any]):
         s.blocked_data_s += blocked_data
         s.blocked_transfer_s += blocked_transfer
 
-    def _produce(self) -> None:
-        while not self._stop.is_set():
+    def _produce(self, stop: threading.Event) -> None:
+        # `stop` belongs to this thread alone: a thread that outlived its join (stuck in the
+        # wrapped iterator) stays stopped when a later thread starts, so it never feeds a
+        # batch from before a set_state.
+        while not stop.is_set():
             try:
                 item = (*self._make_one(), None)
             except BaseException as error:  # StopIteration too: raised in the loop's thread
                 item = (None, None, 0.0, 0.0, error)
-            while not self._stop.is_set():
+            while not stop.is_set():
                 try:
                     self._queue.put(item, timeout=_POLL_S)
                     break
@@ -148,20 +151,26 @@ class DevicePrefetcher(Iterator[Any]):
     def start_prefetch(self) -> None:
         """Starts the thread (no-op if running or depth is 0); grain's restore calls it."""
         if self._depth and self._thread is None:
-            self._stop.clear()
+            self._stop = threading.Event()
             self._thread = threading.Thread(
-                target=self._produce, name="device-prefetch", daemon=True)
+                target=self._produce, args=(self._stop,), name="device-prefetch", daemon=True)
             self._thread.start()
 
-    def _join(self) -> None:
-        """Stops the thread and drops the batches it made ahead."""
+    def _join(self) -> bool:
+        """Stops the thread and drops the batches it made ahead.
+
+        Returns:
+          False when the thread is still inside the wrapped iterator after the timeout.
+        """
         if self._thread is None:
-            return
+            return True
         self._stop.set()
         self._drain()
         self._thread.join(_JOIN_TIMEOUT_S)
+        stopped = not self._thread.is_alive()
         self._thread = None
         self._drain()
+        return stopped
 
     def _drain(self) -> None:
         while True:
@@ -180,7 +189,12 @@ class DevicePrefetcher(Iterator[Any]):
 
     def set_state(self, state: bytes) -> None:
         """Moves the stream to `state` (from `get_state`); batches made ahead are dropped."""
-        self._join()
+        if not self._join():
+            # Moving the wrapped iterator under a thread still reading it would mix batches
+            # from before and after the restore.
+            raise RuntimeError(
+                f"The device prefetch thread did not stop within {_JOIN_TIMEOUT_S:.0f} s, so "
+                "the data stream cannot be moved to the checkpoint's position.")
         native = isinstance(self._inner, grain.DatasetIterator)
         self._inner.set_state(json.loads(state) if native else state)
         self._state = copy.deepcopy(self._inner.get_state())
