@@ -8,6 +8,7 @@ iterator's position) is checkpointed together, so a killed run continues exactly
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import time
@@ -413,6 +414,10 @@ class _Loop:
             elif self.step % tc.checkpoint_every_steps == 0 or preempted:
                 self._check_finite()
                 self._save()
+            if not self.pending:
+                # Logged at this step: the next interval's images/s starts after the
+                # validation and saving above, which are not training time.
+                self.log_start = time.perf_counter()
             if self.stalled:
                 self.writer.log_text(f"Stopping at step {self.step}: validation stalled after "
                                      "the last learning-rate cut.")
@@ -491,17 +496,25 @@ class _Loop:
             f"{100 * top5:.2f}%. Checkpoints: {self.manager.directory}")
 
     def close(self) -> None:
-        """Waits for the last checkpoint and releases files, workers and signal handlers."""
-        self.profiler.close()
-        self.manager.wait_until_finished()
-        self.manager.close()
-        self.writer.close()
+        """Waits for the last checkpoint and releases files, workers and signal handlers.
+
+        Every release runs even when an earlier one raises (a failed asynchronous save
+        re-raises in `wait_until_finished`): workers and signal handlers are never left behind.
+        """
+        with contextlib.ExitStack() as releases:  # runs its callbacks last-in, first-out
+            releases.callback(self.preemption.restore)
+            releases.callback(self.train_iter.close)
+            releases.callback(self._drop_batches)
+            releases.callback(self.writer.close)
+            releases.callback(self.manager.close)
+            releases.callback(self.manager.wait_until_finished)
+            releases.callback(self.profiler.close)
+
+    def _drop_batches(self) -> None:
         # On CPU, jax arrays alias the batches' shared memory; collect them before grain's
         # workers stop, so every shared-memory block is unlinked rather than leaked.
         self.pending = []
         gc.collect()
-        self.train_iter.close()
-        self.preemption.restore()
 
 
 def _train_item(state: TrainState, plateau) -> dict[str, Any]:
