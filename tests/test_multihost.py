@@ -142,3 +142,38 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(single_run):
         assert f"Resumed from step {saved[-1]}" in stderr
     final = max(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
     assert final == 44
+
+
+def test_a_second_job_on_a_busy_workdir_fails_at_once_on_every_process(tmp_path):
+    # A one-process run holds the workdir: process 0's lock file is held, process 1's is
+    # not, and process 1 must still fail at once with process 0's sentence, not go on.
+    workdir = str(tmp_path / "busy")
+    data = tmp_path / "images"  # the layout check reads no image, so empty files will do
+    for split in ("train", "val"):
+        for label in range(10):
+            (data / split / str(label)).mkdir(parents=True)
+            (data / split / str(label) / "0.jpg").touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from vgg_jax import workdir_lock; "
+         "lock = workdir_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)",
+         workdir], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        workers = _start_pair([
+            sys.executable, "main.py", "--config=configs/quickstart.py", f"--workdir={workdir}",
+            "--config.data.source=folder", f"--config.data.data_dir={data}",
+            "--config.train.batch_size=2", "--config.progress_bar=False"])
+        # Well within the 30 s that a process left waiting in a collective would take.
+        outputs = [worker.communicate(timeout=25) for worker in workers]
+    finally:
+        for process in [holder, *workers]:
+            process.kill()
+            process.wait()
+    errors = [stderr.strip().splitlines()[-1] for _, stderr in outputs]
+    assert errors[0].startswith(f"Workdir error: The workdir {workdir} is in use by another "
+                                f"training run (host {socket.gethostname()}, PID {holder.pid},")
+    assert errors[1] == errors[0]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 1
+        assert "Traceback" not in stderr

@@ -202,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Raises:
       workdir_lock.WorkdirError: the workdir is not writable or another run holds it.
     """
-    lock = workdir_lock.acquire(workdir, jax.process_index())
+    lock = workdir_lock.acquire(workdir, jax.process_index(), jax.process_count())
     try:
         return _train_and_evaluate(config, workdir)
     finally:

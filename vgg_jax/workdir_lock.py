@@ -9,16 +9,21 @@ there is nothing to clean up by hand; the file itself stays (deleting a lock fil
 with the next run opening it).
 
 Several hosts: every process of a multi-host job locks its own file in the shared workdir,
-so the processes of one job never contend, and a second job finds each of its processes'
-files held (at least process 0's) and fails at once, naming the holder. This needs a shared
-file system whose `flock` works across hosts (NFS does; Lustre needs the `flock` mount
-option); where `flock` is not supported the run goes on with a warning.
+so the processes of one job never contend. A second job finds some of its processes' files
+held (at least process 0's, but not those of processes the first job lacked), so the
+processes agree on the outcome through jax.distributed's key-value store: each publishes
+whether it got its lock, and every process fails with the first failure's sentence (in
+process order), or all go on. Without this, a process that got its lock would start
+training and wait in its first collective for peers that had already exited. This needs a
+shared file system whose `flock` works across hosts (NFS does; Lustre needs the `flock`
+mount option); where `flock` is not supported the run goes on with a warning.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
 import socket
@@ -28,6 +33,16 @@ import time
 from absl import logging
 
 from vgg_jax.checkpoint import CHECKPOINT_SUBDIR
+
+# How long a process waits for another's lock outcome. The processes reach the lock within
+# seconds of each other (right after jax.distributed joined them), so this only bounds the
+# wait for a process that died on the way there.
+AGREEMENT_TIMEOUT_S = 300
+_MS_PER_S = 1000
+_AGREEMENT_KEY = "vgg_jax/workdir_lock"
+# Each acquisition in a job gets fresh keys (the store keeps a job's keys for its life);
+# every process acquires the same number of times, so the numbers match across processes.
+_acquisitions = itertools.count()
 
 
 class WorkdirError(RuntimeError):
@@ -89,22 +104,72 @@ def _holder(file) -> str:
             f"{holder.get('since', '?')}")
 
 
-def acquire(workdir: str, process_index: int = 0) -> WorkdirLock:
-    """Checks that `workdir` is writable and takes this process's lock on it.
+def acquire(workdir: str, process_index: int = 0, process_count: int = 1) -> WorkdirLock:
+    """Checks that `workdir` is writable and takes this process's lock on it; with several
+    processes, all of them agree: every one raises the same error, or none does.
 
     Args:
       workdir: the run's directory (created if needed).
       process_index: this process (jax.process_index()); each locks its own file.
+      process_count: processes in the job (jax.process_count()); above 1 the outcome is
+        agreed through jax.distributed, which must be initialised.
 
     Returns:
       The held WorkdirLock.
 
     Raises:
-      WorkdirError: the workdir is not writable, or another live run holds it.
+      WorkdirError: the workdir is not writable, or another live run holds it (on any
+        process of the job: every process raises the first failure's sentence).
     """
+    lock, error = None, ""
+    try:
+        lock = _acquire_own(workdir, process_index)
+    except WorkdirError as own_error:
+        error = str(own_error)
+    if process_count > 1:
+        error = _agreed_error(error, process_index, process_count, workdir)
+    if error:
+        if lock is not None:
+            lock.release()
+        raise WorkdirError(error)
+    return lock
+
+
+def _agreed_error(error: str, process_index: int, process_count: int, workdir: str) -> str:
+    """The first failure in process order over every process's outcome ("" if none):
+    each process publishes its own, then reads them in order, so all return the same."""
+    # jax has no public key-value API; multihost_utils and orbax use this client too.
+    from jax._src import distributed
+    from jax.errors import JaxRuntimeError
+
+    client = distributed.global_state.client
+    if client is None:
+        raise WorkdirError(f"process_count={process_count} needs jax.distributed "
+                           "initialised to agree on the workdir lock.")
+    prefix = f"{_AGREEMENT_KEY}/{next(_acquisitions)}"
+    client.key_value_set(f"{prefix}/{process_index}", json.dumps(error))
+    for index in range(process_count):
+        try:
+            outcome = json.loads(client.blocking_key_value_get(
+                f"{prefix}/{index}", AGREEMENT_TIMEOUT_S * _MS_PER_S))
+        except JaxRuntimeError:
+            return (f"Process {index} of {process_count} did not report within "
+                    f"{AGREEMENT_TIMEOUT_S} s whether it could lock the workdir {workdir}; "
+                    "see its log.")
+        if outcome:
+            return outcome
+    return ""
+
+
+def _acquire_own(workdir: str, process_index: int) -> WorkdirLock:
+    """This process's lock (see `acquire`), without agreeing with the other processes."""
     check_writable(workdir)
     path = lock_path(workdir, process_index)
-    file = open(path, "a+")  # noqa: SIM115 (held open for the run's life)
+    try:
+        file = open(path, "a+")  # noqa: SIM115 (held open for the run's life)
+    except OSError as error:  # e.g. a lock file left by another user's run
+        raise WorkdirError(f"Cannot open the lock file {path} ({error.strerror}); make it "
+                           "writable or pass another --workdir.") from None
     try:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
