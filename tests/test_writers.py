@@ -3,6 +3,7 @@
 import fcntl
 import glob
 import io
+import logging
 import os
 import pty
 import re
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from configs import base
 from vgg_jax import metric_names as names
@@ -266,3 +268,30 @@ def test_wandb_start_up_lines_are_not_glued_onto_the_bar(tmp_path):
     assert starts, text
     assert all(index == 0 or text[index - 1] == "\n" for index in starts), text
     assert "10/10" in text
+
+
+def test_a_log_record_written_while_the_bar_is_shown_starts_on_a_line_of_its_own(monkeypatch):
+    stream = _Terminal()
+    # absl's handler on the root logger, as in a run; before flag parsing it writes to
+    # sys.stderr, which is where the bar goes too.
+    monkeypatch.setattr(sys, "stderr", stream)
+    handler = absl_logging.ABSLHandler(absl_logging.PythonFormatter())
+    logging.getLogger().addHandler(handler)
+    try:
+        console = writers.ConsoleWriter(total_steps=10, initial_step=0, show_progress=True)
+        console.advance(3)
+        absl_logging.warning("written while the bar is shown")
+        console.advance(10)
+        console.close()
+        absl_logging.warning("written after the bar closed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    # What a terminal shows: each line as left by its last carriage return (without absl's
+    # one-off notice that flags are not parsed yet, written before the first record).
+    output = stream.getvalue().replace("WARNING: Logging before flag parsing goes to stderr.\n", "")
+    screen = [line.split("\r")[-1].rstrip() for line in output.split("\n")]
+    assert screen[0].startswith("W") and screen[0].endswith("] written while the bar is shown"), (
+        screen)
+    assert "10/10" in screen[1]
+    assert screen[2].endswith("] written after the bar closed")
+    assert "handle" not in handler.__dict__  # the handler is left as it was

@@ -25,7 +25,9 @@ Usage:
 from __future__ import annotations
 
 import abc
+import functools
 import json
+import logging
 import math
 import netrc
 import os
@@ -156,6 +158,7 @@ class ConsoleWriter(MetricWriter):
         self._images_per_step = images_per_step
         self._latest: dict[str, float] = {}
         self._bar = None
+        self._log_guard = None
         if show_progress and is_terminal(self._stream):
             self._bar = tqdm.tqdm(
                 total=total_steps,
@@ -164,6 +167,7 @@ class ConsoleWriter(MetricWriter):
                 dynamic_ncols=True,
                 file=self._stream,
             )
+            self._log_guard = _LogRecordsAboveBar(self._stream)
 
     def _print(self, line: str) -> None:
         # tqdm.write keeps the bar intact below the printed line.
@@ -226,9 +230,49 @@ class ConsoleWriter(MetricWriter):
             self.close()
 
     def close(self) -> None:
+        if self._log_guard is not None:
+            self._log_guard.remove()
+            self._log_guard = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class _LogRecordsAboveBar:
+    """While installed, each handler of the root logger (absl's among them) clears the bars
+    on `stream` before it writes a record and redraws them below it after.
+
+    The bar's frames end without a newline, so a log line written while the bar is shown
+    (a warning from a library, a checkpoint message) would otherwise continue the bar's
+    line. tqdm's own `logging_redirect_tqdm` only swaps plain StreamHandlers, and absl's
+    handler is not one, so the handlers' `handle` is wrapped instead (absl's handler hands
+    records on from `handle`, never calling its own `emit`).
+    """
+
+    def __init__(self, stream, logger: logging.Logger | None = None):
+        self._stream = stream
+        self._wrapped = []
+        for handler in (logger or logging.getLogger()).handlers:
+            # An instance attribute shadows the class's method; `remove` restores the
+            # handler's own attribute, or deletes ours where it had none.
+            own = handler.__dict__.get("handle")
+            handler.handle = functools.partial(self._handle, handler.handle)
+            self._wrapped.append((handler, handler.handle, own))
+
+    def _handle(self, handle, record: logging.LogRecord):
+        with tqdm.tqdm.external_write_mode(file=self._stream):
+            return handle(record)
+
+    def remove(self) -> None:
+        """Gives the handlers back their own `handle` (left alone if replaced since)."""
+        for handler, wrapper, own in self._wrapped:
+            if handler.__dict__.get("handle") is not wrapper:
+                continue
+            if own is None:
+                del handler.handle
+            else:
+                handler.handle = own
+        self._wrapped = []
 
 
 def is_terminal(stream) -> bool:
