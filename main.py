@@ -167,6 +167,8 @@ def main(argv):
         sys.exit(f"Training stopped: {error}")
     except workdir_lock.WorkdirError as error:
         sys.exit(f"Workdir error: {error}")
+    except parallel.PeerProcessError as error:  # the failing process printed the details
+        sys.exit(f"Error: {error}")
     except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal
         print("Interrupted.", file=sys.stderr)
         sys.exit(stop_signals.INTERRUPTED_EXIT_STATUS)

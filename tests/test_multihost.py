@@ -177,3 +177,42 @@ def test_a_second_job_on_a_busy_workdir_fails_at_once_on_every_process(tmp_path)
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 1
         assert "Traceback" not in stderr
+
+
+# Process 0's writers, then the first collective of training (where the others wait for it).
+WRITERS_THEN_A_STEP = """
+import sys
+from jax.experimental import multihost_utils
+from configs import base
+from vgg_jax import parallel, writers
+flags = dict(arg[2:].split("=", 1) for arg in sys.argv[2:])
+parallel.initialize_distributed(
+    flags["coordinator_address"], int(flags["num_processes"]), int(flags["process_id"]))
+config = base.get_config()
+config.wandb.mode = "disabled"
+try:
+    writers.create_writer(config, sys.argv[1], is_main_process=flags["process_id"] == "0",
+                          total_steps=10, initial_step=2)
+except Exception as error:
+    sys.exit(f"{type(error).__name__}: {error}")
+multihost_utils.sync_global_devices("first step")
+print("trained")
+"""
+
+
+def test_when_process_0_cannot_start_its_writers_every_process_stops_at_once(tmp_path):
+    # A metrics file damaged in its middle: process 0 refuses to resume writing into it.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "train/lo\n{"step": 3}\n')
+    workers = _start_pair([sys.executable, "-c", WRITERS_THEN_A_STEP, str(tmp_path)])
+    try:
+        # Well within the 30 s that a process left waiting in a collective would take.
+        outputs = [worker.communicate(timeout=25) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    errors = [stderr.strip().splitlines()[-1] for _, stderr in outputs]
+    assert errors[0].startswith("ValueError: ") and "line 2: not valid JSON" in errors[0]
+    assert errors[1] == (f"PeerProcessError: Process 0 could not start its metrics writers "
+                         f"({errors[0]}); see its log.")
+    assert [worker.returncode for worker in workers] == [1, 1]

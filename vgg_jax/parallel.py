@@ -7,6 +7,8 @@ This is written with `jax.jit` and `NamedSharding` over a one-axis mesh named "d
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -14,9 +16,23 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+
+# jax has no public key-value API; multihost_utils and orbax use this state's client too.
+from jax._src import distributed as jax_distributed
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+
+# How long a process waits for another's outcome of a step that every process runs (see
+# `first_failure`). The processes reach such a step within seconds of each other, or within
+# the time process 0 takes to start wandb; this only bounds the wait for a process that
+# died on the way there.
+AGREEMENT_TIMEOUT_S = 300
+_MS_PER_S = 1000
+_AGREEMENT_KEY = "vgg_jax/agreement"
+# Each run of a step gets fresh keys (the store keeps a job's keys for its life); every
+# process runs each step the same number of times, so the numbers match across processes.
+_agreement_counts: collections.Counter = collections.Counter()
 
 # Task counts set by launchers whose layout jax.distributed detects by itself.
 _TASK_COUNT_ENV_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
@@ -66,6 +82,45 @@ def initialize_distributed(
         "jax.distributed: process %d of %d, %d local / %d global devices.",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
     )
+
+
+class PeerProcessError(RuntimeError):
+    """Another process of the job failed a step that this process passed."""
+
+
+def first_failure(step: str, failure: str) -> str:
+    """Every process's outcome of `step`, agreed across the job.
+
+    A step that can fail on one process alone (the workdir lock of its own file, process
+    0's metrics writers) would otherwise leave the other processes waiting in their next
+    collective until jax's timeouts end them with an unrelated error. Each process
+    publishes its outcome through jax.distributed's key-value store and reads everyone's
+    in process order, so all of them get the same answer.
+
+    Args:
+      step: a name for the step, the same on every process (e.g. "workdir_lock").
+      failure: this process's failure in one sentence, or "" when it succeeded.
+
+    Returns:
+      The first failure in process order, or "" when every process succeeded; `failure`
+      itself when jax.distributed does not join several processes.
+    """
+    state = jax_distributed.global_state
+    if state.client is None or (state.num_processes or 1) < 2:
+        return failure
+    _agreement_counts[step] += 1
+    prefix = f"{_AGREEMENT_KEY}/{step}/{_agreement_counts[step]}"
+    state.client.key_value_set(f"{prefix}/{state.process_id}", json.dumps(failure))
+    for index in range(state.num_processes):
+        try:
+            outcome = json.loads(state.client.blocking_key_value_get(
+                f"{prefix}/{index}", AGREEMENT_TIMEOUT_S * _MS_PER_S))
+        except jax.errors.JaxRuntimeError:
+            return (f"Process {index} of {state.num_processes} did not report within "
+                    f"{AGREEMENT_TIMEOUT_S} s whether it passed the step {step!r}; see its log.")
+        if outcome:
+            return outcome
+    return ""
 
 
 def create_mesh(devices=None) -> Mesh:

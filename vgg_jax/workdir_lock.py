@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import json
 import os
 import socket
@@ -33,16 +32,6 @@ import time
 from absl import logging
 
 from vgg_jax.checkpoint import CHECKPOINT_SUBDIR
-
-# How long a process waits for another's lock outcome. The processes reach the lock within
-# seconds of each other (right after jax.distributed joined them), so this only bounds the
-# wait for a process that died on the way there.
-AGREEMENT_TIMEOUT_S = 300
-_MS_PER_S = 1000
-_AGREEMENT_KEY = "vgg_jax/workdir_lock"
-# Each acquisition in a job gets fresh keys (the store keeps a job's keys for its life);
-# every process acquires the same number of times, so the numbers match across processes.
-_acquisitions = itertools.count()
 
 
 class WorkdirError(RuntimeError):
@@ -112,7 +101,7 @@ def acquire(workdir: str, process_index: int = 0, process_count: int = 1) -> Wor
       workdir: the run's directory (created if needed).
       process_index: this process (jax.process_index()); each locks its own file.
       process_count: processes in the job (jax.process_count()); above 1 the outcome is
-        agreed through jax.distributed, which must be initialised.
+        agreed through jax.distributed (`parallel.first_failure`).
 
     Returns:
       The held WorkdirLock.
@@ -127,38 +116,15 @@ def acquire(workdir: str, process_index: int = 0, process_count: int = 1) -> Wor
     except WorkdirError as own_error:
         error = str(own_error)
     if process_count > 1:
-        error = _agreed_error(error, process_index, process_count, workdir)
+        # Imported here: a single process (and a lock holder in a test) needs no jax.
+        from vgg_jax import parallel
+
+        error = parallel.first_failure("workdir_lock", error)
     if error:
         if lock is not None:
             lock.release()
         raise WorkdirError(error)
     return lock
-
-
-def _agreed_error(error: str, process_index: int, process_count: int, workdir: str) -> str:
-    """The first failure in process order over every process's outcome ("" if none):
-    each process publishes its own, then reads them in order, so all return the same."""
-    # jax has no public key-value API; multihost_utils and orbax use this client too.
-    from jax._src import distributed
-    from jax.errors import JaxRuntimeError
-
-    client = distributed.global_state.client
-    if client is None:
-        raise WorkdirError(f"process_count={process_count} needs jax.distributed "
-                           "initialised to agree on the workdir lock.")
-    prefix = f"{_AGREEMENT_KEY}/{next(_acquisitions)}"
-    client.key_value_set(f"{prefix}/{process_index}", json.dumps(error))
-    for index in range(process_count):
-        try:
-            outcome = json.loads(client.blocking_key_value_get(
-                f"{prefix}/{index}", AGREEMENT_TIMEOUT_S * _MS_PER_S))
-        except JaxRuntimeError:
-            return (f"Process {index} of {process_count} did not report within "
-                    f"{AGREEMENT_TIMEOUT_S} s whether it could lock the workdir {workdir}; "
-                    "see its log.")
-        if outcome:
-            return outcome
-    return ""
 
 
 def _acquire_own(workdir: str, process_index: int) -> WorkdirLock:
@@ -183,9 +149,14 @@ def _acquire_own(workdir: str, process_index: int) -> WorkdirLock:
         raise WorkdirError(
             f"The workdir {workdir} is in use by another training run ({holder}); wait for "
             "it to end, stop it, or pass another --workdir.") from None
-    file.seek(0)
-    file.truncate()
-    file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-    file.flush()
+    try:
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        file.flush()
+    except OSError as error:  # e.g. a full disk or quota, which the check's empty file passed
+        file.close()
+        raise WorkdirError(f"Cannot write to the lock file {path} ({error.strerror}); check "
+                           "the space and quota there or pass another --workdir.") from None
     return WorkdirLock(path, file)

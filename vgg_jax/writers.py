@@ -9,7 +9,9 @@
   same run resumed when training restarts in the same workdir.
 
 Only the main process (JAX process 0) writes: `create_writer(..., is_main_process=False)`
-returns a writer that does nothing, so the training loop needs no `if` around logging.
+returns a writer that does nothing, so the training loop needs no `if` around logging. Every
+process calls `create_writer`: if process 0's writers fail to start, the others fail too
+instead of going on into training without it.
 
 Usage:
 
@@ -54,6 +56,8 @@ METRICS_FILENAME = "metrics.jsonl"
 WANDB_RUN_ID_FILENAME = "wandb_run_id.txt"
 WANDB_MODES = ("online", "offline", "disabled", "auto")
 _WANDB_DEFAULT_HOST = "https://api.wandb.ai"
+# The name under which the processes agree that process 0's writers started.
+_WRITERS_STEP = "metrics_writers"
 
 # Which metrics the end-of-evaluation console line shows, and how it labels them.
 # (label, metric suffix, shown as a percentage) of the per-evaluation console line.
@@ -513,24 +517,55 @@ def create_writer(
       total_steps: the last optimiser step of training (progress bar and ETA).
       initial_step: the step training starts from (the restored step on resume).
 
+    Every process of a multi-process job must call this: they agree on whether process 0's
+    writers started (`parallel.first_failure`), so that a failure there stops them all.
+
     Returns:
       A MetricWriter: console + JSON lines (+ wandb unless its mode is "disabled"), or a
       NoOpWriter.
+
+    Raises:
+      parallel.PeerProcessError: on the other processes, when process 0's writers failed
+        to start (process 0 raises its own error).
     """
-    if not is_main_process:
-        return NoOpWriter()
+    # Imported here: reading metrics (vgg_jax.plot) needs no jax.
+    from vgg_jax import parallel
+
+    writer: MetricWriter = NoOpWriter()
+    if is_main_process:
+        try:
+            writer = _main_process_writer(config, workdir, total_steps, initial_step)
+        except Exception as error:
+            # The other processes would otherwise go on into training and wait in its
+            # first collective for this one, until a jax timeout ends them.
+            parallel.first_failure(_WRITERS_STEP, (
+                f"Process 0 could not start its metrics writers ({type(error).__name__}: "
+                f"{error}); see its log."))
+            raise
+    failure = parallel.first_failure(_WRITERS_STEP, "")
+    if failure:
+        writer.close()
+        raise parallel.PeerProcessError(failure)
+    return writer
+
+
+def _main_process_writer(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
+                         initial_step: int) -> MetricWriter:
+    """Console, JSON lines and wandb writers; those started are closed if a later one fails."""
     mode = resolve_wandb_mode(config.wandb.mode)
     # wandb first: the lines it prints while starting would otherwise be glued onto the
     # progress bar's line (the bar's frames end without a newline).
     wandb_writers = [WandbWriter(config, workdir, mode=mode)] if mode != "disabled" else []
-    writers: list[MetricWriter] = [
-        ConsoleWriter(
+    writers: list[MetricWriter] = []
+    try:
+        writers.append(ConsoleWriter(
             total_steps=total_steps,
             initial_step=initial_step,
             show_progress=bool(config.get("progress_bar", True)),
             images_per_step=config.train.batch_size,
-        ),
-        JsonLinesWriter(workdir, initial_step=initial_step),
-        *wandb_writers,
-    ]
-    return MultiWriter(writers)
+        ))
+        writers.append(JsonLinesWriter(workdir, initial_step=initial_step))
+    except Exception:
+        MultiWriter(writers + wandb_writers).close()
+        raise
+    return MultiWriter(writers + wandb_writers)
