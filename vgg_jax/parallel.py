@@ -16,10 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-
-# jax has no public key-value API; multihost_utils and orbax use this state's client too.
-from jax._src import distributed as jax_distributed
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost as ocp_multihost
 
 DATA_AXIS = "data"
 
@@ -105,18 +103,24 @@ def first_failure(step: str, failure: str) -> str:
       The first failure in process order, or "" when every process succeeded; `failure`
       itself when jax.distributed does not join several processes.
     """
-    state = jax_distributed.global_state
-    if state.client is None or (state.num_processes or 1) < 2:
+    # jax exposes its distributed key-value client through no public name of its own;
+    # orbax's public multihost module hands it out (and follows jax's versions).
+    # Checked first: it starts no backend, which jax.process_count() would.
+    if not ocp_multihost.is_jax_distributed_client_initialized():
         return failure
+    num_processes = jax.process_count()
+    if num_processes < 2:
+        return failure
+    client = ocp_multihost.get_jax_distributed_client()
     _agreement_counts[step] += 1
     prefix = f"{_AGREEMENT_KEY}/{step}/{_agreement_counts[step]}"
-    state.client.key_value_set(f"{prefix}/{state.process_id}", json.dumps(failure))
-    for index in range(state.num_processes):
+    client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(failure))
+    for index in range(num_processes):
         try:
-            outcome = json.loads(state.client.blocking_key_value_get(
+            outcome = json.loads(client.blocking_key_value_get(
                 f"{prefix}/{index}", AGREEMENT_TIMEOUT_S * _MS_PER_S))
         except jax.errors.JaxRuntimeError:
-            return (f"Process {index} of {state.num_processes} did not report within "
+            return (f"Process {index} of {num_processes} did not report within "
                     f"{AGREEMENT_TIMEOUT_S} s whether it passed the step {step!r}; see its log.")
         if outcome:
             return outcome
