@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import threading
 
 import grain
 import jax
@@ -17,6 +18,9 @@ from vgg_jax import checkpoint, models, optim, parallel, profiling, train, write
 from vgg_jax.config_values import ConfigError
 
 NUM_CLASSES = 10
+# How long a released thread may take to finish the read it was in (grain's reader stops
+# without waiting for it).
+_THREAD_EXIT_S = 10.0
 
 
 def _config():
@@ -284,12 +288,13 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
     """Batch 16 as 4 micro-batches of 4 trains the same parameters as batch 16 at once over
     an epoch of 3 optimiser steps (dropout off; max-pool ties part fp32 trajectories after a
     few more), logs and checkpoints at optimiser steps, and a run resumed from its step-1
-    checkpoint ends bit-identical to the uninterrupted one."""
+    checkpoint ends bit-identical to the uninterrupted one. A resume whose set-up then
+    fails raises its own error and leaves no thread of the run behind."""
     from vgg_jax.data import testing
 
     testing.write_folder(str(tmp_path / "data"), {"train": 24, "val": 2}, size=(40, 40))
 
-    def run(accum, name):
+    def config_for(accum):
         config = _config()
         config.data.source, config.data.data_dir = "folder", str(tmp_path / "data")
         config.data.num_workers = 0
@@ -299,7 +304,10 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
         config.train.log_every_steps = config.train.checkpoint_every_steps = 1
         config.checkpoint.max_to_keep = 5
         config.progress_bar, config.wandb.mode = False, "disabled"
-        train.train_and_evaluate(config, str(tmp_path / name))
+        return config
+
+    def run(accum, name):
+        train.train_and_evaluate(config_for(accum), str(tmp_path / name))
         variables, _ = checkpoint.load_variables(str(tmp_path / name), "latest")
         return variables
 
@@ -317,6 +325,17 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
     for step in ("2", "3"):
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
     jax.tree.map(np.testing.assert_array_equal, run(4, "resumed"), accumulated)
+
+    # The restore moved the data stream (its prefetch thread and grain's reader run), then
+    # the writers cannot start: their error propagates, and everything is released.
+    (tmp_path / "resumed" / "metrics.jsonl").unlink()
+    (tmp_path / "resumed" / "metrics.jsonl").mkdir()
+    before = set(threading.enumerate())
+    with pytest.raises(IsADirectoryError, match="metrics.jsonl"):
+        train.train_and_evaluate(config_for(4), str(tmp_path / "resumed"))
+    left = [thread for thread in set(threading.enumerate()) - before
+            if thread.join(_THREAD_EXIT_S) or thread.is_alive()]
+    assert not left, left
 
 
 def test_a_batch_larger_than_the_training_split_fails_before_any_work(tmp_path):

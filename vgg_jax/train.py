@@ -210,8 +210,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """The phases: set-up (mesh, checkpoints, net, optimiser, data), resume or weight transfer,
-    the learning rate pushed from the plateau schedule, then the loop (`_Loop.run`)."""
+    """Sets up the loop (`_set_up`), runs it, and releases what it holds."""
+    # A set-up that fails part way (a restore that fails, init_from, the writers' start-up)
+    # releases at once what it already opened: the data thread and workers, the checkpoint
+    # manager, the writers, the signal handlers. A CLI run would exit anyway; a notebook
+    # or a test calling train_and_evaluate goes on and would keep them.
+    with contextlib.ExitStack() as releases:
+        loop = _set_up(config, workdir, releases)
+        releases.pop_all()  # from here on the loop holds them, and its close releases them
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    return loop.last_eval
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: str,
+            releases: contextlib.ExitStack) -> _Loop:
+    """The phases before the loop: mesh, checkpoints, net, optimiser, data, resume or weight
+    transfer, the learning rate pushed from the plateau schedule, writers and signal
+    handlers. Registers the release of each resource with `releases` as it is opened."""
     mesh = parallel.create_mesh()
     tc = config.train
     counts = StepCounts.from_config(config)  # first: it checks the batch against the split
@@ -219,6 +237,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     manager = checkpoint.create_manager(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
     )
+    releases.callback(manager.close)
     resume_step = _check_resume(manager, config, workdir)
 
     model = create_model_from_config(config)
@@ -231,6 +250,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         config.data, global_batch_size=counts.micro_batch, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )), mesh, config.data.device_prefetch)
+    releases.callback(train_iter.close)
 
     last_eval = {}
     if resume_step is not None:
@@ -241,22 +261,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state = _set_learning_rate(state, optim.plateau_lr_scale(plateau, tc), tc)
 
     start_step = resume_step or 0
-    loop = _Loop(
+    writer = writers.create_writer(
+        config, workdir, is_main_process=jax.process_index() == 0,
+        total_steps=counts.total_steps, initial_step=start_step)
+    releases.callback(writer.close)
+    preemption = stop_signals.StopSignals()
+    releases.callback(preemption.restore)
+    profiler = profiling.StepProfiler(workdir, tc.profile_first_step, tc.profile_num_steps)
+    releases.callback(profiler.close)
+    return _Loop(
         config=config, counts=counts, train_step=jit_train_step(model, config.data),
         validate=validation_fn(model, config, mesh), train_iter=train_iter,
         manager=manager, state=state, plateau=plateau, step=start_step, last_eval=last_eval,
-        last_saved=resume_step,
-        writer=writers.create_writer(
-            config, workdir, is_main_process=jax.process_index() == 0,
-            total_steps=counts.total_steps, initial_step=start_step),
-        preemption=stop_signals.StopSignals(),
-        profiler=profiling.StepProfiler(workdir, tc.profile_first_step, tc.profile_num_steps),
+        last_saved=resume_step, writer=writer, preemption=preemption, profiler=profiler,
     )
-    try:
-        loop.run()
-    finally:
-        loop.close()
-    return loop.last_eval
 
 
 @dataclasses.dataclass(frozen=True)
