@@ -6,7 +6,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
+import time
 
 import grain
 import jax
@@ -21,6 +23,8 @@ NUM_CLASSES = 10
 # How long a released thread may take to finish the read it was in (grain's reader stops
 # without waiting for it).
 _THREAD_EXIT_S = 10.0
+# How long a test waits for a run to install its signal handlers, and how often it looks.
+_HANDLER_WAIT_S, _POLL_S = 120.0, 0.01
 
 
 def _config():
@@ -284,15 +288,33 @@ def test_profiler_traces_exactly_the_chosen_steps(tmp_path):
     assert not os.path.exists(tmp_path / "off")
 
 
+def _stop_once_handled(signum):
+    """Sends `signum` to this process from a thread once a run has installed its handler,
+    so the run stops after its first step; never while the handler is not installed."""
+    original = signal.getsignal(signum)
+
+    def send():
+        deadline = time.monotonic() + _HANDLER_WAIT_S
+        while signal.getsignal(signum) is original and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        if signal.getsignal(signum) is not original:
+            os.kill(os.getpid(), signum)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
 def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resumes(tmp_path):
     """Batch 16 as 4 micro-batches of 4 trains the same parameters as batch 16 at once over
-    an epoch of 3 optimiser steps (dropout off; max-pool ties part fp32 trajectories after a
-    few more), logs and checkpoints at optimiser steps, and a run resumed from its step-1
-    checkpoint ends bit-identical to the uninterrupted one. A resume whose set-up then
-    fails raises its own error and leaves no thread of the run behind."""
+    3 one-step epochs (dropout off; max-pool ties part fp32 trajectories after a few more),
+    logs at optimiser steps; a run stopped by SIGTERM at its first epoch end saves without
+    validating, and resumed it validates that epoch first and ends bit-identical to the
+    uninterrupted one, with the same validations. A resume whose set-up fails raises its
+    own error and leaves no thread of the run behind."""
     from vgg_jax.data import testing
 
-    testing.write_folder(str(tmp_path / "data"), {"train": 24, "val": 2}, size=(40, 40))
+    testing.write_folder(str(tmp_path / "data"), {"train": 8, "val": 2}, size=(40, 40))
 
     def config_for(accum):
         config = _config()
@@ -300,9 +322,8 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
         config.data.num_workers = 0
         config.model.num_classes, config.model.dropout_rate = 2, 0.0
         config.train.batch_size, config.train.grad_accum_steps = 16, accum
-        config.train.num_epochs, config.eval.batch_size = 1, 4
-        config.train.log_every_steps = config.train.checkpoint_every_steps = 1
-        config.checkpoint.max_to_keep = 5
+        config.train.num_epochs, config.eval.batch_size = 3, 4
+        config.train.log_every_steps = 1
         config.progress_bar, config.wandb.mode = False, "disabled"
         return config
 
@@ -311,31 +332,43 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
         variables, _ = checkpoint.load_variables(str(tmp_path / name), "latest")
         return variables
 
+    def records(name, metric):
+        path = str(tmp_path / name / "metrics.jsonl")
+        return [r for r in writers.read_metrics(path) if metric in r]
+
     whole = run(1, "whole")
     accumulated = run(4, "accumulated")
     for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(whole)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    records = [r for r in writers.read_metrics(str(tmp_path / "accumulated" / "metrics.jsonl")) if "train/loss" in r]
-    assert [(r["step"], r["epoch"]) for r in records] == [(1, 1 / 3), (2, 2 / 3), (3, 1.0)]
-    manager = checkpoint.create_manager(str(tmp_path / "accumulated"))
-    assert sorted(manager.all_steps()) == [1, 2, 3]
-    manager.close()
+    steps = [(r["step"], r["epoch"]) for r in records("accumulated", "train/loss")]
+    assert steps == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
-    shutil.copytree(tmp_path / "accumulated", tmp_path / "resumed")
-    for step in ("2", "3"):
-        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
-    jax.tree.map(np.testing.assert_array_equal, run(4, "resumed"), accumulated)
+    sender = _stop_once_handled(signal.SIGTERM)
+    train.train_and_evaluate(config_for(4), str(tmp_path / "resumed"))
+    sender.join()
+    manager = checkpoint.create_manager(str(tmp_path / "resumed"))
+    assert manager.all_steps() == [1]
+    assert checkpoint.read_meta(manager, 1)["validation_pending"]
+    manager.close()
+    assert [r["step"] for r in records("resumed", "train/loss")] == [1]
+    assert records("resumed", "val/loss") == []  # saved, not validated
 
     # The restore moved the data stream (its prefetch thread and grain's reader run), then
     # the writers cannot start: their error propagates, and everything is released.
-    (tmp_path / "resumed" / "metrics.jsonl").unlink()
-    (tmp_path / "resumed" / "metrics.jsonl").mkdir()
+    metrics_file = tmp_path / "resumed" / "metrics.jsonl"
+    metrics_file.rename(tmp_path / "metrics.jsonl")
+    metrics_file.mkdir()
     before = set(threading.enumerate())
     with pytest.raises(IsADirectoryError, match="metrics.jsonl"):
         train.train_and_evaluate(config_for(4), str(tmp_path / "resumed"))
     left = [thread for thread in set(threading.enumerate()) - before
             if thread.join(_THREAD_EXIT_S) or thread.is_alive()]
     assert not left, left
+    metrics_file.rmdir()
+    (tmp_path / "metrics.jsonl").rename(metrics_file)
+
+    jax.tree.map(np.testing.assert_array_equal, run(4, "resumed"), accumulated)
+    assert records("resumed", "val/loss") == records("accumulated", "val/loss")
 
 
 def test_a_batch_larger_than_the_training_split_fails_before_any_work(tmp_path):

@@ -45,6 +45,8 @@ from vgg_jax.preprocess import normalize_images
 
 # Guards the images/s division when a log interval measured no time.
 _TINY_SECONDS = 1e-9
+# Checkpoint metadata: true when a stop saved an epoch end before its due validation.
+_VALIDATION_PENDING = "validation_pending"
 
 
 class TrainState(train_state.TrainState):
@@ -252,9 +254,10 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     )), mesh, config.data.device_prefetch)
     releases.callback(train_iter.close)
 
-    last_eval = {}
+    last_eval, validation_pending = {}, False
     if resume_step is not None:
-        resume_step, state, plateau, last_eval = _restore(manager, state, plateau, train_iter)
+        resume_step, state, plateau, last_eval, validation_pending = _restore(
+            manager, state, plateau, train_iter)
     elif config.init_from:
         state = _initialise_from(state, config, mesh)
     # The learning rate lives in the optimiser state, set from the plateau schedule.
@@ -273,7 +276,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
         config=config, counts=counts, train_step=jit_train_step(model, config.data),
         validate=validation_fn(model, config, mesh), train_iter=train_iter,
         manager=manager, state=state, plateau=plateau, step=start_step, last_eval=last_eval,
-        last_saved=resume_step, writer=writer, preemption=preemption, profiler=profiler,
+        last_saved=resume_step, validation_pending=validation_pending, writer=writer,
+        preemption=preemption, profiler=profiler,
     )
 
 
@@ -364,7 +368,7 @@ def _check_resume(manager, config: ml_collections.ConfigDict, workdir: str) -> i
 def _restore(manager, state: TrainState, plateau, train_iter):
     """Restores state, plateau state and data position of the newest step that restores
     (moving damaged newer ones aside); returns (its step, state, plateau, the metrics of
-    its last validation)."""
+    its last validation, whether a stop saved it before its due validation)."""
     step, (params, train, meta, batch_stats) = checkpoint_recovery.newest_that_restores(
         manager, lambda step: checkpoint.restore_training(
             manager, step, params_target=state.params,
@@ -373,7 +377,8 @@ def _restore(manager, state: TrainState, plateau, train_iter):
     state = state.replace(params=params, step=train["step"], opt_state=train["opt_state"],
                           rng=train["rng"], batch_stats=batch_stats)
     logging.info("Resumed from step %d of %s.", step, manager.directory)
-    return step, state, train["plateau"], meta.get("metrics") or {}
+    return (step, state, train["plateau"], meta.get("metrics") or {},
+            bool(meta.get(_VALIDATION_PENDING)))
 
 
 def _initialise_from(state: TrainState, config: ml_collections.ConfigDict, mesh) -> TrainState:
@@ -410,6 +415,8 @@ class _Loop:
     step: int
     last_eval: dict[str, float]
     last_saved: int | None
+    # A stop at an epoch end saved before the epoch's validation: the resumed run runs it.
+    validation_pending: bool = False
     pending: list[Mapping[str, jax.Array]] = dataclasses.field(default_factory=list)
     log_start: float = dataclasses.field(default_factory=time.perf_counter)
     stalled: bool = False
@@ -420,35 +427,51 @@ class _Loop:
         tc, total = self.config.train, self.counts.total_steps
         # A run that already stopped on the plateau rule stays stopped when restarted.
         self.stalled = bool(np.asarray(self.plateau.should_stop))
+        if self.validation_pending:
+            # The stopped run saved this epoch end before validating it; validating now,
+            # before the next step, gives the plateau rule what the uninterrupted run had.
+            self._validate_and_adjust()
+            self.validation_pending = False
+            self.log_start = time.perf_counter()
+            self._say_if_stalled()
         while self.step < total and not self.stalled:
             self._train_step()
             preempted = self.preemption.reached(self.step)
             epoch_end = self.step % self.counts.steps_per_epoch == 0
             if self.step % tc.log_every_steps == 0 or epoch_end:
                 self._log()
-            if epoch_end and self._epoch() % tc.eval_every_epochs == 0:
+            due = epoch_end and self._epoch() % tc.eval_every_epochs == 0
+            if due and not preempted:
                 self._validate_and_adjust()
                 self._save()
             elif self.step % tc.checkpoint_every_steps == 0 or preempted:
                 self._check_finite()
+                # A stop saves first: a validation (minutes on 50k images) could outlast a
+                # preemption's grace period. The resumed run validates before going on.
+                self.validation_pending = due
                 self._save()
             if not self.pending:
                 # Logged at this step: the next interval's images/s starts after the
                 # validation and saving above, which are not training time.
                 self.log_start = time.perf_counter()
-            if self.stalled:
-                self.writer.log_text(f"Stopping at step {self.step}: validation stalled after "
-                                     "the last learning-rate cut.")
+            if self._say_if_stalled():
                 break
             if preempted:
+                later = " (its validation runs first)" if self.validation_pending else ""
                 self.writer.log_text(f"{self.preemption.signal_name}: saved step {self.step}; "
-                                     "rerun the same command to resume.")
+                                     f"rerun the same command to resume{later}.")
                 break
         if self.step == total and self.last_saved != self.step:
             self._save()
         if self.step == total or self.stalled:
             self.writer.end_at(self.step)  # the real end: the bar is complete there
         self._report()
+
+    def _say_if_stalled(self) -> bool:
+        if self.stalled:
+            self.writer.log_text(f"Stopping at step {self.step}: validation stalled after "
+                                 "the last learning-rate cut.")
+        return self.stalled
 
     def _epoch(self) -> int:
         return self.step // self.counts.steps_per_epoch
@@ -498,7 +521,7 @@ class _Loop:
             train=_train_item(self.state, self.plateau),
             data_iterator=self.train_iter,
             meta={"config": checkpoint.config_to_json(self.config), "epoch": self._epoch(),
-                  "metrics": dict(self.last_eval)},
+                  "metrics": dict(self.last_eval), _VALIDATION_PENDING: self.validation_pending},
             metrics=self.last_eval,
         )
         self.last_saved = self.step
@@ -506,7 +529,8 @@ class _Loop:
     def _report(self) -> None:
         if not self.last_eval:
             return
-        finished = self.step == self.counts.total_steps or self.stalled
+        finished = ((self.step == self.counts.total_steps and not self.validation_pending)
+                    or self.stalled)
         top1, top5 = self.last_eval[names.VAL_TOP1_ERROR], self.last_eval[names.VAL_TOP5_ERROR]
         self.writer.log_text(
             f"{'Finished' if finished else 'Stopped'} at step {self.step}; last validation: "
