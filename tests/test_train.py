@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -367,8 +368,10 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
     metrics_file.rmdir()
     (tmp_path / "metrics.jsonl").rename(metrics_file)
 
+    hook = sys.unraisablehook
     jax.tree.map(np.testing.assert_array_equal, run(4, "resumed"), accumulated)
     assert records("resumed", "val/loss") == records("accumulated", "val/loss")
+    assert sys.unraisablehook is hook  # the resume's filter is gone with its restores
 
 
 def test_a_batch_larger_than_the_training_split_fails_before_any_work(tmp_path):

@@ -17,6 +17,7 @@ one warning line each, so that nothing a user might still want is lost.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import shutil
@@ -116,26 +117,37 @@ def _is_late_read_of_a_failed_restore(unraisable) -> bool:
     return inspect.iscoroutine(source) and code is not None and "orbax" in code.co_filename
 
 
-def _ignore_late_reads_of_failed_restores() -> None:
-    """Silences the reads a failed restore leaves in flight.
+class _LateReadsOfFailedRestoresIgnored:
+    """Silences, while it is entered, the reads a failed restore leaves in flight.
 
     When one array of a step fails to read, orbax's restore raises and closes its event
     loop while tensorstore still completes the step's other reads: each completion then
     finds the loop closed ("RuntimeError: Event loop is closed"), and read coroutines that
     failed too are collected with nobody to take their error. Both are reported through
     sys.unraisablehook as tracebacks, after the step's one-line warning; only these two
-    kinds are dropped, every other unraisable exception is reported as before.
+    kinds are dropped, every other unraisable exception is reported as before. On exit the
+    previous hook is back (unless something else replaced the filter meanwhile).
     """
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_closed_loop_errors", False):
-        return
 
-    def hook(unraisable):
-        if not _is_late_read_of_a_failed_restore(unraisable):
-            previous(unraisable)
+    def __enter__(self) -> _LateReadsOfFailedRestoresIgnored:
+        self.failed = False  # set by the caller when a restore failed
+        self._previous = previous = sys.unraisablehook
 
-    hook._drops_closed_loop_errors = True
-    sys.unraisablehook = hook
+        def hook(unraisable):
+            if not _is_late_read_of_a_failed_restore(unraisable):
+                previous(unraisable)
+
+        self._hook = hook
+        sys.unraisablehook = hook
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.failed:
+            # The coroutines a failed restore abandoned are collected now, under the filter,
+            # rather than at some later collection with the previous hook back.
+            gc.collect()
+        if sys.unraisablehook is self._hook:
+            sys.unraisablehook = self._previous
 
 
 def _all_processes(ok: bool) -> bool:
@@ -164,23 +176,25 @@ def newest_that_restores(
     """
     directory = str(manager.directory)
     steps = complete_steps(manager)
-    # Before the first attempt: a failing read closes orbax's event loop before it raises.
-    _ignore_late_reads_of_failed_restores()
-    for step in reversed(steps):
-        error: BaseException | None = None
-        try:
-            restored: Any = restore(step)
-        except Exception as caught:  # any failure to read a step: try the one before
-            error = caught
-        if _all_processes(error is None):
-            return step, restored
-        if jax.process_index() == 0:
-            why = f"does not restore ({_first_line(error) if error else 'on another process'})"
-            set_aside(directory, step, why)
-        _sync(f"newest_that_restores.{step}")
-        manager.reload()
-    if steps:
-        raise ValueError(
-            f"No checkpoint in {directory} restores; all were moved to "
-            f"{damaged_dir(directory)}. Rerun to start from scratch, or pass another --workdir.")
-    return None
+    if not steps:
+        return None
+    # Around the attempts only: a failing read closes orbax's event loop before it raises.
+    with _LateReadsOfFailedRestoresIgnored() as late_reads:
+        for step in reversed(steps):
+            error: BaseException | None = None
+            try:
+                restored: Any = restore(step)
+            except Exception as caught:  # any failure to read a step: try the one before
+                error = caught
+            if _all_processes(error is None):
+                return step, restored
+            late_reads.failed = True
+            if jax.process_index() == 0:
+                why = (f"does not restore "
+                       f"({_first_line(error) if error else 'on another process'})")
+                set_aside(directory, step, why)
+            _sync(f"newest_that_restores.{step}")
+            manager.reload()
+    raise ValueError(
+        f"No checkpoint in {directory} restores; all were moved to "
+        f"{damaged_dir(directory)}. Rerun to start from scratch, or pass another --workdir.")
