@@ -155,11 +155,22 @@ def test_frozen_layers_and_their_batch_norm_do_not_move():
     before = jax.device_get((state.params, state.batch_stats))
     step = train.jit_train_step(model, config.data)
     rng = np.random.default_rng(0)
-    for _ in range(2):
+    for i in range(2):
         batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
                  "label": rng.integers(0, 10, 8).astype(np.int32),
                  "rgb_shift": np.zeros((8, 3), np.float32), "mask": np.ones(8, bool)}
-        state, _ = step(state, parallel.shard_batch(batch, mesh))
+        state, metrics = step(state, parallel.shard_batch(batch, mesh))
+        if i == 0:
+            first_params, first_grad_norm = jax.device_get((state.params, metrics["grad_norm"]))
+    # train/grad_norm is the norm of the trained groups' gradients: the first step (its
+    # momentum buffer empty) moved each trained parameter p by -lr * (gradient + wd * p).
+    lr, wd = config.train.learning_rate, config.train.weight_decay
+    trained_grads = [(p - q) / lr - wd * p for name in first_params
+                     if name not in model.frozen_parameters
+                     for p, q in zip(jax.tree.leaves(before[0][name]),
+                                     jax.tree.leaves(first_params[name]))]
+    expected = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in trained_grads))
+    np.testing.assert_allclose(first_grad_norm, expected, rtol=1e-3)
     params, stats = jax.device_get((state.params, state.batch_stats))
     for name in params:
         same = name in model.frozen_parameters

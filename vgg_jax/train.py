@@ -116,24 +116,32 @@ def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
     statistics (means over the batch axis) into global ones, as on one device.
     """
     mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
+    frozen = frozenset(model.frozen_parameters)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         weights = batch["mask"].astype(jnp.float32)
         images = normalize_images(
             batch["image"], mean_rgb, std_rgb, batch["rgb_shift"], model.dtype)
+        # Fine-tuning differentiates the trained groups only: no weight gradient is computed
+        # for a frozen layer, nor any backward pass below the lowest trained layer.
+        trained = {name: group for name, group in state.params.items() if name not in frozen}
+        fixed = {name: group for name, group in state.params.items() if name in frozen}
 
-        def loss_fn(params):
+        def loss_fn(trained_params):
             logits, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                mask=batch["mask"], rngs={"dropout": dropout_key}, mutable=["batch_stats"],
+                {"params": {**trained_params, **fixed}, "batch_stats": state.batch_stats},
+                images, train=True, mask=batch["mask"], rngs={"dropout": dropout_key},
+                mutable=["batch_stats"],
             )
             sums = classification_sums(logits, batch["label"], weights)
             return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
 
-        (loss, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        grad_norm = optax.tree.norm(grads)
+        (loss, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        grad_norm = optax.tree.norm(grads)  # of the trained groups: the rest never moves
+        # The optimiser takes the whole tree; it gives the frozen groups zero updates and
+        # never reads their (zero) gradients.
+        grads = {**grads, **jax.tree.map(jnp.zeros_like, fixed)}
         new_state = state.apply_gradients(
             grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
         metrics = dict(
