@@ -67,6 +67,7 @@ def _broken(**changes):
         ({"model__version": "F"}, r"config\.model\.version='F' is not a VGG configuration"),
         ({"train__batch_size": 250}, r"config\.train\.batch_size=250 .* not divisible by the 4 devices"),
         ({"train__grad_accum_steps": 3}, r"config\.train\.batch_size=256 is not divisible by config\.train\.grad_accum_steps=3"),
+        ({"train__grad_accum_steps": 0}, r"config\.train\.grad_accum_steps=0 must be at least 1"),
         ({"data__train_scale_min": 200}, r"config\.data\.train_scale_min=200 is smaller than the crop"),
         ({"data__image_size": 200}, r"config\.data\.image_size=200 must be a positive multiple of 32"),
         ({"data__data_dir": None}, r"config\.data\.data_dir is not set for source 'tfds'"),

@@ -101,9 +101,6 @@ def check_config(train_config: ml_collections.ConfigDict) -> None:
             f"config.train.grad_clip_norm={train_config.grad_clip_norm} must be >= 0 "
             "(0 disables clipping)."
         )
-    accum = train_config.grad_accum_steps
-    if int(accum) != accum or accum < 1:
-        raise ConfigError(f"config.train.grad_accum_steps must be an integer >= 1, got {accum}.")
     _check_plateau_config(train_config)
 
 

@@ -76,7 +76,10 @@ def check_config(train_config: ml_collections.ConfigDict) -> None:
     """
     t = train_config
     require(t.batch_size >= 1, f"config.train.batch_size={t.batch_size} must be positive.")
-    require(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,
+    require(t.grad_accum_steps >= 1,
+            f"config.train.grad_accum_steps={t.grad_accum_steps} must be at least 1 (1 means "
+            "no accumulation).")
+    require(t.batch_size % t.grad_accum_steps == 0,
             f"config.train.batch_size={t.batch_size} is not divisible by "
             f"config.train.grad_accum_steps={t.grad_accum_steps}; pick an accumulation count "
             "that divides the batch.")
