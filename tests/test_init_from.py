@@ -15,6 +15,7 @@ import torchvision_reference as reference
 from configs import base, finetune, quickstart
 from vgg_jax import checkpoint, convert, init_from, models, optim, parallel, train
 from vgg_jax.config_checks import ConfigError
+from vgg_jax.data import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = np.zeros((1, 32, 32, 3), np.float32)
@@ -79,7 +80,7 @@ def test_batch_norm_follows_its_conv_and_the_other_family_is_refused():
         init_from.transfer_parameters(plain, source, ())
 
 
-def test_a_transfer_that_copies_nothing_is_an_error(tmp_path):
+def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
     wide = _small(quickstart.get_config())
     checkpoint.save_variables(str(tmp_path / "wide"), _params(wide, 0), wide)
     config = _small(quickstart.get_config())
@@ -87,19 +88,38 @@ def test_a_transfer_that_copies_nothing_is_an_error(tmp_path):
     # no layer has the same shapes.
     config.model.width_divisor, config.model.fc_features = 8, 64
     config.init_from = str(tmp_path / "wide")
+    nothing = (r"shares no layer with this net \(net A, width / 8.*conv1_1: shapes differ.*"
+               r"configs/finetune.py")
     fresh = _params(config, 1)
-    with pytest.raises(ConfigError, match=r"shares no layer with this net \(net A, width / 8.*"
-                       r"conv1_1: shapes differ.*configs/finetune.py"):
+    with pytest.raises(ConfigError, match=nothing):
         init_from.initialise(config, fresh["params"], {})
+    # The same, from the shapes alone, before any work: a training run stops before its
+    # net and optimiser state are built.
+    with pytest.raises(ConfigError, match=nothing):
+        init_from.check_transfer(config)
+    testing.write_folder(str(tmp_path / "data"), {"train": 2, "val": 1}, size=(40, 40))
+    config.data.source, config.data.data_dir = "folder", str(tmp_path / "data")
+    config.train.batch_size, config.wandb.mode = 4, "disabled"
+
+    def build_state(*args):
+        raise AssertionError("the train state was built")
+
+    monkeypatch.setattr(train, "create_train_state", build_state)
+    with pytest.raises(ConfigError, match=nothing):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
     config.model.width_divisor, config.model.fc_features = 16, 32
+    init_from.check_transfer(config)
     _, _, lines = init_from.initialise(config, _params(config, 1)["params"], {})
     assert lines[0].startswith(f"Initialised from {tmp_path / 'wide'} (step 0): copied conv1_1")
     # Freezing a layer the source does not provide (here a new head) is refused too.
     config.model.num_classes = 3
     config.train.frozen_layers = ("conv*", "fc8")
-    with pytest.raises(ConfigError, match=r"freezes fc8, which config.init_from does not "
-                       r"provide \(fc8: new head: 10 classes in the source, 3 here\)"):
+    unprovided = (r"freezes fc8, which config.init_from does not provide \(fc8: new head: 10 "
+                  r"classes in the source, 3 here\)")
+    with pytest.raises(ConfigError, match=unprovided):
         init_from.initialise(config, _params(config, 1)["params"], {})
+    with pytest.raises(ConfigError, match=unprovided):
+        init_from.check_transfer(config)
     # And so is freezing without a source at all.
     config.init_from = ""
     with pytest.raises(ConfigError, match="frozen_layers is set without config.init_from"):

@@ -351,12 +351,15 @@ def load_variables(
     return loaded.variables, loaded.config
 
 
-def load_checkpoint(path: str, step: int | str | None = None) -> LoadedCheckpoint:
+def load_checkpoint(path: str, step: int | str | None = None, *,
+                    shapes_only: bool = False) -> LoadedCheckpoint:
     """Like `load_variables`, and also says which step it chose.
 
     Args:
       path: a workdir, or a directory of step checkpoints.
       step: a step number, "latest", "best", or None (best if any was evaluated, else latest).
+      shapes_only: read the variables' shapes and dtypes (jax.ShapeDtypeStruct leaves)
+        from the checkpoint's metadata, not their values.
 
     Returns:
       A LoadedCheckpoint: ({"params": params} as host arrays, with "batch_stats" for nets
@@ -379,14 +382,22 @@ def load_checkpoint(path: str, step: int | str | None = None) -> LoadedCheckpoin
     # multi-host run), which a restore without targets would try to rebuild.
     metadata = manager.item_metadata(chosen)
     collections = [PARAMS] + ([BATCH_STATS] if metadata.get(BATCH_STATS) else [])
-    items = {name: ocp.args.StandardRestore(jax.tree.map(
-        lambda leaf: np.zeros(leaf.shape, leaf.dtype), metadata[name]))
-        for name in collections}
-    restored = manager.restore(
-        chosen, args=ocp.args.Composite(**items, **{META: ocp.args.JsonRestore()}))
+    if shapes_only:
+        variables = {name: jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), metadata[name])
+            for name in collections}
+        restored = manager.restore(chosen, args=ocp.args.Composite(
+            **{META: ocp.args.JsonRestore()}))
+    else:
+        items = {name: ocp.args.StandardRestore(jax.tree.map(
+            lambda leaf: np.zeros(leaf.shape, leaf.dtype), metadata[name]))
+            for name in collections}
+        restored = manager.restore(
+            chosen, args=ocp.args.Composite(**items, **{META: ocp.args.JsonRestore()}))
+        variables = {name: restored[name] for name in collections}
     manager.close()
     config = ml_collections.ConfigDict(restored[META]["config"])
-    return LoadedCheckpoint({name: restored[name] for name in collections}, config, chosen)
+    return LoadedCheckpoint(variables, config, chosen)
 
 
 def save_variables(directory: str, variables: Mapping[str, Any], config, step: int = 0) -> str:

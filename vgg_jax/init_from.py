@@ -29,7 +29,12 @@ import ml_collections
 import numpy as np
 
 from vgg_jax.config_values import ConfigError, string_list
-from vgg_jax.models import BN_SUFFIX, canonical_version, select_layers
+from vgg_jax.models import (
+    BN_SUFFIX,
+    canonical_version,
+    create_model_from_config,
+    select_layers,
+)
 
 # The paper's initialisation of the deeper nets from net A (3.1): A's first four conv
 # layers and its three FC layers, named as in the deeper net.
@@ -249,6 +254,31 @@ def transfer_parameters(params, source_params, layers: Iterable[str] = (), *,
       ConfigError: if one net has batch norm and the other not, or a named layer is
         missing from either net or its shapes differ.
     """
+    copied, skipped = plan_transfer(params, source_params, layers,
+                                    source_version=source_version, version=version)
+    new_params = dict(params)
+    for group in copied:
+        new_params[group] = jax.tree.map(lambda new, old: jnp.asarray(old, new.dtype),
+                                         params[group], source_params[group])
+    return Transfer(new_params, copied, skipped)
+
+
+def plan_transfer(params, source_params, layers: Iterable[str] = (), *,
+                  source_version: str = "", version: str = ""
+                  ) -> tuple[list[str], dict[str, str]]:
+    """What `transfer_parameters` would copy, from the two nets' shapes alone.
+
+    Args:
+      params: this net's parameters, or only their shapes (anything with .shape leaves).
+      source_params: the source net's, the same.
+      layers, source_version, version: as for `transfer_parameters`.
+
+    Returns:
+      (the groups to copy, layer -> why it is not copied, for every other layer).
+
+    Raises:
+      ConfigError: as `transfer_parameters`.
+    """
     with_bn = lambda tree: any(name.endswith(BN_SUFFIX) for name in tree)
     if with_bn(source_params) != with_bn(params):
         raise ConfigError(
@@ -269,7 +299,7 @@ def transfer_parameters(params, source_params, layers: Iterable[str] = (), *,
                 f"Layer {name!r} has shapes {_shapes(source_params[name])} in "
                 f"config.init_from but {_shapes(params[name])} here; remove it from "
                 "config.init_from_layers.")
-    new_params, copied, skipped = dict(params), [], {}
+    copied, skipped = [], {}
     for name in (n for n in params if not n.endswith(BN_SUFFIX)):
         if name not in source_params:
             skipped[name] = "not in the source net"
@@ -282,13 +312,8 @@ def transfer_parameters(params, source_params, layers: Iterable[str] = (), *,
                              f"{canonical_version(source_version)} (config.init_from_layers "
                              "chooses others)")
         else:
-            companions = [name] + [name + BN_SUFFIX] * (name + BN_SUFFIX in params)
-            for group in companions:
-                new_params[group] = jax.tree.map(
-                    lambda new, old: jnp.asarray(old, new.dtype), params[group],
-                    source_params[group])
-                copied.append(group)
-    return Transfer(new_params, copied, skipped)
+            copied += [name] + [name + BN_SUFFIX] * (name + BN_SUFFIX in params)
+    return copied, skipped
 
 
 def initialise(config: ml_collections.ConfigDict, params, batch_stats
@@ -319,26 +344,59 @@ def initialise(config: ml_collections.ConfigDict, params, batch_stats
     transfer = transfer_parameters(
         params, source["params"], string_list(config.init_from_layers),
         source_version=source_run.model.version, version=config.model.version)
-    if not transfer.copied:
-        raise ConfigError(
-            f"config.init_from={config.init_from!r} ({_describe(source_run)}) shares no layer "
-            f"with this net ({_describe(config)}): {_first_reason(transfer.skipped)}; build "
-            "the same net (configs/finetune.py takes it from the source) or start from "
-            "another checkpoint.")
-    frozen = select_layers(string_list(config.train.get("frozen_layers", ())),
-                           config.model.version)
-    fresh = [name for name in frozen if name in transfer.skipped]
-    if fresh:
-        raise ConfigError(
-            f"config.train.frozen_layers freezes {', '.join(fresh)}, which config.init_from "
-            f"does not provide ({fresh[0]}: {transfer.skipped[fresh[0]]}), so it would stay at "
-            "its random initialisation; leave it out of config.train.frozen_layers.")
+    _require_useful_transfer(config, source_run, transfer.copied, transfer.skipped)
     new_stats = {name: source["batch_stats"][name] if name in transfer.copied else value
                  for name, value in batch_stats.items()}
     lines = [f"Initialised from {config.init_from} (step {loaded.step}): copied "
              f"{', '.join(transfer.copied)}."]
     lines += [f"Not copied: {name}, {reason}." for name, reason in transfer.skipped.items()]
     return transfer.params, new_stats, lines
+
+
+def check_transfer(config: ml_collections.ConfigDict) -> None:
+    """Refuses, before any work, what `initialise` would refuse: it compares this net's
+    parameter shapes (traced, not computed) with the source's (its checkpoint's metadata;
+    no weight is read).
+
+    Args:
+      config: the run config (init_from set).
+
+    Raises:
+      ConfigError: as `initialise`.
+    """
+    from vgg_jax import checkpoint
+
+    check_path(config.init_from)
+    try:
+        source = checkpoint.load_checkpoint(config.init_from, shapes_only=True)
+    except ValueError as error:
+        raise ConfigError(f"config.init_from={config.init_from!r}: {error}") from None
+    model = create_model_from_config(config)
+    images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    copied, skipped = plan_transfer(
+        shapes["params"], source.variables["params"], string_list(config.init_from_layers),
+        source_version=source.config.model.version, version=config.model.version)
+    _require_useful_transfer(config, source.config, copied, skipped)
+
+
+def _require_useful_transfer(config, source_run, copied: list[str],
+                             skipped: Mapping[str, str]) -> None:
+    """A transfer must copy something, and every frozen layer."""
+    if not copied:
+        raise ConfigError(
+            f"config.init_from={config.init_from!r} ({_describe(source_run)}) shares no layer "
+            f"with this net ({_describe(config)}): {_first_reason(skipped)}; build "
+            "the same net (configs/finetune.py takes it from the source) or start from "
+            "another checkpoint.")
+    frozen = select_layers(string_list(config.train.get("frozen_layers", ())),
+                           config.model.version)
+    fresh = [name for name in frozen if name in skipped]
+    if fresh:
+        raise ConfigError(
+            f"config.train.frozen_layers freezes {', '.join(fresh)}, which config.init_from "
+            f"does not provide ({fresh[0]}: {skipped[fresh[0]]}), so it would stay at "
+            "its random initialisation; leave it out of config.train.frozen_layers.")
 
 
 def _describe(config) -> str:

@@ -252,6 +252,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     )
     releases.callback(manager.close)
     resume_step = _check_resume(manager, config, workdir)
+    if resume_step is None and config.init_from:
+        init_from.check_transfer(config)  # from shapes, before the net is built
 
     model = create_model_from_config(config)
     tx = optim.create_optimizer(tc, frozen=model.frozen_parameters)
