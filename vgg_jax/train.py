@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +48,8 @@ from vgg_jax.preprocess import normalize_images
 _TINY_SECONDS = 1e-9
 # Checkpoint metadata: true when a stop saved an epoch end before its due validation.
 _VALIDATION_PENDING = "validation_pending"
+# Nets (with their meshes) whose compiled initialisation a process keeps for its next run.
+_CACHED_INITIALISATIONS = 8
 
 
 class TrainState(train_state.TrainState):
@@ -187,16 +190,25 @@ def create_train_state(
       The initial TrainState (step 0).
     """
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
-    images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+    variables = _init_variables(model, mesh)(init_key)
 
-    def init(key):
-        variables = model.init(key, images, train=False)
+    def create(variables):
         return TrainState.create(
             apply_fn=model.apply, params=variables["params"], tx=tx,
             rng=jax.random.key_data(dropout_key), batch_stats=variables.get("batch_stats", {}),
         )
 
-    return jax.jit(init, out_shardings=parallel.replicated(mesh))(init_key)
+    return jax.jit(create, out_shardings=parallel.replicated(mesh))(variables)
+
+
+@functools.lru_cache(maxsize=_CACHED_INITIALISATIONS)
+def _init_variables(model: VGG, mesh: jax.sharding.Mesh) -> Callable[[jax.Array], Any]:
+    """The net's initialisation, jitted once per net and mesh: compiling its random
+    initialisers takes seconds on CPU, and a second run in the same process (a notebook,
+    the tests) reuses it. The optimiser state, cheap to compile, is made per run."""
+    images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+    return jax.jit(lambda key: model.init(key, images, train=False),
+                   out_shardings=parallel.replicated(mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
