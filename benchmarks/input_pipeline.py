@@ -15,7 +15,7 @@ photo-like the timed files are.
 
 1. Per core: images per CPU-second of one process, per training-scale setting (S = 256 and
    S uniform in [256, 512]), for
-     ours:       vgg_jax.data.transforms.TrainTransform;
+     ours:       vgg_jax.data.transforms.TrainTransform (augment_into a batch slot);
      tuned PIL:  Image.draft (DCT scaling), crop the source window, resize only it, flip;
      plain PIL:  torchvision's recipe: decode, resize the whole image to S, crop, flip;
      tf (flax):  flax's ImageNet recipe, when TensorFlow is installed: random distorted box
@@ -28,7 +28,9 @@ photo-like the timed files are.
    of the same run (its best round); CPU efficiency (transform CPU per image over the
    CPU per image of the pipeline's processes, consumer included), which other programs
    on a shared machine disturb far less; and where the rest goes, per image: reading the
-   file, grain's shuffle and other per-element work, batching, the consuming process.
+   file, the rest of building a batch (epoch order, per-example generators, labels), the
+   hand-off through a worker's shared-memory ring (against a fresh block per batch), the
+   consuming process.
 3. An extrapolation (not a measurement) to 14 workers per accelerator, each on a core of
    its own at the pipeline's images per CPU-second, next to the 4,500 images/s one
    H100/H200 trains VGG at, and to 8 such accelerators (36,000 images/s).
@@ -43,13 +45,14 @@ import io
 import json
 import multiprocessing
 import os
+import pickle
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-import grain
+import grain.python
 import numpy as np
 import psutil
 from absl import app, flags
@@ -59,7 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.speed import photos
 from configs import base
-from vgg_jax.data import decode, pipeline, sources, transforms
+from vgg_jax.data import batch_ring, decode, pipeline, sources, train_stream, transforms
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -150,8 +153,9 @@ def _ours(scale_range: tuple[int, int]) -> Callable[..., Any]:
     config.image_size = CROP_SIZE
     config.train_scale_min, config.train_scale_max = scale_range
     transform = transforms.TrainTransform(config)
-    return lambda data, rng, _: transform.random_map(
-        {"image": data, "label": 0, "name": "benchmark"}, rng)
+    # As the pipeline runs it: each crop written into its slot of a batch (reused here).
+    out = np.empty((CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    return lambda data, rng, _: transform.augment_into(data, "benchmark", rng, out)
 
 
 PYTHON_TRANSFORMS = {"ours": None, "tuned_pil": tuned_pil_transform,
@@ -263,46 +267,58 @@ def pipeline_rate(root: str, scale_range: tuple[int, int], workers: int, batch_s
 
 
 def overhead_breakdown(root: str, scale_range: tuple[int, int], batch_size: int,
-                       count: int) -> dict[str, float]:
-    """CPU ms per image of each layer of the training stream, in this process, no workers:
-    reading the file, the transform, grain's shuffle, grain's other per-element work
-    (repeat, per-element RNG, statistics), and batching."""
+                       count: int, take: pipeline.TakeFromRing) -> dict[str, float]:
+    """CPU ms per image of each part of the training stream, in this process, no workers:
+    reading the file, the transform (into a batch slot, as the pipeline runs it), the rest
+    of building a batch (epoch order, per-example generators, labels, notes), the hand-off
+    through a worker's shared-memory ring (slot wait, pickling, copying out: both sides,
+    here in one process), and, for comparison, what a fresh shared-memory block per batch
+    would cost instead (the page faults of its first touch). `take` is the consuming side
+    of this process's ring, one for the whole run (the ring outlives a call)."""
     config = folder_config(root, scale_range, 0)
     source = sources.make_source(config, str(config.train_split))
     transform = transforms.TrainTransform(config)
-    elements = grain_elements(source, transform)
     records = [source[i % len(source)] for i in range(count)]
+    out = np.empty((CROP_SIZE, CROP_SIZE, 3), np.uint8)
     rng = np.random.default_rng(0)
-    examples = [transform.random_map(r, rng) for r in records]
-    shuffled = grain.MapDataset.range(len(source)).shuffle(seed=0)
+    num_batches = max(1, count // batch_size)
+    images = num_batches * batch_size
+    streams = {in_worker: train_stream.TrainBatches(
+        source, transform, batch_size=batch_size, shuffle_seed=0, augment_seed=1,
+        process_index=0, process_count=1, in_worker=lambda in_worker=in_worker: in_worker,
+        ring_slots=batch_ring.slots_for_buffer(int(config.prefetch_buffer_size)))
+        for in_worker in (False, True)}
 
-    for i in range(2):  # First-use costs (grain's statistics, caches) outside the timing.
-        elements[i]
-        shuffled[i]
-
-    def ms(work: Callable[[], Any]) -> float:
+    def ms(work: Callable[[], Any], images: int = count) -> float:
         start = time.process_time()
         work()
-        return 1e3 * (time.process_time() - start) / count
+        return 1e3 * (time.process_time() - start) / images
 
-    shuffle = ms(lambda: [shuffled[i % len(source)] for i in range(count)])
+    def batches(in_worker: bool) -> None:
+        for b in range(num_batches):
+            batch = streams[in_worker][b]
+            if in_worker:  # As grain hands it over: pickled, then taken out of the ring.
+                take.map(pickle.loads(pickle.dumps(batch)))
+
+    def fresh_blocks() -> None:
+        batch = np.zeros((batch_size, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        for _ in range(num_batches):
+            block = grain.python.SharedMemoryArray(batch.shape, batch.dtype)
+            block[...] = batch
+            block.unlink_on_del()
+            del block
+
+    for in_worker in streams:  # First-use costs (epoch order, the ring) outside the timing.
+        batches(in_worker)
     read = ms(lambda: [source[i % len(source)] for i in range(count)])
-    transform_ms = ms(lambda: [transform.random_map(r, rng) for r in records])
-    element = ms(lambda: [elements[i] for i in range(count)])
-    batches = [examples[i:i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
-    batch = ms(lambda: [pipeline.stack_examples(b) for b in batches]) * count / max(
-        1, len(batches) * batch_size)
-    # grain's shuffle (index_shuffle) costs about 10 us + 20 ms / split size per element:
-    # noticeable on a benchmark folder, ~10 us on ImageNet; shown apart for that reason.
-    return {"read_ms": read, "transform_ms": transform_ms, "shuffle_ms": shuffle,
-            "grain_other_per_element_ms": element - read - transform_ms - shuffle,
-            "batching_ms": batch}
-
-
-def grain_elements(source: Any, transform: Any) -> Any:
-    """The per-element part of `pipeline.train_dataset`'s stream (before batching)."""
-    return grain.MapDataset.source(source).shuffle(seed=0).repeat(None).random_map(
-        transform, seed=1)
+    transform_ms = ms(lambda: [transform.augment_into(r["image"], r["name"], rng, out)
+                               for r in records])
+    private = ms(lambda: batches(False), images)
+    ring = ms(lambda: batches(True), images)
+    copy = ms(lambda: [np.array(out) for _ in range(images)], images)
+    return {"read_ms": read, "transform_ms": transform_ms,
+            "batch_assembly_ms": private - read - transform_ms,
+            "ring_handoff_ms": ring - private, "fresh_block_ms": ms(fresh_blocks, images) - copy}
 
 
 # --------------------------------------------------------------------------------------
@@ -417,8 +433,9 @@ def run_all(root: str, images: list[bytes], undecodable: list[str]) -> dict[str,
             tf_ratio = [o / t for o, t in zip(fig["ours"], fig["tf"])]
             line += f" {min(tf_ratio):>4.2f}-{max(tf_ratio):<4.2f}"
         print(line)
+    take = pipeline.TakeFromRing()
     breakdown = {name: overhead_breakdown(root, scale_range, FLAGS.batch_size,
-                                          max(FLAGS.batch_size, len(images)))
+                                          max(FLAGS.batch_size, len(images)), take)
                  for name, scale_range in SCALE_SETTINGS.items()}
     print("CPU ms per image, in one process: " + "; ".join(
         f"{name}: " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in b.items())

@@ -241,7 +241,13 @@ def decode_rescaled(data: bytes, scale: int) -> np.ndarray:
 
 
 def resample_crop(
-    data: bytes, scale: int, left: int, top: int, crop_size: int, flip: bool = False
+    data: bytes,
+    scale: int,
+    left: int,
+    top: int,
+    crop_size: int,
+    flip: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Crop (left, top, crop_size) of an image rescaled to shortest side `scale`, fast path.
 
@@ -254,9 +260,11 @@ def resample_crop(
       left, top: the crop corner in rescaled pixels.
       crop_size: the crop side.
       flip: mirror the crop horizontally.
+      out: where to write the crop (a uint8 [crop_size, crop_size, 3] array, e.g. a slot
+        of a batch in shared memory); None allocates one.
 
     Returns:
-      RGB uint8 [crop_size, crop_size, 3].
+      RGB uint8 [crop_size, crop_size, 3]: `out` when given.
     """
     array, factor, (width, height) = _decode_array_for_scale(data, scale)
     box = [v / factor for v in source_box(width, height, scale, left, top, crop_size)]
@@ -270,17 +278,19 @@ def resample_crop(
         # would skip source pixels, so take PIL's antialiased filter.
         image = Image.fromarray(array)
         crop = np.asarray(image.resize((crop_size, crop_size), RESAMPLE, box=(x0, y0, x1, y1)))
-        return _flip_to_rgb(crop, flip)
+        return _into(_flip_to_rgb(crop, flip), out)
     # Bilinear without antialiasing: after the reduced-scale decode the window is less than
     # MIN_DRAFT_FACTOR times the crop, so the 2x2 taps still cover the source densely
     # (mean difference to PIL's antialiased bilinear: tests/test_data_transforms.py).
-    crop = cv2.remap(
-        array,
-        *_window_maps(x0, y0, sx, sy, crop_size),
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-    return _flip_to_rgb(crop, flip)
+    # The flip is in the maps (each output pixel is interpolated on its own, so mirrored
+    # maps give the mirrored crop exactly), and the crop is written where it is wanted:
+    # no second pass, no copy.
+    maps = _window_maps(x0, y0, sx, sy, crop_size, flip)
+    if array.ndim == 2:  # grey from PIL's path: resample one channel, then widen the crop
+        grey = cv2.remap(array, *maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return _into(cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB, dst=out), out)
+    crop = cv2.remap(array, *maps, cv2.INTER_LINEAR, dst=out, borderMode=cv2.BORDER_REPLICATE)
+    return _into(crop, out)
 
 
 def _axis_taps(start: float, step: float, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -297,15 +307,18 @@ def _axis_taps(start: float, step: float, size: int) -> tuple[np.ndarray, np.nda
 
 
 def _window_maps(
-    x0: float, y0: float, sx: float, sy: float, crop_size: int
+    x0: float, y0: float, sx: float, sy: float, crop_size: int, flip: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """cv2.remap's fixed-point maps (CV_16SC2 indices, CV_16UC1 fractions) of the window.
 
     The map is separable (x depends on the column only, y on the row only), so it is built
     from two 1-D axes; remap with fixed-point maps skips the per-pixel coordinate
     arithmetic of warpAffine (timings: docs/input_pipeline.md, "Training transform").
+    `flip` reverses the columns' taps: the maps of the mirrored crop.
     """
     ix, fx = _axis_taps(x0, sx, crop_size)
+    if flip:
+        ix, fx = ix[::-1], fx[::-1]
     iy, fy = _axis_taps(y0, sy, crop_size)
     indices = np.empty((crop_size, crop_size, 2), np.int16)
     indices[..., 0] = ix.astype(np.int16)
@@ -313,6 +326,15 @@ def _window_maps(
     # Built from 16-bit axes: a full-size int64 intermediate costs more than the remap.
     fractions = np.add.outer((fy * REMAP_SUBPIXELS).astype(np.uint16), fx.astype(np.uint16))
     return indices, fractions
+
+
+def _into(crop: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """`crop` in `out` (OpenCV writes into a suitable `dst` itself; otherwise copy)."""
+    if out is None:
+        return crop
+    if not np.may_share_memory(crop, out):
+        out[...] = crop
+    return out
 
 
 def _flip_to_rgb(crop: np.ndarray, flip: bool) -> np.ndarray:

@@ -23,25 +23,20 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Sequence
+import weakref
 from typing import Any
 
 import grain
-import grain.python
 import numpy as np
 
 from vgg_jax.config_values import require
-from vgg_jax.data import orphan_watchdog, transforms
+from vgg_jax.data import batch_ring, orphan_watchdog, train_stream, transforms
 from vgg_jax.data import sources as sources_lib
 
 logger = logging.getLogger(__name__)
 
 # Number of independent seeds derived from the user's seed (shuffle, augmentation).
 _NUM_DERIVED_SEEDS = 2
-# The batch entry written straight into shared memory inside a worker process: the only
-# large one (images); the small ones travel pickled, where a shared-memory block each
-# would cost more than it saves.
-_SHARED_MEMORY_KEY = "image"
 # True inside a grain worker process (set by its init function), where batches are built
 # in shared memory; never in the consuming process, which could not free such blocks.
 _in_worker_process = False
@@ -102,9 +97,8 @@ def _to_iter_dataset(ds: grain.MapDataset, data_config: Any) -> grain.IterDatase
     # Each thread produces whole batches; one per process: grain's default (16 threads,
     # 500 elements) would hold hundreds of batches of images in memory per worker. A
     # worker process needs no thread of its own: its hand-off queue (per_worker_buffer_size)
-    # is its buffer, and a batch built in shared memory (`stack_examples`) must go straight
-    # into that queue, which grain empties and unlinks when it stops the workers; a
-    # thread's buffer would strand those blocks (leaked shared memory at a SIGTERM).
+    # is its buffer, and the slots of its shared-memory ring (vgg_jax.data.batch_ring) are
+    # counted for that queue alone; a thread's buffer would hold slots beyond them.
     num_threads = 0 if processes else max(1, num_workers)
     read_options = grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=0 if processes else buffer)
@@ -118,6 +112,11 @@ def _to_iter_dataset(ds: grain.MapDataset, data_config: Any) -> grain.IterDatase
     return it
 
 
+def _building_in_worker() -> bool:
+    """True inside a grain worker process, which builds batches in its shared-memory ring."""
+    return _in_worker_process
+
+
 def _init_worker(worker_index: int, worker_count: int) -> None:
     global _in_worker_process
     _in_worker_process = True
@@ -126,32 +125,23 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     orphan_watchdog.exit_with_parent()
 
 
-def stack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Stacks per-example dicts into a batch (grain's `batch_fn`).
+class TakeFromRing(grain.transforms.Map):
+    """Copies a worker's batch images out of its shared-memory ring, freeing the slot.
 
-    In a worker process the images are stacked straight into a grain SharedMemoryArray:
-    grain's worker then hands the block's name to the consuming process instead of first
-    copying the finished batch into a new shared-memory block (4.8 MB per batch of 32
-    ImageNet crops), which batching a MapDataset would otherwise cost.
-
-    Args:
-      examples: dicts with equal keys and per-key equal shapes (bytes may differ in length).
-
-    Returns:
-      {key: array [len(examples), ...]}.
+    Runs where batches are consumed. Batches built in this process (no workers) pass
+    unchanged. The rings it has seen are unmapped when the pipeline is dropped.
     """
-    batch = {}
-    for key in examples[0]:
-        values = [example[key] for example in examples]
-        if key == _SHARED_MEMORY_KEY and _in_worker_process:
-            first = np.asarray(values[0])
-            out = grain.python.SharedMemoryArray((len(values), *first.shape), first.dtype)
-            batch[key] = np.stack(values, out=out)
-        else:
-            # np.array, not np.stack: for the small per-example entries (scalars, RGB
-            # shifts, notes) stack's per-item overhead costs as much as stacking the images.
-            batch[key] = np.array(values)
-    return batch
+
+    def __init__(self):
+        self._rings: set[str] = set()
+        weakref.finalize(self, batch_ring.close_rings, self._rings)
+
+    def map(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images = batch[train_stream.IMAGE_KEY]
+        if not isinstance(images, batch_ring.RingSlot):
+            return batch
+        self._rings.add(images.ring_name)
+        return {**batch, train_stream.IMAGE_KEY: images.take()}
 
 
 class WarnUndecodableOnce(grain.transforms.Map):
@@ -217,14 +207,14 @@ def train_dataset(
     shuffle_seed, augment_seed = (
         int(s) for s in np.random.SeedSequence(seed).generate_state(_NUM_DERIVED_SEEDS)
     )
-    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
-    # Endless; every epoch is a fresh permutation (the shuffle sees the epoch number).
-    ds = ds.repeat(None)
-    ds = ds.random_map(transforms.TrainTransform(data_config), seed=augment_seed)
-    ds = ds[process_index::process_count]
-    # Batches straddle epoch boundaries, so no example is ever dropped.
-    ds = ds.batch(per_process, drop_remainder=True, batch_fn=stack_examples)
-    return _to_iter_dataset(ds, data_config).map(WarnUndecodableOnce())
+    # Endless; every epoch is a fresh permutation, and batches straddle epoch boundaries,
+    # so no example is ever dropped.
+    ds = train_stream.TrainBatches(
+        source, transforms.TrainTransform(data_config), batch_size=per_process,
+        shuffle_seed=shuffle_seed, augment_seed=augment_seed, process_index=process_index,
+        process_count=process_count, in_worker=_building_in_worker,
+        ring_slots=batch_ring.slots_for_buffer(int(data_config.prefetch_buffer_size)))
+    return _to_iter_dataset(ds, data_config).map(TakeFromRing()).map(WarnUndecodableOnce())
 
 
 def num_examples(data_config: Any, split: str) -> int:

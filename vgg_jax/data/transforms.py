@@ -163,8 +163,28 @@ class TrainTransform(grain.transforms.RandomMap):
             tuple(float(v) for v in row) for row in data_config.pca_eigenvectors)
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        # `rng` is this element's own generator (grain derives it from the seed and the
-        # element's index), so the draws never depend on other images or on workers.
+        image = np.empty((self.crop_size, self.crop_size, 3), np.uint8)
+        rgb_shift, note = self.augment_into(element["image"], element["name"], rng, image)
+        return {**_example(image, element["label"], rgb_shift, not note),
+                DECODE_ERROR_KEY: np.bytes_(note)}
+
+    def augment_into(
+        self, data: bytes, name: str, rng: np.random.Generator, out: np.ndarray
+    ) -> tuple[np.ndarray, bytes]:
+        """Augments one encoded image into `out` (the batch's slot for it).
+
+        Args:
+          data: the encoded image.
+          name: its file name, for the note of an undecodable file.
+          rng: this image's own generator (derived from the seed and the image's position
+            in the stream), so the draws never depend on other images or on workers.
+          out: uint8 [image_size, image_size, 3], overwritten: the crop, or zeros when the
+            file cannot be decoded.
+
+        Returns:
+          (rgb_shift float32 [3] in 0-255 units, zeros for an undecodable file; b"", or
+          the `failure_note` of an undecodable file, UTF-8).
+        """
         scale = sample_scale(rng, self.scale_min, self.scale_max)
         # Drawn even when flipping is off, so that switching it changes nothing else.
         flip = bool(rng.integers(0, 2)) and self.random_flip
@@ -172,16 +192,13 @@ class TrainTransform(grain.transforms.RandomMap):
             rng, self.colour_shift_std, self.eigenvalues, self.eigenvectors
         )
         try:
-            data = element["image"]
             left, top = sample_crop_corner(rng, *decode.image_size(data), scale, self.crop_size)
-            array = decode.resample_crop(data, scale, left, top, self.crop_size, flip)
+            decode.resample_crop(data, scale, left, top, self.crop_size, flip, out=out)
         except decode.DECODE_ERRORS as e:
-            note = failure_note(element["name"], e).encode("utf-8", "backslashreplace")
-            failed = np.zeros((self.crop_size, self.crop_size, 3), np.uint8)
-            return {**_example(failed, element["label"], None, False),
-                    DECODE_ERROR_KEY: np.bytes_(note)}
-        return {**_example(array, element["label"], rgb_shift, True),
-                DECODE_ERROR_KEY: np.bytes_(b"")}
+            out[...] = 0
+            return np.zeros(3, np.float32), failure_note(name, e).encode(
+                "utf-8", "backslashreplace")
+        return rgb_shift, b""
 
 
 def centre_view(data: bytes, scale: int, crop_size: int) -> np.ndarray:

@@ -1,0 +1,174 @@
+"""The training stream as a grain MapDataset whose element is a whole batch.
+
+Element b of `TrainBatches` is batch b of one process's endless, shuffled, augmented
+training stream. The global stream is: epoch e is a permutation of the split (a fresh one
+per epoch, from the shuffle seed and e), and the example at global position g is
+augmented with a generator of its own, derived from the augmentation seed and g alone.
+Process p of P takes global positions p, p + P, p + 2P, ...; its batch b holds the next
+`batch_size` of them. So batch b is a pure function of (seeds, b): the stream is
+deterministic, the same for any number of grain workers (each worker builds whole
+batches and grain interleaves them back in order), its iterator state is a position, and
+interleaving the per-process batches gives exactly the single-process stream.
+
+Why whole batches rather than grain's per-example chain (shuffle, repeat, random_map,
+slice, batch): the per-example work around the transform is then a few array operations
+per batch instead of five Python layers per example, and each crop is written straight
+into its slot of the batch, in a worker process a slot of shared memory that the worker
+reuses (vgg_jax.data.batch_ring), so no batch is stacked or copied on its way and no page
+is faulted in afresh for it (measurements in docs/input_pipeline.md, "Throughput").
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from typing import Any
+
+import grain
+import numpy as np
+
+from vgg_jax.data import batch_ring, transforms
+
+# The batch entry that travels in a worker's shared-memory ring (images); the small ones
+# travel pickled, where shared memory would cost more than it saves.
+IMAGE_KEY = "image"
+# A batch straddles two epochs now and then (more when the split is smaller than a batch):
+# the orders of the last few epochs are kept, each 4 bytes per example (5 MB on ImageNet).
+_CACHED_EPOCHS = 3
+
+
+class EpochPermutations:
+    """The order of the split in each epoch: a fresh permutation per epoch.
+
+    Args:
+      size: the number of examples in the split.
+      seed: the shuffle seed; epoch e's order comes from (seed, e) alone.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        """The source indices of epoch `epoch`, in the order it reads them.
+
+        Args:
+          epoch: the epoch, from 0.
+
+        Returns:
+          int [size] (int32 when it fits), a permutation of range(size).
+        """
+        order = self._cache.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            order = order.astype(np.int32 if self.size <= np.iinfo(np.int32).max else np.int64)
+            self._cache[epoch] = order
+            while len(self._cache) > _CACHED_EPOCHS:
+                self._cache.popitem(last=False)
+        return order
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers receive the dataset pickled; they rebuild the orders they need.
+        return {"size": self.size, "seed": self.seed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["size"], state["seed"])
+
+
+def example_rng(seed: int, position: int) -> np.random.Generator:
+    """The generator of the example at global stream position `position`.
+
+    Philox is counter-based: keyed by the seed and started at the position, every example
+    gets an independent stream without a seed sequence per example.
+
+    Args:
+      seed: the augmentation seed.
+      position: the example's global position in the stream (over all processes).
+
+    Returns:
+      A fresh numpy Generator.
+    """
+    return np.random.Generator(np.random.Philox(key=seed, counter=position))
+
+
+class TrainBatches(grain.MapDataset):
+    """Endless batches of one process's training stream (see the module docstring).
+
+    Args:
+      source: random-access records {"image": bytes, "label": int, "name": str}.
+      transform: the per-image augmentation.
+      batch_size: examples per batch of this process.
+      shuffle_seed: the seed of the epoch permutations.
+      augment_seed: the seed of the per-example generators.
+      process_index: this process.
+      process_count: the number of processes.
+      in_worker: a callable telling whether this runs in a grain worker process, which
+        builds the images in a slot of its shared-memory ring (vgg_jax.data.batch_ring)
+        and hands over only a `RingSlot`.
+      ring_slots: the slots of each worker's ring (`batch_ring.slots_for_buffer`).
+    """
+
+    def __init__(self, source: Any, transform: transforms.TrainTransform, *, batch_size: int,
+                 shuffle_seed: int, augment_seed: int, process_index: int, process_count: int,
+                 in_worker: Any, ring_slots: int):
+        super().__init__()
+        self._source = source
+        self._transform = transform
+        self._batch_size = batch_size
+        self._orders = EpochPermutations(len(source), shuffle_seed)
+        self._augment_seed = augment_seed
+        self._process_index = process_index
+        self._process_count = process_count
+        self._in_worker = in_worker
+        self._ring_slots = ring_slots
+
+    def __len__(self) -> int:
+        return sys.maxsize  # Endless: epochs follow each other.
+
+    def __str__(self) -> str:
+        return f"TrainBatches(batch_size={self._batch_size}, process={self._process_index})"
+
+    def positions(self, index: int) -> np.ndarray:
+        """The global stream positions of the examples of batch `index`.
+
+        Args:
+          index: the batch, from 0.
+
+        Returns:
+          int64 [batch_size].
+        """
+        first = index * self._batch_size
+        local = np.arange(first, first + self._batch_size, dtype=np.int64)
+        return local * self._process_count + self._process_index
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        positions = self.positions(int(index))
+        epochs, offsets = np.divmod(positions, self._orders.size)
+        records = [self._source[int(self._orders(int(e))[o])] for e, o in zip(epochs, offsets)]
+        return self._augment(records, positions)
+
+    def _augment(self, records: list[dict[str, Any]], positions: np.ndarray) -> dict[str, Any]:
+        size = self._transform.crop_size
+        shape = (len(records), size, size, 3)
+        if self._in_worker():
+            images, handed_over = batch_ring.worker_slot(shape, np.uint8, self._ring_slots)
+        else:
+            images = handed_over = np.empty(shape, np.uint8)
+        shifts = np.empty((len(records), 3), np.float32)
+        notes = []
+        for slot, (record, position) in enumerate(zip(records, positions)):
+            rng = example_rng(self._augment_seed, int(position))
+            shifts[slot], note = self._transform.augment_into(
+                record["image"], record["name"], rng, images[slot])
+            notes.append(note)
+        notes = np.array(notes, dtype=np.bytes_)
+        return {
+            IMAGE_KEY: handed_over,
+            "label": np.array([r["label"] for r in records], np.int32),
+            "rgb_shift": shifts,
+            "mask": notes == b"",
+            transforms.DECODE_ERROR_KEY: notes,
+        }
