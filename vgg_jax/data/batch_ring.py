@@ -186,9 +186,12 @@ class RingSlot:
 
     def __setstate__(self, fields: tuple) -> None:
         # Unpickled: in the consuming process, which maps the ring and owns the slot now.
-        self._fields = fields
+        self._fields, self._ring = fields, None
         name, _, shape, dtype, slots = fields
-        self._ring = _open(name, shape, dtype, slots)
+        # FileNotFoundError: the ring was unmapped already (grain drains a stopping
+        # worker's queue after the pipeline let go of its rings): nothing to free or take.
+        with contextlib.suppress(FileNotFoundError):
+            self._ring = _open(name, shape, dtype, slots)
 
     @property
     def ring_name(self) -> str:
@@ -200,6 +203,9 @@ class RingSlot:
         Returns:
           A private array (the slot is rewritten as soon as it is freed).
         """
+        if self._ring is None:
+            raise RuntimeError(f"The batch ring {self.ring_name} was closed before its batch "
+                               "was taken; the pipeline that owned it is gone.")
         images = np.array(self._ring.slots[self._fields[1]])
         self._release()
         return images

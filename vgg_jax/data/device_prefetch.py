@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import gc
 import json
 import queue
 import threading
@@ -202,9 +201,6 @@ class DevicePrefetcher(Iterator[Any]):
     def close(self) -> None:
         """Stops the thread, frees the batches in flight, then closes the wrapped iterator."""
         self._join()
-        # On CPU, device arrays alias the host batches' shared memory: collect them before
-        # grain's workers stop, so every shared-memory block is unlinked rather than leaked.
-        gc.collect()
         if hasattr(self._inner, "close"):
             self._inner.close()
 

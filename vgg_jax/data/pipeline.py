@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 # Number of independent seeds derived from the user's seed (shuffle, augmentation).
 _NUM_DERIVED_SEEDS = 2
-# True inside a grain worker process (set by its init function), where batches are built
-# in shared memory; never in the consuming process, which could not free such blocks.
+# True inside a grain worker process (set by its init function), which builds its batches
+# in its shared-memory ring (vgg_jax.data.batch_ring); never in the consuming process.
 _in_worker_process = False
 
 
