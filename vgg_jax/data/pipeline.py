@@ -2,18 +2,17 @@
 
 Training stream (per process):
 
-  source -> shuffle (global, reshuffled every epoch) -> repeat forever
-         -> random_map(TrainTransform)  (per-element RNG from seed and global position)
-         -> [process_index::process_count] -> batch -> workers (mp_prefetch)
+  TrainBatches (batch k: epoch permutations, per-example generators, the transform)
+         -> workers (mp_prefetch; each builds whole batches in its shared-memory ring)
+         -> TakeFromRing -> WarnUndecodableOnce      (in the consuming process)
 
-Everything before the batch is a random-access `MapDataset`, so element i of the stream
-is a pure function of (seed, i): the stream is deterministic, the same for any worker
-count (each worker computes whole batches, and mp_prefetch interleaves them back in
-order), and its iterator state is just a position, which orbax saves with
-`grain.checkpoint.CheckpointSave(iterator)`. Processes take interleaved positions of one
-global stream, so within every epoch they read disjoint examples that together cover
-the split exactly once, and the augmentation of an element does not depend on how many
-processes there are.
+Batch k is a pure function of (seed, k) (vgg_jax.data.train_stream): the stream is
+deterministic, the same for any worker count (each worker computes whole batches, and
+mp_prefetch interleaves them back in order), and its iterator state is just a position,
+which orbax saves with `grain.checkpoint.CheckpointSave(iterator)`. Processes take
+interleaved positions of one global stream, so within every epoch they read disjoint
+examples that together cover the split exactly once, and the augmentation of an example
+does not depend on how many processes there are.
 
 Validation runs through vgg_jax.evaluation (the single-crop protocol), which lays the split
 out over the processes and pads every process's share to the same number of batches.
