@@ -84,6 +84,8 @@ TF_AREA_RANGE, TF_ASPECT_RANGE, TF_MIN_OBJECT, TF_ATTEMPTS = (0.08, 1.0), (3 / 4
 # One H100/H200 trains VGG-16 at about this many images/s (docs/benchmarks.md); an 8-GPU
 # host needs 8 times that; 14 decoding cores per accelerator is the extrapolated host.
 IMAGES_PER_S_ONE_GPU, GPUS_PER_HOST, WORKERS_PER_GPU = 4_500, 8, 14
+# The shortest timed pipeline interval: per-process CPU times advance in clock ticks.
+MIN_TIMED_SECONDS = 0.5
 # tf.data hands the recipe's crops to Python in batches of this size (one per element
 # would add Python's per-element cost, which the recipe does not have in training).
 _TF_BATCH = 32
@@ -256,10 +258,13 @@ def pipeline_rate(root: str, scale_range: tuple[int, int], workers: int, batch_s
     for _ in range(1 + 2 * int(config.prefetch_buffer_size) * max(1, workers)):
         next(iterator)
     me = psutil.Process()
-    cpu, own_cpu, wall = _cpu_seconds(me), time.process_time(), time.perf_counter()
-    for _ in range(num_batches):
+    cpu, own_cpu, start = _cpu_seconds(me), time.process_time(), time.perf_counter()
+    # At least num_batches, and long enough for the kernel's CPU clocks (10 ms ticks).
+    timed = 0
+    while timed < num_batches or time.perf_counter() - start < MIN_TIMED_SECONDS:
         next(iterator)
-    wall, images = time.perf_counter() - wall, num_batches * batch_size
+        timed += 1
+    wall, images = time.perf_counter() - start, timed * batch_size
     result = {"images_per_s": images / wall, "cpu_ms_per_image": 1e3 * (_cpu_seconds(me) - cpu)
               / images, "consumer_ms_per_image": 1e3 * (time.process_time() - own_cpu) / images}
     del iterator
