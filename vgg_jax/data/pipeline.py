@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # Number of independent seeds derived from the user's seed (shuffle, augmentation).
 _NUM_DERIVED_SEEDS = 2
+# Arrays smaller than this travel from a worker pickled, not in shared memory.
+_MIN_SHARED_MEMORY_BYTES = 1 << 16
 # True inside a grain worker process (set by its init function), which builds its batches
 # in its shared-memory ring (vgg_jax.data.batch_ring); never in the consuming process.
 _in_worker_process = False
@@ -103,6 +105,11 @@ def _to_iter_dataset(ds: grain.MapDataset, data_config: Any) -> grain.IterDatase
         num_threads=num_threads, prefetch_buffer_size=0 if processes else buffer)
     it = ds.to_iter_dataset(read_options)
     if processes:
+        # grain copies every array of a worker's element into a shared-memory block of its
+        # own by default; the images travel in the worker's ring, and the small entries
+        # (labels, masks, shifts, notes) are cheaper pickled than faulted in afresh.
+        it = grain.experimental.WithOptionsIterDataset(
+            it, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_MEMORY_BYTES))
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
