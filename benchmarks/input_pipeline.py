@@ -291,8 +291,8 @@ def overhead_breakdown(root: str, scale_range: tuple[int, int], batch_size: int,
     streams = {in_worker: train_stream.TrainBatches(
         source, transform, batch_size=batch_size, shuffle_seed=0, augment_seed=1,
         process_index=0, process_count=1, in_worker=lambda in_worker=in_worker: in_worker,
-        ring_slots=batch_ring.slots_for_buffer(int(config.prefetch_buffer_size)))
-        for in_worker in (False, True)}
+        ring_slots=batch_ring.slots_for_buffer(int(config.prefetch_buffer_size)),
+        ring_registry=take.registry.id) for in_worker in (False, True)}
 
     def ms(work: Callable[[], Any], images: int = count) -> float:
         start = time.process_time()
@@ -438,7 +438,7 @@ def run_all(root: str, images: list[bytes], undecodable: list[str]) -> dict[str,
             tf_ratio = [o / t for o, t in zip(fig["ours"], fig["tf"])]
             line += f" {min(tf_ratio):>4.2f}-{max(tf_ratio):<4.2f}"
         print(line)
-    take = pipeline.TakeFromRing()
+    take = pipeline.TakeFromRing(batch_ring.RingRegistry())
     breakdown = {name: overhead_breakdown(root, scale_range, FLAGS.batch_size,
                                           max(FLAGS.batch_size, len(images)), take)
                  for name, scale_range in SCALE_SETTINGS.items()}

@@ -1,6 +1,7 @@
 """The workers' shared-memory rings: slots reused, freed when taken or dropped, no stale reads."""
 
 import faulthandler
+import itertools
 import os
 import pickle
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import small_data
 
-from vgg_jax.data import batch_ring, pipeline, testing
+from vgg_jax.data import batch_ring, pipeline, testing, train_stream
 
 # A hang (a slot nobody frees: the worker waits, the consumer waits for its batch) ends
 # the test process after this long, with every thread's traceback, instead of stalling CI.
@@ -27,7 +28,8 @@ def _handed_over(slot: batch_ring.RingSlot) -> batch_ring.RingSlot:
 
 
 def test_slots_are_freed_when_taken_or_dropped_and_then_reused(no_hang):
-    ring = batch_ring.WorkerRing((2, 4, 4, 3), np.uint8, slots=3)
+    registry = batch_ring.RingRegistry()
+    ring = batch_ring.WorkerRing((2, 4, 4, 3), np.uint8, slots=3, registry=registry.id)
     handed = []
     for value in range(3):
         images, slot = ring.acquire()
@@ -36,13 +38,27 @@ def test_slots_are_freed_when_taken_or_dropped_and_then_reused(no_hang):
     name = handed[0].ring_name
     assert not os.path.exists(f"/dev/shm/{name}"), "the consumer unlinks the name on first open"
     np.testing.assert_array_equal(handed[0].take(), np.zeros((2, 4, 4, 3)))
+    with pytest.raises(RuntimeError, match="taken already"):
+        handed[0].take()
     images, _ = ring.acquire()  # Slot 0 again, freed by take().
     images[...] = 7
     np.testing.assert_array_equal(handed[1].take(), np.ones((2, 4, 4, 3)))
     del handed[2]  # Dropped unread (a stale batch after set_state): its slot is free too.
     ring.acquire()
+    _, failed = ring.acquire()
+    ring.abandon(failed)  # A batch that failed in the worker gives its slot back.
     ring.acquire()
-    batch_ring.close_rings({name})
+    ring.abandon(failed)
+    del handed, registry  # The pipeline is gone: its rings are unmapped, a late slot is inert.
+    _, late = ring.acquire()
+    with pytest.raises(RuntimeError, match="pipeline is gone"):
+        _handed_over(late).take()
+
+
+def test_neighbouring_examples_draw_unrelated_numbers():
+    draws = [train_stream.example_rng(7, g).integers(0, 2**32, 16) for g in range(100)]
+    for a, b in itertools.pairwise(draws):
+        assert not set(a.tolist()) & set(b.tolist())
 
 
 def test_workers_reuse_their_slots_and_a_midstream_restore_continues_the_stream(

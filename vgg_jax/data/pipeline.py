@@ -8,8 +8,9 @@ Training stream (per process):
 
 Batch k is a pure function of (seed, k) (vgg_jax.data.train_stream): the stream is
 deterministic, the same for any worker count (each worker computes whole batches, and
-mp_prefetch interleaves them back in order), and its iterator state is just a position,
-which orbax saves with `grain.checkpoint.CheckpointSave(iterator)`. Processes take
+mp_prefetch interleaves them back in order), and its iterator state holds positions only,
+which orbax saves with `grain.checkpoint.CheckpointSave(iterator)` (with workers,
+grain's record of each worker's position). Processes take
 interleaved positions of one global stream, so within every epoch they read disjoint
 examples that together cover the split exactly once, and the augmentation of an example
 does not depend on how many processes there are.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import weakref
 from typing import Any
 
 import grain
@@ -99,7 +99,8 @@ def _to_iter_dataset(ds: grain.MapDataset, data_config: Any) -> grain.IterDatase
     # 500 elements) would hold hundreds of batches of images in memory per worker. A
     # worker process needs no thread of its own: its hand-off queue (per_worker_buffer_size)
     # is its buffer, and the slots of its shared-memory ring (vgg_jax.data.batch_ring) are
-    # counted for that queue alone; a thread's buffer would hold slots beyond them.
+    # counted for that queue and grain's read-ahead in this process; a thread's buffer in
+    # the worker would hold slots beyond them.
     num_threads = 0 if processes else max(1, num_workers)
     read_options = grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=0 if processes else buffer)
@@ -134,19 +135,21 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
 class TakeFromRing(grain.transforms.Map):
     """Copies a worker's batch images out of its shared-memory ring, freeing the slot.
 
-    Runs where batches are consumed. Batches built in this process (no workers) pass
-    unchanged. The rings it has seen are unmapped when the pipeline is dropped.
+    Runs where batches are consumed, and holds the pipeline's `batch_ring.RingRegistry`:
+    the workers' rings stay mapped while the pipeline lives and are unmapped with it.
+    Batches built in this process (no workers) pass unchanged.
+
+    Args:
+      registry: the registry whose id the pipeline's workers put in their `RingSlot`s.
     """
 
-    def __init__(self):
-        self._rings: set[str] = set()
-        weakref.finalize(self, batch_ring.close_rings, self._rings)
+    def __init__(self, registry: batch_ring.RingRegistry):
+        self.registry = registry
 
     def map(self, batch: dict[str, Any]) -> dict[str, Any]:
         images = batch[train_stream.IMAGE_KEY]
         if not isinstance(images, batch_ring.RingSlot):
             return batch
-        self._rings.add(images.ring_name)
         return {**batch, train_stream.IMAGE_KEY: images.take()}
 
 
@@ -213,14 +216,17 @@ def train_dataset(
     shuffle_seed, augment_seed = (
         int(s) for s in np.random.SeedSequence(seed).generate_state(_NUM_DERIVED_SEEDS)
     )
+    registry = batch_ring.RingRegistry()
     # Endless; every epoch is a fresh permutation, and batches straddle epoch boundaries,
     # so no example is ever dropped.
     ds = train_stream.TrainBatches(
         source, transforms.TrainTransform(data_config), batch_size=per_process,
         shuffle_seed=shuffle_seed, augment_seed=augment_seed, process_index=process_index,
         process_count=process_count, in_worker=_building_in_worker,
-        ring_slots=batch_ring.slots_for_buffer(int(data_config.prefetch_buffer_size)))
-    return _to_iter_dataset(ds, data_config).map(TakeFromRing()).map(WarnUndecodableOnce())
+        ring_slots=batch_ring.slots_for_buffer(int(data_config.prefetch_buffer_size)),
+        ring_registry=registry.id)
+    return _to_iter_dataset(ds, data_config).map(TakeFromRing(registry)).map(
+        WarnUndecodableOnce())
 
 
 def num_examples(data_config: Any, split: str) -> int:

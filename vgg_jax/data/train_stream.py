@@ -7,8 +7,9 @@ augmented with a generator of its own, derived from the augmentation seed and g 
 Process p of P takes global positions p, p + P, p + 2P, ...; its batch b holds the next
 `batch_size` of them. So batch b is a pure function of (seeds, b): the stream is
 deterministic, the same for any number of grain workers (each worker builds whole
-batches and grain interleaves them back in order), its iterator state is a position, and
-interleaving the per-process batches gives exactly the single-process stream.
+batches and grain interleaves them back in order), grain's iterator state records
+positions only, and interleaving the per-process batches gives exactly the
+single-process stream.
 
 Why whole batches rather than grain's per-example chain (shuffle, repeat, random_map,
 slice, batch): the per-example work around the transform is then a few array operations
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -35,6 +37,8 @@ IMAGE_KEY = "image"
 # A batch straddles two epochs now and then (more when the split is smaller than a batch):
 # the orders of the last few epochs are kept, each 4 bytes per example (5 MB on ImageNet).
 _CACHED_EPOCHS = 3
+# Philox's 128-bit key: the seed in the low 64-bit word, the example's position above.
+_KEY_WORD_BITS = 64
 
 
 class EpochPermutations:
@@ -79,8 +83,10 @@ class EpochPermutations:
 def example_rng(seed: int, position: int) -> np.random.Generator:
     """The generator of the example at global stream position `position`.
 
-    Philox is counter-based: keyed by the seed and started at the position, every example
-    gets an independent stream without a seed sequence per example.
+    Philox keyed by (position, seed): distinct keys give independent streams, without a
+    seed sequence per example. (Keying by the seed alone and starting each example's
+    counter at its position would overlap neighbouring examples' streams, since one
+    example draws several counter blocks.)
 
     Args:
       seed: the augmentation seed.
@@ -89,7 +95,7 @@ def example_rng(seed: int, position: int) -> np.random.Generator:
     Returns:
       A fresh numpy Generator.
     """
-    return np.random.Generator(np.random.Philox(key=seed, counter=position))
+    return np.random.Generator(np.random.Philox(key=(position << _KEY_WORD_BITS) | seed))
 
 
 class TrainBatches(grain.MapDataset):
@@ -103,15 +109,16 @@ class TrainBatches(grain.MapDataset):
       augment_seed: the seed of the per-example generators.
       process_index: this process.
       process_count: the number of processes.
-      in_worker: a callable telling whether this runs in a grain worker process, which
-        builds the images in a slot of its shared-memory ring (vgg_jax.data.batch_ring)
-        and hands over only a `RingSlot`.
+      in_worker: tells whether this runs in a grain worker process, which builds the
+        images in a slot of its shared-memory ring (vgg_jax.data.batch_ring) and hands
+        over only a `RingSlot`.
       ring_slots: the slots of each worker's ring (`batch_ring.slots_for_buffer`).
+      ring_registry: the id of the consuming pipeline's `batch_ring.RingRegistry`.
     """
 
     def __init__(self, source: Any, transform: transforms.TrainTransform, *, batch_size: int,
                  shuffle_seed: int, augment_seed: int, process_index: int, process_count: int,
-                 in_worker: Any, ring_slots: int):
+                 in_worker: Callable[[], bool], ring_slots: int, ring_registry: int):
         super().__init__()
         self._source = source
         self._transform = transform
@@ -122,6 +129,7 @@ class TrainBatches(grain.MapDataset):
         self._process_count = process_count
         self._in_worker = in_worker
         self._ring_slots = ring_slots
+        self._ring_registry = ring_registry
 
     def __len__(self) -> int:
         return sys.maxsize  # Endless: epochs follow each other.
@@ -153,10 +161,20 @@ class TrainBatches(grain.MapDataset):
     def _augment(self, records: list[dict[str, Any]], positions: np.ndarray) -> dict[str, Any]:
         size = self._transform.crop_size
         shape = (len(records), size, size, 3)
-        if self._in_worker():
-            images, handed_over = batch_ring.worker_slot(shape, np.uint8, self._ring_slots)
-        else:
-            images = handed_over = np.empty(shape, np.uint8)
+        if not self._in_worker():
+            images = np.empty(shape, np.uint8)
+            return self._fill(images, images, records, positions)
+        images, slot = batch_ring.worker_slot(
+            shape, np.uint8, self._ring_slots, self._ring_registry)
+        try:
+            return self._fill(images, slot, records, positions)
+        except BaseException:
+            # Not handed over: free the slot, or a restarted stream would wait for it.
+            batch_ring.abandon_worker_slot(slot)
+            raise
+
+    def _fill(self, images: np.ndarray, handed_over: Any, records: list[dict[str, Any]],
+              positions: np.ndarray) -> dict[str, Any]:
         shifts = np.empty((len(records), 3), np.float32)
         notes = []
         for slot, (record, position) in enumerate(zip(records, positions)):
