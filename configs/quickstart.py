@@ -8,9 +8,10 @@ isotropic rescale to a jittered scale S, random crop, colour shift, mean subtrac
   python main.py                                   # this config is the default
   python main.py --config=configs/quickstart.py --workdir=runs/quickstart
 
-Expected: about 99% validation accuracy (99.44% measured at the last epoch, deterministic)
-in under a minute on a 2-core CPU; 30 epochs, the plateau rule cutting the learning rate on
-the way (figures in the README).
+Expected: about 99% validation accuracy (98.89% measured at the last epoch, 99.17% at the
+best, deterministic) in under a minute on a 2-core CPU; at most 30 epochs, the plateau rule
+cutting the learning rate on the way and stopping once the third cut stalls too (figures in
+the README).
 """
 
 from configs import base
