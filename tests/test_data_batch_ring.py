@@ -81,3 +81,15 @@ def test_workers_reuse_their_slots_and_a_midstream_restore_continues_the_stream(
     iterator.set_state(state)
     for want in reference[4:12]:
         np.testing.assert_array_equal(next(iterator)["image"], want["image"])
+
+
+def test_rings_the_shared_memory_cannot_hold_fail_before_any_worker_starts(tmp_path):
+    testing.write_folder(str(tmp_path), {"train": 2})
+    config = small_data.data_config(source="folder", data_dir=str(tmp_path), num_workers=2)
+    stats = os.statvfs(batch_ring.SHARED_MEMORY_FOLDER)
+    image_bytes = config.image_size ** 2 * 3
+    # Twice what the file system has free, over the two workers' rings.
+    batch = 2 * stats.f_bavail * stats.f_frsize // (
+        image_bytes * batch_ring.slots_for_buffer(config.prefetch_buffer_size) * 2) + 1
+    with pytest.raises(ValueError, match=r"shared memory .* lower config.data.num_workers"):
+        pipeline.train_dataset(config, global_batch_size=batch, seed=0)

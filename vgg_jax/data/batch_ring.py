@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -53,6 +54,9 @@ _SLOTS_BEYOND_BUFFERS = 3
 _WAIT_SECONDS = 0.0005
 # The flag bytes are padded to this many so that the slots start cache-line aligned.
 _HEADER_ALIGNMENT = 64
+# Where Linux keeps POSIX shared memory (multiprocessing.shared_memory's blocks).
+SHARED_MEMORY_FOLDER = "/dev/shm"
+_MIB = 1 << 20
 # Shared-memory block names: a prefix and 128 random bits, never reused while mapped.
 _NAME_PREFIX = "vgg_jax_ring_"
 
@@ -73,6 +77,37 @@ def slots_for_buffer(per_worker_buffer_size: int) -> int:
       The number of slots.
     """
     return _BUFFERS_PER_WORKER * per_worker_buffer_size + _SLOTS_BEYOND_BUFFERS
+
+
+def check_shared_memory(num_workers: int, slots: int, slot_bytes: int,
+                        folder: str = SHARED_MEMORY_FOLDER) -> None:
+    """Fails at once when the workers' rings cannot fit in the shared-memory file system.
+
+    A ring's pages are only allocated when written, so a ring that does not fit would
+    start and then kill its worker with SIGBUS at the first batch past the limit (a
+    container's /dev/shm is often 64 MB).
+
+    Args:
+      num_workers: grain worker processes, one ring each.
+      slots: slots per ring (`slots_for_buffer`).
+      slot_bytes: bytes of one batch's images.
+      folder: where POSIX shared memory lives; nothing is checked if it does not exist.
+
+    Raises:
+      ValueError: one sentence with the sizes and the fixes.
+    """
+    if not os.path.isdir(folder):
+        return
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    needed = num_workers * (slots * slot_bytes + _header_bytes(slots))
+    if needed > free:
+        raise ValueError(
+            f"The {num_workers} data workers need {needed / _MIB:,.0f} MiB of shared memory "
+            f"({slots} batch slots of {slot_bytes / _MIB:,.1f} MiB each), but {folder} has "
+            f"{free / _MIB:,.0f} MiB free; lower config.data.num_workers, "
+            "config.data.prefetch_buffer_size or the batch size, or give the machine more "
+            "shared memory (a container's --shm-size).")
 
 
 def _header_bytes(slots: int) -> int:

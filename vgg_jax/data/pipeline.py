@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # Number of independent seeds derived from the user's seed (shuffle, augmentation).
 _NUM_DERIVED_SEEDS = 2
+# uint8 RGB crops: bytes per pixel of a batch's images.
+_RGB_CHANNELS = 3
 # Arrays smaller than this travel from a worker pickled, not in shared memory.
 _MIN_SHARED_MEMORY_BYTES = 1 << 16
 # True inside a grain worker process (set by its init function), which builds its batches
@@ -209,6 +211,10 @@ def train_dataset(
       An IterDataset of per-process batches of global_batch_size // process_count:
       {"image": uint8 [b, S, S, 3], "label": int32 [b], "rgb_shift": float32 [b, 3],
       "mask": bool [b]}, S = config.data.image_size. Its iterator is checkpointable.
+
+    Raises:
+      ValueError: bad process arguments, or worker rings that the shared-memory file
+        system cannot hold (one sentence with the fixes).
     """
     _check_process(process_index, process_count)
     per_process = _per_process(global_batch_size, process_count, "global_batch_size")
@@ -216,6 +222,10 @@ def train_dataset(
     shuffle_seed, augment_seed = (
         int(s) for s in np.random.SeedSequence(seed).generate_state(_NUM_DERIVED_SEEDS)
     )
+    slots = batch_ring.slots_for_buffer(int(data_config.prefetch_buffer_size))
+    size = int(data_config.image_size)
+    batch_ring.check_shared_memory(int(data_config.num_workers), slots,
+                                   per_process * size * size * _RGB_CHANNELS)
     registry = batch_ring.RingRegistry()
     # Endless; every epoch is a fresh permutation, and batches straddle epoch boundaries,
     # so no example is ever dropped.
@@ -223,8 +233,7 @@ def train_dataset(
         source, transforms.TrainTransform(data_config), batch_size=per_process,
         shuffle_seed=shuffle_seed, augment_seed=augment_seed, process_index=process_index,
         process_count=process_count, in_worker=_building_in_worker,
-        ring_slots=batch_ring.slots_for_buffer(int(data_config.prefetch_buffer_size)),
-        ring_registry=registry.id)
+        ring_slots=slots, ring_registry=registry.id)
     return _to_iter_dataset(ds, data_config).map(TakeFromRing(registry)).map(
         WarnUndecodableOnce())
 
