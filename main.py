@@ -109,13 +109,52 @@ def _command_line_fields(argv: list[str]) -> set[str]:
 
 
 def _load_config():
+    """The config and "", or None and the loading failure's sentence."""
     # ml_collections applies the file and its overrides lazily, at this first access.
     try:
         config = flags.FLAGS.config
         config.keys()  # a file that failed to load raises only when first used
-        return config
+        return config, ""
     except Exception as error:  # any loading failure is the user's input
-        sys.exit(f"Config error: {_config_error_text(error)}")
+        return None, _config_error_text(error)
+
+
+def _config_mistake(config, config_checks, init_from) -> str:
+    """The config's first mistake but the batch split (which needs the devices), or ""."""
+    try:
+        # Fields the config leaves to the checkpoint it starts from, and that checkpoint's
+        # preprocessing unless the command line sets it.
+        evaluated = (_WORKDIR.value or _default_workdir()) if _MODE.value == "eval" else None
+        for line in init_from.resolve_config(config, _command_line_fields(sys.argv), evaluated):
+            logging.info(line)
+        config_checks.validate_config(config, check_data=_MODE.value == "train")
+    except config_checks.ConfigError as error:
+        return str(error)
+    return ""
+
+
+def _agreed_config_error(config, mistake: str, config_checks, parallel) -> str:
+    """The job's first config error in one line, the same on every process ("" if none).
+
+    Runs once jax.distributed has joined the processes: a process whose check failed (a
+    data folder missing on its host alone, an override given to it alone) has still
+    joined, so the others stop here with its sentence instead of waiting for it until
+    jax's start-up timeout ends them with an unrelated error.
+    """
+    import jax
+
+    if not mistake and config is not None:
+        try:
+            config_checks.check_batch_split(config, jax.device_count(), jax.process_count())
+        except config_checks.ConfigError as error:
+            mistake = str(error)
+    line = ""
+    if mistake:
+        # The hosts' files and command lines may differ, so name the one that failed.
+        where = (f" on process {jax.process_index()} of {jax.process_count()}"
+                 if jax.process_count() > 1 else "")
+        line = f"Config error{where}: {mistake}"
+    return parallel.first_failure("config", line)
 
 
 def main(argv):
@@ -123,23 +162,16 @@ def main(argv):
         sys.exit(f"Unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value; "
                  "see --helpshort).")
     logging.get_absl_handler().addFilter(_quiet_library_info)
-    config = _load_config()
-    # Imported after flag parsing so that `--help` and config errors stay fast.
+    config, mistake = _load_config()
+    # Imported after flag parsing so that `--help` and flag errors stay fast.
     import jax
 
     from vgg_jax import config_checks, init_from, parallel, stop_signals, workdir_lock
 
-    try:
-        # Fields the config leaves to the checkpoint it starts from, and that checkpoint's
-        # preprocessing unless the command line sets it.
-        evaluated = (_WORKDIR.value or _default_workdir()) if _MODE.value == "eval" else None
-        for line in init_from.resolve_config(config, _command_line_fields(sys.argv), evaluated):
-            logging.info(line)
-        # Every mistake but the batch split, before a multi-host start that may wait for
-        # the other processes.
-        config_checks.validate_config(config, check_data=_MODE.value == "train")
-    except config_checks.ConfigError as error:
-        sys.exit(f"Config error: {error}")
+    if not mistake:
+        mistake = _config_mistake(config, config_checks, init_from)
+    if mistake and not parallel.joins_several_processes(_COORDINATOR.value, _NUM_PROCESSES.value):
+        sys.exit(f"Config error: {mistake}")  # one process: before any work, no backend
     if _NUM_PROCESSES.value > 1 or _COORDINATOR.value:
         logging.info("Joining %s processes through coordinator %s ...",
                      _NUM_PROCESSES.value or "auto-detected", _COORDINATOR.value or "auto")
@@ -148,9 +180,11 @@ def main(argv):
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as error:
         sys.exit(f"Multi-host error: {error}")
+    config_error = _agreed_config_error(config, mistake, config_checks, parallel)
+    if config_error:
+        sys.exit(config_error)
     workdir = _WORKDIR.value or _default_workdir()
     try:
-        config_checks.check_batch_split(config, jax.device_count(), jax.process_count())
         logging.info("%s on %d device(s) in %d process(es); workdir %s.",
                      _MODE.value, jax.device_count(), jax.process_count(), workdir)
         if _MODE.value == "train":

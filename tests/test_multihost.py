@@ -40,13 +40,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_pair(args):
-    """Starts `args` as processes 0 and 1 of a two-process jax.distributed job."""
+def _start_pair(args, own_args=((), ())):
+    """Starts `args` (+ `own_args[i]` on process i) as processes 0 and 1 of a two-process
+    jax.distributed job."""
     port = _free_port()
     return [
         subprocess.Popen(
-            args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                    f"--process_id={index}"],
+            args + list(own_args[index]) + [
+                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                f"--process_id={index}"],
             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for index in range(2)
     ]
@@ -144,15 +146,46 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(single_run):
     assert final == 44
 
 
-def test_a_second_job_on_a_busy_workdir_fails_at_once_on_every_process(tmp_path):
-    # A one-process run holds the workdir: process 0's lock file is held, process 1's is
-    # not, and process 1 must still fail at once with process 0's sentence, not go on.
-    workdir = str(tmp_path / "busy")
-    data = tmp_path / "images"  # the layout check reads no image, so empty files will do
+def _empty_image_folder(data):
+    """A ten-class folder data set of empty files (the layout check reads no image)."""
     for split in ("train", "val"):
         for label in range(10):
             (data / split / str(label)).mkdir(parents=True)
             (data / split / str(label) / "0.jpg").touch()
+    return data
+
+
+def test_a_config_error_on_one_process_stops_every_process_at_once(tmp_path):
+    # The data folder exists on process 0's host only: process 1's check fails, and
+    # process 0 must stop with its sentence, not wait for it in jax.distributed's start.
+    data = _empty_image_folder(tmp_path / "images")
+    missing = tmp_path / "not_mounted"
+    workers = _start_pair(
+        [sys.executable, "main.py", "--config=configs/quickstart.py",
+         f"--workdir={tmp_path / 'run'}", "--config.data.source=folder",
+         "--config.train.batch_size=2", "--config.progress_bar=False"],
+        own_args=([f"--config.data.data_dir={data}"], [f"--config.data.data_dir={missing}"]))
+    try:
+        # Well within the 300 s that jax.distributed.initialize waits for a missing process.
+        outputs = [worker.communicate(timeout=25) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    errors = [stderr.strip().splitlines()[-1] for _, stderr in outputs]
+    assert errors[1].startswith("Config error on process 1 of 2: ") and str(missing) in errors[1]
+    assert errors[0] == errors[1]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 1
+        assert "Traceback" not in stderr
+    assert not (tmp_path / "run").exists()  # stopped before any work
+
+
+def test_a_second_job_on_a_busy_workdir_fails_at_once_on_every_process(tmp_path):
+    # A one-process run holds the workdir: process 0's lock file is held, process 1's is
+    # not, and process 1 must still fail at once with process 0's sentence, not go on.
+    workdir = str(tmp_path / "busy")
+    data = _empty_image_folder(tmp_path / "images")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from vgg_jax import workdir_lock; "
          "lock = workdir_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)",

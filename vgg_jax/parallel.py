@@ -42,6 +42,25 @@ def _launched_on_cluster() -> bool:
     return any(int(os.environ.get(name) or 1) > 1 for name in _TASK_COUNT_ENV_VARS)
 
 
+def joins_several_processes(coordinator_address: str = "", num_processes: int = 0) -> bool:
+    """Whether `initialize_distributed` with these arguments may join several processes.
+
+    Known before any process joins, and without starting a jax backend, so that a single
+    process can still fail on a bad config before any work.
+
+    Args:
+      coordinator_address: "host:port" of process 0, or "" to auto-detect.
+      num_processes: total number of processes, or 0 to auto-detect.
+
+    Returns:
+      True unless the job is one process (--num_processes=1, or neither flags nor a
+      cluster environment asking for more).
+    """
+    if num_processes > 0:
+        return num_processes > 1
+    return bool(coordinator_address) or _launched_on_cluster()
+
+
 def initialize_distributed(
     coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
 ) -> None:
