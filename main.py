@@ -98,7 +98,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with config-file failures reported in one line, not a traceback."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as error:
+    # An override of a field that a --config file lacks raises ml_collections' own lookup
+    # error while its flag is parsed.
+    except (flags.Error, AttributeError, KeyError) as error:
         sys.exit(f"Config error: {_config_error_text(error)}")
 
 

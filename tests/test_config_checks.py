@@ -152,6 +152,10 @@ def test_a_resume_under_other_settings_names_every_difference():
     (["--config.train.batchsize=1"], "Config error: a --config override names the field "
                                      "'batchsize', which the config does not have; did you "
                                      "mean 'batch_size'?"),
+    # The same through a --config file, whose fields are looked up while flags are parsed.
+    (["--config=configs/vgg_d.py", "--config.train.batchsize=1"],
+     "Config error: a --config override names the field 'batchsize', which the config does "
+     "not have; did you mean 'batch_size'?"),
     (["--config=configs/missing.py"], "Config error: "),
     (["--config=configs/vgg_d.py:999"], "Config error: Unknown training scale '999'"),
     (["--mode=eval"], "Error: Checkpoint path "),
