@@ -14,6 +14,9 @@ import pytest
 
 from vgg_jax import checkpoint
 
+# How long a process that must stop at once may take (start-up included).
+_PROMPT_EXIT_S = 25
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [
     sys.executable, "main.py", "--config=configs/quickstart.py",
@@ -38,6 +41,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _outputs_within(processes, timeout):
+    """(stdout, stderr) of each process, which must end within `timeout` seconds; killed
+    and reaped in any case."""
+    try:
+        return [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def _start_pair(args, own_args=((), ())):
@@ -165,13 +179,8 @@ def test_a_config_error_on_one_process_stops_every_process_at_once(tmp_path):
          f"--workdir={tmp_path / 'run'}", "--config.data.source=folder",
          "--config.train.batch_size=2", "--config.progress_bar=False"],
         own_args=([f"--config.data.data_dir={data}"], [f"--config.data.data_dir={missing}"]))
-    try:
-        # Well within the 300 s that jax.distributed.initialize waits for a missing process.
-        outputs = [worker.communicate(timeout=25) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-            worker.wait()
+    # Well within the 300 s that jax.distributed.initialize waits for a missing process.
+    outputs = _outputs_within(workers, _PROMPT_EXIT_S)
     errors = [stderr.strip().splitlines()[-1] for _, stderr in outputs]
     assert errors[1].startswith("Config error on process 1 of 2: ") and str(missing) in errors[1]
     assert errors[0] == errors[1]
@@ -198,7 +207,7 @@ def test_a_second_job_on_a_busy_workdir_fails_at_once_on_every_process(tmp_path)
             "--config.data.source=folder", f"--config.data.data_dir={data}",
             "--config.train.batch_size=2", "--config.progress_bar=False"])
         # Well within the 30 s that a process left waiting in a collective would take.
-        outputs = [worker.communicate(timeout=25) for worker in workers]
+        outputs = _outputs_within(workers, _PROMPT_EXIT_S)
     finally:
         for process in [holder, *workers]:
             process.kill()
@@ -237,13 +246,8 @@ def test_when_process_0_cannot_start_its_writers_every_process_stops_at_once(tmp
     # A metrics file damaged in its middle: process 0 refuses to resume writing into it.
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "train/lo\n{"step": 3}\n')
     workers = _start_pair([sys.executable, "-c", WRITERS_THEN_A_STEP, str(tmp_path)])
-    try:
-        # Well within the 30 s that a process left waiting in a collective would take.
-        outputs = [worker.communicate(timeout=25) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-            worker.wait()
+    # Well within the 30 s that a process left waiting in a collective would take.
+    outputs = _outputs_within(workers, _PROMPT_EXIT_S)
     errors = [stderr.strip().splitlines()[-1] for _, stderr in outputs]
     assert errors[0].startswith("ValueError: ") and "line 2: not valid JSON" in errors[0]
     assert errors[1] == (f"PeerProcessError: Process 0 could not start its metrics writers "
