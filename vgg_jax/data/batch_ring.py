@@ -13,12 +13,14 @@ free slot, marks it in use, writes the batch into it and hands over a small `Rin
 marks the slot free; a `RingSlot` that grain drops unread (stale batches after
 `set_state`, a queue drained at a stop) frees its slot when it is garbage-collected.
 Only the worker sets a flag and only the consumer clears it, each after the hand-off
-through grain's queue, so no lock is needed. (Memory order: x86 never lets the consumer's
-flag store pass its earlier loads from the slot; ARMv8 allows it in principle, but the
-copy's loads complete thousands of instructions before the store. A release-ordered
-store would remove even that; Python exposes none.) A worker waits for a slot only when every
+through grain's queue, so no lock is needed. A worker waits for a slot only when every
 slot is in flight, which grain's bounded buffers keep below the ring's size
 (`slots_for_buffer`).
+
+Memory order: x86 never lets the consumer's flag store pass its earlier loads from the
+slot; ARMv8 allows it in principle, but the copy's loads complete thousands of
+instructions before the store. A release-ordered store would remove even that; Python
+exposes none.
 
 Lifetime: the consuming process maps a ring through the `RingRegistry` of the pipeline
 that started the worker and unlinks the block's name at once, so the memory goes with
