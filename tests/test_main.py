@@ -90,7 +90,11 @@ def test_quickstart_pipeline_end_to_end(reference_run, cache_dir):
                  "train/images_per_sec", "train/grad_norm"):
         assert all(np.isfinite(r[name]) for r in trained), name
     assert evaluations[-1]["val/count"] == 360  # every validation digit counted once
-    assert evaluations[-1]["val/top1_error"] < 0.9  # it learned something in 3 epochs
+    # No bound on what 3 epochs of a width/16 net learn (0.60-0.91 error over 8 seeds): the
+    # error counts whole images of the 360, and the learning itself is test_train's.
+    errors = 360 * np.array([r["val/top1_error"] for r in evaluations])
+    np.testing.assert_allclose(errors, np.round(errors), atol=1e-6)
+    assert all(0 <= e <= 360 for e in errors)
     assert _latest_step(workdir) == 66
     assert os.listdir(os.path.join(workdir, "wandb"))
 
@@ -188,9 +192,10 @@ def test_divergence_stops_with_a_clear_message(cache_dir, tmp_path):
 
 def test_plateau_stop_ends_the_run_and_a_restart_keeps_it_ended(cache_dir, tmp_path):
     workdir = str(tmp_path / "stalled")
-    # No cut allowed, and the second evaluation cannot halve the first one's error: it stalls.
+    # No cut allowed, and the second evaluation would have to take 99% off the first one's
+    # error to count as an improvement: it stalls, however the first two epochs went.
     command = _command(workdir, cache_dir, "--config.train.plateau_max_reductions=0",
-                       "--config.train.plateau_patience=1", "--config.train.plateau_threshold=0.5")
+                       "--config.train.plateau_patience=1", "--config.train.plateau_threshold=0.99")
     result = _run(command)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Stopping at step 44: validation stalled after the last learning-rate cut" in (

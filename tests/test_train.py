@@ -57,17 +57,35 @@ def _setup(config, mesh):
     return model, state, step
 
 
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+def test_one_step_lowers_the_loss_by_the_first_order_amount():
+    """A step of plain SGD moves the parameters by -lr * g, so on the same batch the loss
+    falls by lr * |g|^2 to first order. Dropout, momentum and weight decay are off so the
+    loss is a function of the parameters alone; the rate is chosen to take 1% off the loss.
+    Measured over 12 seeds: the fall is 0.99 +- 0.011 (0.969-1.016) of the prediction, so
+    the bounds below are ~18 standard deviations away, while a wrong sign, a gradient of the
+    sum instead of the mean or a rate applied twice lands far outside them."""
     config = _config()
+    config.model.dropout_rate = 0.0
+    config.train.momentum, config.train.weight_decay = 0.0, 0.0
     mesh = parallel.create_mesh()
     _, state, step = _setup(config, mesh)
     batch = parallel.shard_batch(_batch(), mesh)
-    losses = []
-    for _ in range(8):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"] / metrics["count"]))
-    assert all(np.isfinite(losses))
-    assert losses[-1] < 0.7 * losses[0], losses
+
+    def loss_and_norm(metrics):
+        return float(metrics["loss"] / metrics["count"]), float(metrics["grad_norm"])
+
+    def with_rate(state, lr):
+        return state.replace(opt_state=optim.set_learning_rate(state.opt_state, lr))
+
+    state, metrics = step(with_rate(state, 0.0), batch)  # measures, moves nothing
+    loss_0, grad_norm = loss_and_norm(metrics)
+    lr = 0.01 * loss_0 / grad_norm**2
+    state, metrics = step(with_rate(state, lr), batch)
+    assert loss_and_norm(metrics)[0] == pytest.approx(loss_0, rel=1e-6)  # the same parameters
+    _, metrics = step(with_rate(state, 0.0), batch)
+    loss_1, _ = loss_and_norm(metrics)
+    assert np.isfinite(loss_1)
+    assert 0.8 < (loss_0 - loss_1) / (lr * grad_norm**2) < 1.2, (loss_0, loss_1, lr, grad_norm)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
