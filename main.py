@@ -15,8 +15,15 @@ import re
 import sys
 import traceback
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vgg_jax import config_checks
+from vgg_jax.config_checks import renamed_field_message
+from vgg_jax.evaluation import run
+from vgg_jax.runtime import parallel, stop_signals, workdir_lock
+from vgg_jax.training import loop, warm_start
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,8 +36,6 @@ def _last_line(error: BaseException) -> str:
 
 
 def _config_error_text(error: BaseException) -> str:
-    from vgg_jax.config_checks import renamed_field_message
-
     text = str(error)
     for field in re.findall(r"'(?:config\.)?([\w.]+)'|\"(\w+)\"", text):
         message = renamed_field_message(field[0] or field[1])
@@ -121,13 +126,13 @@ def _load_config():
         return None, _config_error_text(error)
 
 
-def _config_mistake(config, config_checks, init_from) -> str:
+def _config_mistake(config) -> str:
     """The config's first mistake but the batch split (which needs the devices), or ""."""
     try:
         # Fields the config leaves to the checkpoint it starts from, and that checkpoint's
         # preprocessing unless the command line sets it.
         evaluated = (_WORKDIR.value or _default_workdir()) if _MODE.value == "eval" else None
-        for line in init_from.resolve_config(config, _command_line_fields(sys.argv), evaluated):
+        for line in warm_start.resolve_config(config, _command_line_fields(sys.argv), evaluated):
             logging.info(line)
         config_checks.validate_config(config, check_data=_MODE.value == "train")
     except config_checks.ConfigError as error:
@@ -135,7 +140,7 @@ def _config_mistake(config, config_checks, init_from) -> str:
     return ""
 
 
-def _agreed_config_error(config, mistake: str, config_checks, parallel) -> str:
+def _agreed_config_error(config, mistake: str) -> str:
     """The job's first config error in one line, the same on every process ("" if none).
 
     Runs once jax.distributed has joined the processes: a process whose check failed (a
@@ -143,11 +148,9 @@ def _agreed_config_error(config, mistake: str, config_checks, parallel) -> str:
     joined, so the others stop here with its sentence instead of waiting for it until
     jax's start-up timeout ends them with an unrelated error.
     """
-    import jax
-
     if not mistake and config is not None:
         try:
-            config_checks.check_batch_split(config, jax.device_count(), jax.process_count())
+            loop.check_batch_split(config.train, jax.device_count(), jax.process_count())
         except config_checks.ConfigError as error:
             mistake = str(error)
     line = ""
@@ -165,13 +168,8 @@ def main(argv):
                  "see --helpshort).")
     logging.get_absl_handler().addFilter(_quiet_library_info)
     config, mistake = _load_config()
-    # Imported after flag parsing so that `--help` and flag errors stay fast.
-    import jax
-
-    from vgg_jax import config_checks, init_from, parallel, stop_signals, workdir_lock
-
     if not mistake:
-        mistake = _config_mistake(config, config_checks, init_from)
+        mistake = _config_mistake(config)
     if mistake and not parallel.joins_several_processes(_COORDINATOR.value, _NUM_PROCESSES.value):
         sys.exit(f"Config error: {mistake}")  # one process: before any work, no backend
     if _NUM_PROCESSES.value > 1 or _COORDINATOR.value:
@@ -182,7 +180,7 @@ def main(argv):
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as error:
         sys.exit(f"Multi-host error: {error}")
-    config_error = _agreed_config_error(config, mistake, config_checks, parallel)
+    config_error = _agreed_config_error(config, mistake)
     if config_error:
         sys.exit(config_error)
     workdir = _WORKDIR.value or _default_workdir()
@@ -190,12 +188,8 @@ def main(argv):
         logging.info("%s on %d device(s) in %d process(es); workdir %s.",
                      _MODE.value, jax.device_count(), jax.process_count(), workdir)
         if _MODE.value == "train":
-            from vgg_jax import train
-
-            train.train_and_evaluate(config, workdir)
+            loop.train_and_evaluate(config, workdir)
         else:
-            from vgg_jax.evaluation import run
-
             run.run_evaluation(config, workdir, step=_STEP.value)
     except config_checks.ConfigError as error:
         sys.exit(f"Config error: {error}")

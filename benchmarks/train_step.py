@@ -150,7 +150,8 @@ def main(argv: list[str]) -> None:
 
     import jax
 
-    from vgg_jax import config_checks, parallel
+    from vgg_jax import config_checks
+    from vgg_jax.runtime import parallel
 
     try:
         config_checks.validate_config(config, device_count=jax.device_count(),

@@ -3,7 +3,7 @@
   python benchmarks/validation.py                                   # both cases, 3 repeats
   python benchmarks/validation.py --cases=photos --photos=1000 --json=validation.json
 
-Times exactly what the training loop calls after an epoch, `train.validation_fn(model,
+Times exactly what the training loop calls after an epoch, `loop.validation_fn(model,
 config, mesh)(variables)`: the single-crop view at the paper's single test scale Q (from the
 training scale S) decoded by the configured decoding threads, the jitted forward pass with
 the metric sums on the mesh, and the sums fetched at the end. The first call (planning and
@@ -35,9 +35,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import base, quickstart
-from vgg_jax import parallel, train
 from vgg_jax.data import pipeline, testing
 from vgg_jax.models import create_model_from_config
+from vgg_jax.runtime import parallel
+from vgg_jax.training import loop
 
 _CASES = flags.DEFINE_list("cases", ["quickstart", "photos"], "Which cases to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed validation passes per case.", lower_bound=1)
@@ -91,7 +92,7 @@ def time_validation(config, repeats: int) -> dict[str, float]:
     size = config.data.image_size
     variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, size, size, 3))),
                         out_shardings=parallel.replicated(mesh))(jax.random.key(0))
-    validate = train.validation_fn(model, config, mesh)
+    validate = loop.validation_fn(model, config, mesh)
     images = pipeline.num_examples(config.data, config.data.eval_split)
     start = time.perf_counter()
     metrics = validate(variables)

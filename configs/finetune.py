@@ -30,7 +30,7 @@ def get_config():
       a tenth of the paper's learning rate and a short schedule.
     """
     config = base.get_config()
-    # None: taken from the checkpoint in init_from (vgg_jax.init_from.resolve_config).
+    # None: taken from the checkpoint in init_from (vgg_jax.training.warm_start.resolve_config).
     config.init_from = config_dict.placeholder(str)
     config.model.version = config_dict.placeholder(str)
     config.model.width_divisor = config_dict.placeholder(int)

@@ -149,7 +149,7 @@ def test_train_run_rates_leave_out_start_up_and_validation_intervals():
 def test_step_fits_runs_the_real_step():
     # The search runs on GPUs only (the CLI skips it on a CPU); the step it tries runs here.
     from configs import vgg_a
-    from vgg_jax import parallel
+    from vgg_jax.runtime import parallel
 
     config = vgg_a.get_config()
     config.model.width_divisor, config.model.fc_features = 16, 16

@@ -1,4 +1,4 @@
-"""The analytic FLOP count (vgg_jax.flops) and the train-step benchmark (smoke runs on CPU).
+"""The analytic FLOP count (vgg_jax.models.flops) and the train-step benchmark (smoke runs on CPU).
 
 No timing is asserted: CI machines are shared and slow. The benchmark runs as a
 subprocess, exactly as a user runs it, at shapes that take seconds.
@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from vgg_jax import flops
-from vgg_jax.models import create_model
+from vgg_jax.models import create_model, flops
 
 # Forward multiply-accumulates at 224x224, in units of 1e9 (paper notes, docs/paper.md).
 PAPER_GMACS = {"A": 7.61, "A_LRN": 7.61, "B": 11.31, "C": 11.77, "D": 15.47, "E": 19.63}

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from vgg_jax import checkpoint, checkpoint_recovery
+from vgg_jax.training import checkpoint, checkpoint_recovery
 
 
 def _unraisable(error):

@@ -7,10 +7,10 @@ import sys
 import pytest
 
 from configs import base, quickstart, small_datasets, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
-from vgg_jax import checkpoint
-from vgg_jax.checkpoint import check_resumable
 from vgg_jax.config_checks import ConfigError, validate_config
 from vgg_jax.data import transforms
+from vgg_jax.training import checkpoint
+from vgg_jax.training.checkpoint import check_resumable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torchvision_reference as reference
 
-from vgg_jax import checkpoint, convert
+from vgg_jax import convert
+from vgg_jax.training import checkpoint
 
 WIDTH_DIVISOR, FC_FEATURES = reference.WIDTH_DIVISOR, reference.FC_FEATURES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

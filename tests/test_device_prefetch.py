@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from vgg_jax import parallel
-from vgg_jax.data import device_prefetch
-from vgg_jax.data.device_prefetch import DevicePrefetcher
+from vgg_jax.runtime import device_prefetch, parallel
+from vgg_jax.runtime.device_prefetch import DevicePrefetcher
 
 
 def _host_iterator(length=40):

@@ -14,7 +14,6 @@ import pytest
 import small_data
 
 from configs import base
-from vgg_jax import checkpoint, parallel
 from vgg_jax.data import sources, testing, transforms
 from vgg_jax.evaluation import evaluator as evaluator_module
 from vgg_jax.evaluation import metrics, plan, protocols, results
@@ -22,6 +21,8 @@ from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
 from vgg_jax.evaluation.protocols import Protocol, class_probabilities
 from vgg_jax.evaluation.run import load_net, run_evaluation
 from vgg_jax.models import create_model
+from vgg_jax.runtime import parallel
+from vgg_jax.training import checkpoint
 
 NUM_CLASSES = 10
 MEAN = (120.0, 115.0, 100.0)

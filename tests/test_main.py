@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from vgg_jax import checkpoint
+from vgg_jax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny quickstart: width/16 net A, three short epochs (66 steps) of the real digits pipeline.
@@ -251,7 +251,7 @@ def test_a_second_run_into_a_busy_workdir_fails_at_once_naming_the_holder(cache_
     workdir = str(tmp_path / "busy")
     # The holder: a real process holding the workdir's lock as a training run does.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from vgg_jax import workdir_lock; "
+        [sys.executable, "-c", "import sys, time; from vgg_jax.runtime import workdir_lock; "
          "lock = workdir_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)",
          workdir], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
     try:
@@ -266,7 +266,7 @@ def test_a_second_run_into_a_busy_workdir_fails_at_once_naming_the_holder(cache_
         # A killed holder leaves no stale lock: the kernel dropped it with the process.
         holder.kill()
         holder.wait()
-    from vgg_jax import workdir_lock
+    from vgg_jax.runtime import workdir_lock
 
     workdir_lock.acquire(workdir).release()
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from vgg_jax import checkpoint
+from vgg_jax.training import checkpoint
 
 # How long a process that must stop at once may take (start-up included).
 _PROMPT_EXIT_S = 25
@@ -196,7 +196,7 @@ def test_a_second_job_on_a_busy_workdir_fails_at_once_on_every_process(tmp_path)
     workdir = str(tmp_path / "busy")
     data = _empty_image_folder(tmp_path / "images")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from vgg_jax import workdir_lock; "
+        [sys.executable, "-c", "import sys, time; from vgg_jax.runtime import workdir_lock; "
          "lock = workdir_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)",
          workdir], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
     workers = []
@@ -226,7 +226,8 @@ WRITERS_THEN_A_STEP = """
 import sys
 from jax.experimental import multihost_utils
 from configs import base
-from vgg_jax import parallel, writers
+from vgg_jax.runtime import parallel
+from vgg_jax.training import writers
 flags = dict(arg[2:].split("=", 1) for arg in sys.argv[2:])
 parallel.initialize_distributed(
     flags["coordinator_address"], int(flags["num_processes"]), int(flags["process_id"]))

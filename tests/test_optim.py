@@ -1,4 +1,4 @@
-"""Tests of the paper's optimiser and plateau schedule (vgg_jax/optim.py)."""
+"""Tests of the paper's optimiser and plateau schedule (vgg_jax/training/optim.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from vgg_jax import optim
+from vgg_jax.training import optim
 
 
 def train_config(**overrides):

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from vgg_jax import metric_names as names
-from vgg_jax import plot, writers
+from vgg_jax import plot
+from vgg_jax.training import metric_names as names
+from vgg_jax.training import writers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,10 +12,11 @@ import pytest
 import small_data
 
 from configs import base
-from vgg_jax import checkpoint, imagenet_classes, predict
-from vgg_jax.data import testing, transforms
+from vgg_jax import predict
+from vgg_jax.data import imagenet_classes, testing, transforms
 from vgg_jax.evaluation.protocols import class_probabilities
 from vgg_jax.models import create_model
+from vgg_jax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,11 +10,11 @@ import pytest
 import small_data
 
 from configs import base
-from vgg_jax import checkpoint
 from vgg_jax.data import testing
 from vgg_jax.evaluation import paper, report, results
 from vgg_jax.evaluation.run import run_evaluation
 from vgg_jax.models import create_model
+from vgg_jax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JITTERED = (256, 512)

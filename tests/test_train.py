@@ -17,8 +17,12 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from vgg_jax import checkpoint, models, optim, parallel, profiling, train, writers
+from vgg_jax import models
 from vgg_jax.config_values import ConfigError
+from vgg_jax.runtime import parallel, profiling
+from vgg_jax.training import checkpoint, loop, optim, writers
+from vgg_jax.training.state import create_train_state
+from vgg_jax.training.step import jit_train_step
 
 NUM_CLASSES = 10
 # How long a released thread may take to finish the read it was in (grain's reader stops
@@ -50,10 +54,10 @@ def _batch(size=8, seed=0, image_size=32):
 def _setup(config, mesh):
     model = models.create_model_from_config(config)
     tx = optim.create_optimizer(config.train)
-    state = train.create_train_state(model, tx, config.seed, mesh)
+    state = create_train_state(model, tx, config.seed, mesh)
     state = state.replace(opt_state=optim.set_learning_rate(
         state.opt_state, config.train.learning_rate))
-    step = train.jit_train_step(model, config.data)
+    step = jit_train_step(model, config.data)
     return model, state, step
 
 
@@ -221,13 +225,13 @@ def test_training_loop_on_a_tfds_data_set(tmp_path):
     config.progress_bar = False
     config.wandb.mode = "disabled"
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
-        metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+        metrics = loop.train_and_evaluate(config, str(tmp_path / "run"))
         # As if killed during epoch 2: the epoch-1 checkpoint (step 5) is the newest.
         shutil.copytree(tmp_path / "run", tmp_path / "resumed")
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "10")
-        resumed_metrics = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+        resumed_metrics = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
         variables, loaded_config = checkpoint.load_variables(str(tmp_path / "run"), "latest")
-        validate = train.validation_fn(models.create_model_from_config(loaded_config), config,
+        validate = loop.validation_fn(models.create_model_from_config(loaded_config), config,
                                        parallel.create_mesh())
         revalidated = validate(variables)
         initial_stats = {name: {"mean": np.zeros_like(s["mean"]), "var": np.ones_like(s["var"])}
@@ -347,7 +351,7 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
         return config
 
     def run(accum, name):
-        train.train_and_evaluate(config_for(accum), str(tmp_path / name))
+        loop.train_and_evaluate(config_for(accum), str(tmp_path / name))
         variables, _ = checkpoint.load_variables(str(tmp_path / name), "latest")
         return variables
 
@@ -363,7 +367,7 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
     assert steps == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
     sender = _stop_once_handled(signal.SIGTERM)
-    train.train_and_evaluate(config_for(4), str(tmp_path / "resumed"))
+    loop.train_and_evaluate(config_for(4), str(tmp_path / "resumed"))
     sender.join()
     manager = checkpoint.create_manager(str(tmp_path / "resumed"))
     assert manager.all_steps() == [1]
@@ -379,7 +383,7 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
     metrics_file.mkdir()
     before = set(threading.enumerate())
     with pytest.raises(IsADirectoryError, match="metrics.jsonl"):
-        train.train_and_evaluate(config_for(4), str(tmp_path / "resumed"))
+        loop.train_and_evaluate(config_for(4), str(tmp_path / "resumed"))
     left = [thread for thread in set(threading.enumerate()) - before
             if thread.join(_THREAD_EXIT_S) or thread.is_alive()]
     assert not left, left
@@ -399,7 +403,7 @@ def test_a_batch_larger_than_the_training_split_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.train\.batch_size=4096 is larger than "
                        r"the training split \(\d+ images in 'train'\), so an epoch would hold "
                        r"no step; use a batch of at most \d+\."):
-        train.StepCounts.from_config(config)
+        loop.StepCounts.from_config(config)
 
 
 def test_checkpoint_saves_leave_the_preemption_sync_point_to_the_loop(tmp_path, monkeypatch):

@@ -14,10 +14,11 @@ from sklearn.preprocessing import normalize
 from sklearn.svm import LinearSVC
 
 from configs import quickstart
-from vgg_jax import models, train
+from vgg_jax import models
 from vgg_jax.data.testing import ArrayImages, png_bytes
 from vgg_jax.evaluation.evaluator import EvalNet
 from vgg_jax.preprocess import normalize_images
+from vgg_jax.training import loop
 from vgg_jax.transfer import classify, descriptors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ def test_command_on_the_digits_then_from_the_cache(tmp_path):
     config.data.cache_dir, config.data.num_workers = str(tmp_path / "cache"), 0
     config.train.num_epochs, config.progress_bar, config.wandb.mode = 2, False, "disabled"
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
 
     command = [sys.executable, "-m", "vgg_jax.transfer", f"--workdir={workdir}",
                "--config=configs/transfer.py:digits", f"--json={tmp_path / 'rows.json'}",

@@ -1,11 +1,11 @@
-"""The workdir lock (vgg_jax/workdir_lock.py) in-process; two-process jobs are in
+"""The workdir lock (vgg_jax/runtime/workdir_lock.py) in-process; two-process jobs are in
 test_multihost, runs through main.py in test_main."""
 
 import os
 
 import pytest
 
-from vgg_jax import workdir_lock
+from vgg_jax.runtime import workdir_lock
 
 
 def test_a_lock_file_that_cannot_be_written_fails_in_one_sentence(tmp_path):

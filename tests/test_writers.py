@@ -1,4 +1,4 @@
-"""Tests of the metrics writers (vgg_jax/writers.py): real files, wandb in offline mode."""
+"""Tests of the metrics writers (vgg_jax/training/writers.py): real files, wandb in offline mode."""
 
 import fcntl
 import glob
@@ -19,8 +19,8 @@ import pytest
 from absl import logging as absl_logging
 
 from configs import base
-from vgg_jax import metric_names as names
-from vgg_jax import writers
+from vgg_jax.training import metric_names as names
+from vgg_jax.training import writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,7 +240,7 @@ def test_wandb_start_up_lines_are_not_glued_onto_the_bar(tmp_path):
     """A real terminal (a pty) and a real offline wandb run: wandb's start-up lines come
     before the bar is first drawn, each on a line of its own."""
     script = (
-        "import sys; from configs import base; from vgg_jax import writers; "
+        "import sys; from configs import base; from vgg_jax.training import writers; "
         "config = base.get_config(); config.wandb.mode = 'offline'; "
         "writer = writers.create_writer(config, sys.argv[1], is_main_process=True, "
         "total_steps=10); [writer.advance(step) for step in range(1, 11)]; writer.close()")

@@ -4,7 +4,7 @@
 import numpy as np
 
 from vgg_jax import models
-from vgg_jax.torchvision_weights import feature_indices
+from vgg_jax.weights.torchvision_format import feature_indices
 
 WIDTH_DIVISOR, FC_FEATURES, NUM_CLASSES = 16, 32, 10
 # torchvision's BatchNorm2d epsilon.

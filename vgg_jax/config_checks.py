@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from vgg_jax import checkpoint, optim, preprocess, train, writers
+from vgg_jax import preprocess
 from vgg_jax.config_values import ConfigError, require
 from vgg_jax.data import pipeline, sources
 from vgg_jax.evaluation import protocols
 from vgg_jax.models import check_config as check_model_config
 from vgg_jax.models import check_frozen_layers
+from vgg_jax.training import checkpoint, loop, optim, writers
 
-__all__ = ["ConfigError", "check_batch_split", "renamed_field_message", "validate_config"]
+__all__ = ["ConfigError", "renamed_field_message", "validate_config"]
 
 # Fields that were renamed: old path -> the new field and its unit, for the one-sentence
 # error that an old command line or config file gets.
@@ -37,7 +38,7 @@ def validate_config(
     Args:
       config: the full run config.
       device_count: devices over all processes (the batch is split over them); None
-        leaves `check_batch_split` for later (main.py runs it once jax.distributed has
+        leaves `loop.check_batch_split` for later (main.py runs it once jax.distributed has
         joined the processes, which it need not wait for to find other mistakes).
       process_count: number of processes (each reads its share of every batch).
       check_data: also check that the data set exists (cheap; no image is decoded).
@@ -52,9 +53,9 @@ def validate_config(
     check_frozen_layers(config.train.get("frozen_layers", ()), config.model.version)
     pipeline.check_config(config.data)
     preprocess.check_config(config.data)
-    train.check_config(config.train)
+    loop.check_config(config.train)
     if device_count is not None:
-        check_batch_split(config, device_count, process_count)
+        loop.check_batch_split(config.train, device_count, process_count)
     optim.check_config(config.train)
     checkpoint.check_config(config.checkpoint)
     writers.check_config(config.wandb)
@@ -77,12 +78,6 @@ def renamed_field_message(field: str) -> str | None:
         if field in (old, old.rsplit(".", 1)[-1]):
             return f"config.{old} is now {new}; set that instead."
     return None
-
-
-def check_batch_split(config: ml_collections.ConfigDict, device_count: int,
-                      process_count: int = 1) -> None:
-    """`train.check_batch_split` of the config's train section (see there)."""
-    train.check_batch_split(config.train, device_count, process_count)
 
 
 def _check_starting_point(config: ml_collections.ConfigDict) -> None:

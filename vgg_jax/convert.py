@@ -1,7 +1,7 @@
 """Imports torchvision's pretrained VGG weights (vgg11/13/16/19 = nets A/B/D/E, and
 their batch-norm twins vgg11_bn ... vgg19_bn) as a checkpoint.
 
-The key-by-key mapping lives in vgg_jax.torchvision_weights (both directions).
+The key-by-key mapping lives in vgg_jax.weights.torchvision_format (both directions).
 
 Its preprocessing differs from the paper's: pixels are scaled to [0, 1] and normalised by
 ImageNet's mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); on our 0-255 scale
@@ -36,7 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vgg_jax.data import imagenet
-from vgg_jax.torchvision_weights import (  # noqa: F401  (this module's Python API)
+from vgg_jax.weights.torchvision_format import (  # noqa: F401  (this module's Python API)
     TORCHVISION_NAMES,
     feature_indices,
     from_torchvision,
@@ -119,7 +119,7 @@ def convert_file(
     Raises:
       ValueError: if the state dict does not match the version (see `from_torchvision`).
     """
-    from vgg_jax import checkpoint
+    from vgg_jax.training import checkpoint
 
     state_dict = load_state_dict(path)
     key = torchvision_version(version)
@@ -166,7 +166,7 @@ def export_file(path: str, out: str, step: int | str | None = None) -> str:
     Raises:
       ValueError: if the path holds no checkpoint, or a net torchvision does not have.
     """
-    from vgg_jax import checkpoint
+    from vgg_jax.training import checkpoint
 
     variables, config, chosen = checkpoint.load_checkpoint(path, step)
     batch_norm = bool(config.model.get("batch_norm", False))
@@ -226,7 +226,7 @@ def main(argv: Sequence[str]) -> None:
     weights = positional[0]
     if not os.path.isfile(weights):
         sys.exit(f"{weights} is not a file.")
-    from vgg_jax import checkpoint
+    from vgg_jax.training import checkpoint
 
     existing = checkpoint.checkpoint_dir(f.out)
     if os.path.isdir(existing) and os.listdir(existing):

@@ -25,8 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vgg_jax import imagenet_classes
-from vgg_jax.data import decode, digits, transforms
+from vgg_jax.data import decode, digits, imagenet_classes, transforms
 from vgg_jax.evaluation import protocols
 from vgg_jax.evaluation.run import load_net
 
@@ -86,7 +85,7 @@ def predict(
     """Top-k classes of each image.
 
     Args:
-      workdir: a workdir or weight directory (vgg_jax.checkpoint.load_variables).
+      workdir: a workdir or weight directory (vgg_jax.training.checkpoint.load_variables).
       image_paths: image files (JPEG, PNG, ... ; grayscale and CMYK are converted to RGB).
       top_k: how many classes to return per image.
       step: checkpoint step (None: best if any, else latest).

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from vgg_jax import parallel
+    from vgg_jax.runtime import parallel
 
     mesh = parallel.create_mesh()
     results = {"jax_version": jax.__version__, "device_kind": jax.devices()[0].device_kind,

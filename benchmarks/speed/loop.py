@@ -78,8 +78,7 @@ class _Timing:
 
 
 def _feeder(name: str, dataset, mesh, depth: int):
-    from vgg_jax import parallel
-    from vgg_jax.data import device_prefetch
+    from vgg_jax.runtime import device_prefetch, parallel
 
     if name == "grain":
         import grain

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-# How the loop feeds the step: our device prefetch thread (vgg_jax.data.device_prefetch),
+# How the loop feeds the step: our device prefetch thread (vgg_jax.runtime.device_prefetch),
 # grain's own (grain.experimental.device_put), or no prefetch (transfer in the loop).
 FEEDERS = ("thread", "grain", "none")
 

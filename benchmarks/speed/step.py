@@ -1,7 +1,7 @@
 """The real train step on synthetic device batches: rate, FLOPs, MFU, memory.
 
-What is timed is exactly what training runs: `train.jit_train_step` (state donated), the
-state from `train.create_train_state` and `optim.create_optimizer`, a batch assembled by
+What is timed is exactly what training runs: `jit_train_step` (state donated), the
+state from `create_train_state` and `optim.create_optimizer`, a batch assembled by
 `parallel.shard_batch` (uint8 images, normalised on the device). The step is compiled
 ahead of time (compile time on its own), warmed up, then timed step by step with
 `block_until_ready` (median reported) and once more back to back, the way the training
@@ -82,17 +82,21 @@ def build_step(config, mesh, batch_per_call: int) -> BuiltStep:
     """
     import jax
 
-    from vgg_jax import models, optim, parallel, train
+    from vgg_jax import models
+    from vgg_jax.runtime import parallel
+    from vgg_jax.training import optim
+    from vgg_jax.training.state import create_train_state
+    from vgg_jax.training.step import jit_train_step
 
     model = models.create_model_from_config(config)
     tx = optim.create_optimizer(config.train)
-    state = train.create_train_state(model, tx, config.seed, mesh)
+    state = create_train_state(model, tx, config.seed, mesh)
     # As training does: the learning rate is pushed into the optimiser state.
     state = state.replace(opt_state=optim.set_learning_rate(
         state.opt_state, config.train.learning_rate))
     batch = parallel.shard_batch(synthetic_batch(config, batch_per_call // jax.process_count()),
                                  mesh)
-    step = train.jit_train_step(model, config.data)
+    step = jit_train_step(model, config.data)
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     traced = time.perf_counter()
@@ -186,7 +190,7 @@ def step_figures(built: BuiltStep, times: list[float], back_to_back: float,
     """
     import jax
 
-    from vgg_jax import flops
+    from vgg_jax.models import flops
 
     median = statistics.median(times)
     device = jax.devices()[0]

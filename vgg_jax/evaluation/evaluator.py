@@ -21,10 +21,10 @@ import jax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from vgg_jax import parallel, writers
 from vgg_jax.evaluation import metrics, plan
 from vgg_jax.evaluation.protocols import Protocol, log_probabilities
 from vgg_jax.evaluation.results import Accumulator, Evaluation
+from vgg_jax.runtime import console, parallel
 
 
 @dataclasses.dataclass
@@ -234,7 +234,7 @@ class _NoBar:
 def _progress(total: int, desc: str, enabled: bool):
     # Off a terminal (a log file, SLURM output) a bar's frames would pile up; the results
     # printed after each protocol are the record there.
-    if not enabled or not writers.is_terminal(sys.stderr):
+    if not enabled or not console.is_terminal(sys.stderr):
         return _NoBar()
     from tqdm import tqdm
 

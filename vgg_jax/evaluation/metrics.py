@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vgg_jax.metric_names import TOP_K
-
+# The k of the top-k error reported besides top-1 (the paper reports top-1 and top-5).
+TOP_K = 5
 # Rows of host-side probabilities scored per call (bounds device memory for 50,000 images).
 _HOST_CHUNK = 4096
 _SUM_KEYS = ("loss", "top1_errors", "top5_errors", "count")

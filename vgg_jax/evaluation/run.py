@@ -21,7 +21,7 @@ _DATA_IDENTITY_FIELDS = ("source", "name", "data_dir", "eval_split")
 
 
 def load_net(path: str, step: int | str | None = None) -> tuple[EvalNet, ml_collections.ConfigDict]:
-    """An EvalNet from a workdir or weight file (see vgg_jax.checkpoint.load_variables).
+    """An EvalNet from a workdir or weight file (see vgg_jax.training.checkpoint.load_variables).
 
     Args:
       path: the workdir or weight directory.
@@ -30,7 +30,7 @@ def load_net(path: str, step: int | str | None = None) -> tuple[EvalNet, ml_coll
     Returns:
       (the net, the checkpoint's run config).
     """
-    from vgg_jax import checkpoint
+    from vgg_jax.training import checkpoint
 
     variables, run_config, chosen_step = checkpoint.load_checkpoint(path, step)
     d = run_config.data

@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_jax import parallel
 from vgg_jax.data.transforms import DENSE
 from vgg_jax.evaluation import plan
 from vgg_jax.evaluation.evaluator import EvalNet
 from vgg_jax.evaluation.protocols import Protocol
 from vgg_jax.preprocess import normalize_images
+from vgg_jax.runtime import parallel
 
 logger = logging.getLogger(__name__)
 

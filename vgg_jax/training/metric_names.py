@@ -19,8 +19,5 @@ EPOCH = "epoch"
 # The x-axis key of every record (JSON lines) and of every wandb chart.
 STEP = "step"
 
-# The k of the top-k error reported besides top-1 (the paper reports top-1 and top-5).
-TOP_K = 5
-
 # The validation metrics the plateau schedule may watch (all to be minimised).
 MONITORABLE = (VAL_TOP1_ERROR, VAL_TOP5_ERROR, VAL_LOSS)

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgg_jax.models import TOTAL_STRIDE, VGG
+from vgg_jax.models.vgg import TOTAL_STRIDE, VGG
 
 # FLOPs per multiply-accumulate.
 FLOPS_PER_MAC = 2

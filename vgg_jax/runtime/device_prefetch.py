@@ -217,7 +217,7 @@ def on_devices(host_iterator: Any, mesh: Any, depth: int) -> DevicePrefetcher:
     Returns:
       An iterator of device batches that checkpoints like the grain iterator.
     """
-    from vgg_jax import parallel
+    from vgg_jax.runtime import parallel
 
     return DevicePrefetcher(host_iterator, functools.partial(parallel.shard_batch, mesh=mesh),
                             depth)

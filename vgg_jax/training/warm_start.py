@@ -106,7 +106,7 @@ def source_config(path: str) -> ml_collections.ConfigDict:
     """
     import orbax.checkpoint as ocp
 
-    from vgg_jax import checkpoint
+    from vgg_jax.training import checkpoint
 
     check_path(path)
     manager = ocp.CheckpointManager(
@@ -333,7 +333,7 @@ def initialise(config: ml_collections.ConfigDict, params, batch_stats
       ConfigError: for an unreadable source, a layer choice that cannot work, or a
         transfer that would copy nothing.
     """
-    from vgg_jax import checkpoint
+    from vgg_jax.training import checkpoint
 
     check_path(config.init_from)
     try:
@@ -364,7 +364,7 @@ def check_transfer(config: ml_collections.ConfigDict) -> None:
     Raises:
       ConfigError: as `initialise`.
     """
-    from vgg_jax import checkpoint
+    from vgg_jax.training import checkpoint
 
     check_path(config.init_from)
     try:

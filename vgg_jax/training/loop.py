@@ -1,4 +1,4 @@
-"""Training: the train state, the jit'd data-parallel step, validation and the loop.
+"""The training loop: set-up, resume, the phases of a step, validation and the plateau rule.
 
 The loop follows the paper's recipe (3.1): mini-batch SGD with momentum and weight decay,
 dropout on FC6/FC7, the learning rate divided by 10 when validation top-1 error stalls.
@@ -10,61 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax.training import train_state
 
-from vgg_jax import (
-    checkpoint,
-    checkpoint_recovery,
-    init_from,
-    optim,
-    parallel,
-    profiling,
-    stop_signals,
-    workdir_lock,
-    writers,
-)
-from vgg_jax import metric_names as names
 from vgg_jax.config_values import require
-from vgg_jax.data import device_prefetch, pipeline, sources, transforms
+from vgg_jax.data import pipeline, sources, transforms
 from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
-from vgg_jax.evaluation.metrics import classification_sums, summarize
+from vgg_jax.evaluation.metrics import summarize
 from vgg_jax.evaluation.protocols import SINGLE_CROP, Protocol
 from vgg_jax.models import VGG, create_model_from_config
-from vgg_jax.preprocess import normalize_images
+from vgg_jax.runtime import device_prefetch, parallel, profiling, stop_signals, workdir_lock
+from vgg_jax.training import checkpoint, checkpoint_recovery, optim, warm_start, writers
+from vgg_jax.training import metric_names as names
+from vgg_jax.training.state import TrainState, create_train_state
+from vgg_jax.training.step import jit_train_step
 
 # Guards the images/s division when a log interval measured no time.
 _TINY_SECONDS = 1e-9
 # Checkpoint metadata: true when a stop saved an epoch end before its due validation.
 _VALIDATION_PENDING = "validation_pending"
-# Nets (with their meshes) whose compiled initialisation a process keeps for its next run.
-_CACHED_INITIALISATIONS = 8
-
-
-class TrainState(train_state.TrainState):
-    """Flax's train state plus the raw RNG key that seeds dropout at every step and the
-    running batch-norm statistics ({} for nets without batch norm)."""
-
-    rng: jax.Array
-    batch_stats: Any
-
-    @property
-    def variables(self) -> dict[str, Any]:
-        """The model's variables: {"params"} and, with batch norm, {"batch_stats"}."""
-        if self.batch_stats:
-            return {"params": self.params, "batch_stats": self.batch_stats}
-        return {"params": self.params}
 
 
 def check_config(train_config: ml_collections.ConfigDict) -> None:
@@ -112,103 +83,6 @@ def check_batch_split(train_config: ml_collections.ConfigDict, device_count: int
     require(micro_batch % device_count == 0 and micro_batch % process_count == 0,
             f"config.train.batch_size={t.batch_size} (per accumulation step {micro_batch}) is "
             f"not divisible by the {device_count} devices; use a multiple of {device_count}.")
-
-
-def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
-    """Returns the un-jitted train step: (state, batch) -> (new state, metric sums).
-
-    The loss is the mean over the valid examples of the global batch; under jit with the
-    batch sharded over devices XLA turns the gradient into an all-reduce, and the batch-norm
-    statistics (means over the batch axis) into global ones, as on one device.
-    """
-    mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
-    frozen = frozenset(model.frozen_parameters)
-
-    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        weights = batch["mask"].astype(jnp.float32)
-        images = normalize_images(
-            batch["image"], mean_rgb, std_rgb, batch["rgb_shift"], model.dtype)
-        # Fine-tuning differentiates the trained groups only: no weight gradient is computed
-        # for a frozen layer, nor any backward pass below the lowest trained layer.
-        trained = {name: group for name, group in state.params.items() if name not in frozen}
-        fixed = {name: group for name, group in state.params.items() if name in frozen}
-
-        def loss_fn(trained_params):
-            logits, updates = model.apply(
-                {"params": {**trained_params, **fixed}, "batch_stats": state.batch_stats},
-                images, train=True, mask=batch["mask"], rngs={"dropout": dropout_key},
-                mutable=["batch_stats"],
-            )
-            sums = classification_sums(logits, batch["label"], weights)
-            return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
-
-        (loss, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
-        grad_norm = optax.tree.norm(grads)  # of the trained groups: the rest never moves
-        # The optimiser takes the whole tree; it gives the frozen groups zero updates and
-        # never reads their (zero) gradients.
-        grads = {**grads, **jax.tree.map(jnp.zeros_like, fixed)}
-        new_state = state.apply_gradients(
-            grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-        metrics = dict(
-            sums,
-            skipped=jnp.sum(1.0 - weights),
-            grad_norm=grad_norm,
-            finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-        )
-        return new_state, metrics
-
-    return train_step
-
-
-def jit_train_step(model: VGG, data_config: ml_collections.ConfigDict):
-    """The train step as training runs it: jitted, with the state's buffers donated (the
-    old state is dead after the step, so XLA updates parameters in place).
-
-    Args:
-      model: the net.
-      data_config: config.data (mean/std for the on-device normalisation).
-
-    Returns:
-      A jitted (state, batch) -> (new state, metric sums).
-    """
-    return jax.jit(make_train_step(model, data_config), donate_argnums=(0,))
-
-
-def create_train_state(
-    model: VGG, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
-) -> TrainState:
-    """Initialises parameters and optimiser state directly replicated over the mesh.
-
-    Args:
-      model: the net.
-      tx: the optimiser.
-      seed: seeds parameter initialisation and dropout.
-      mesh: the data mesh.
-
-    Returns:
-      The initial TrainState (step 0).
-    """
-    init_key, dropout_key = jax.random.split(jax.random.key(seed))
-    variables = _init_variables(model, mesh)(init_key)
-
-    def create(variables):
-        return TrainState.create(
-            apply_fn=model.apply, params=variables["params"], tx=tx,
-            rng=jax.random.key_data(dropout_key), batch_stats=variables.get("batch_stats", {}),
-        )
-
-    return jax.jit(create, out_shardings=parallel.replicated(mesh))(variables)
-
-
-@functools.lru_cache(maxsize=_CACHED_INITIALISATIONS)
-def _init_variables(model: VGG, mesh: jax.sharding.Mesh) -> Callable[[jax.Array], Any]:
-    """The net's initialisation, jitted once per net and mesh: compiling its random
-    initialisers takes seconds on CPU, and a second run in the same process (a notebook,
-    the tests) reuses it. The optimiser state, cheap to compile, is made per run."""
-    images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-    return jax.jit(lambda key: model.init(key, images, train=False),
-                   out_shardings=parallel.replicated(mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -265,7 +139,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     releases.callback(manager.close)
     resume_step = _check_resume(manager, config, workdir)
     if resume_step is None and config.init_from:
-        init_from.check_transfer(config)  # from shapes, before the net is built
+        warm_start.check_transfer(config)  # from shapes, before the net is built
 
     model = create_model_from_config(config)
     tx = optim.create_optimizer(tc, frozen=model.frozen_parameters)
@@ -407,8 +281,8 @@ def _restore(manager, state: TrainState, plateau, train_iter):
 
 
 def _initialise_from(state: TrainState, config: ml_collections.ConfigDict, mesh) -> TrainState:
-    """Copies layers of `config.init_from` into the fresh state (vgg_jax.init_from)."""
-    params, batch_stats, lines = init_from.initialise(
+    """Copies layers of `config.init_from` into the fresh state (vgg_jax.training.warm_start)."""
+    params, batch_stats, lines = warm_start.initialise(
         config, jax.device_get(state.params), jax.device_get(state.batch_stats))
     for line in lines:
         logging.info(line)

@@ -31,7 +31,7 @@ import time
 
 from absl import logging
 
-from vgg_jax.checkpoint import CHECKPOINT_SUBDIR
+from vgg_jax.training.checkpoint import CHECKPOINT_SUBDIR
 
 
 class WorkdirError(RuntimeError):
@@ -117,7 +117,7 @@ def acquire(workdir: str, process_index: int = 0, process_count: int = 1) -> Wor
         error = str(own_error)
     if process_count > 1:
         # Imported here: a single process (and a lock holder in a test) needs no jax.
-        from vgg_jax import parallel
+        from vgg_jax.runtime import parallel
 
         error = parallel.first_failure("workdir_lock", error)
     if error:

@@ -13,9 +13,13 @@ import pytest
 import torchvision_reference as reference
 
 from configs import base, finetune, quickstart
-from vgg_jax import checkpoint, convert, init_from, models, optim, parallel, train
+from vgg_jax import convert, models
 from vgg_jax.config_checks import ConfigError
 from vgg_jax.data import testing
+from vgg_jax.runtime import parallel
+from vgg_jax.training import checkpoint, loop, optim, warm_start
+from vgg_jax.training.state import create_train_state
+from vgg_jax.training.step import jit_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = np.zeros((1, 32, 32, 3), np.float32)
@@ -40,9 +44,9 @@ def test_from_net_a_into_a_deeper_net_the_papers_layers_by_default():
     source = _params(config, 1)["params"]
     config.model.version = "D"
     target = _params(config, 2)["params"]
-    new, copied, skipped = init_from.transfer_parameters(
+    new, copied, skipped = warm_start.transfer_parameters(
         target, source, (), source_version="A", version="D")
-    assert tuple(copied) == init_from.PAPER_LAYERS
+    assert tuple(copied) == warm_start.PAPER_LAYERS
     # conv4_1 has equal shapes in A and D, but the paper did not copy it.
     assert skipped["conv4_1"].startswith("equal shapes, but not one of the paper's layers")
     assert skipped["conv1_2"] == "not in the source net"
@@ -52,17 +56,17 @@ def test_from_net_a_into_a_deeper_net_the_papers_layers_by_default():
         jax.tree.map(np.testing.assert_array_equal, new[name], expected)
 
     # The same net (another scale, another head): every layer of equal shape.
-    _, copied, skipped = init_from.transfer_parameters(
+    _, copied, skipped = warm_start.transfer_parameters(
         source, _params(_small(quickstart.get_config(), num_classes=3), 3)["params"], (),
         source_version="A", version="A")
     assert "fc8" not in copied and skipped == {"fc8": "new head: 3 classes in the source, "
                                                         "10 here"}
     # An explicit choice wins, and must exist in both nets.
-    _, copied, skipped = init_from.transfer_parameters(target, source, ["conv1_1"],
+    _, copied, skipped = warm_start.transfer_parameters(target, source, ["conv1_1"],
                                                        source_version="A", version="D")
     assert copied == ["conv1_1"] and skipped["fc6"] == "not in config.init_from_layers"
     with pytest.raises(ConfigError, match="conv1_2"):
-        init_from.transfer_parameters(target, source, ("conv1_2",))
+        warm_start.transfer_parameters(target, source, ("conv1_2",))
 
 
 def test_batch_norm_follows_its_conv_and_the_other_family_is_refused():
@@ -71,13 +75,13 @@ def test_batch_norm_follows_its_conv_and_the_other_family_is_refused():
                             jax.random.key(0), IMAGES)["params"]
     source = jax.tree.map(lambda s: np.full(s.shape, 7.0, np.float32), shapes)
     target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
-    new, copied, _ = init_from.transfer_parameters(target, source, ("conv1_1", "fc8"))
+    new, copied, _ = warm_start.transfer_parameters(target, source, ("conv1_1", "fc8"))
     assert copied == ["conv1_1", "conv1_1_bn", "fc8"]
     assert float(new["conv1_1_bn"]["scale"][0]) == 7 and float(new["conv2_1_bn"]["scale"][0]) == 0
     plain = _params(_small(quickstart.get_config()), 0)["params"]
     with pytest.raises(ConfigError, match="with batch norm and this one is not; pass "
                        "--config.model.batch_norm=True"):
-        init_from.transfer_parameters(plain, source, ())
+        warm_start.transfer_parameters(plain, source, ())
 
 
 def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
@@ -92,11 +96,11 @@ def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
                r"configs/finetune.py")
     fresh = _params(config, 1)
     with pytest.raises(ConfigError, match=nothing):
-        init_from.initialise(config, fresh["params"], {})
+        warm_start.initialise(config, fresh["params"], {})
     # The same, from the shapes alone, before any work: a training run stops before its
     # net and optimiser state are built.
     with pytest.raises(ConfigError, match=nothing):
-        init_from.check_transfer(config)
+        warm_start.check_transfer(config)
     testing.write_folder(str(tmp_path / "data"), {"train": 2, "val": 1}, size=(40, 40))
     config.data.source, config.data.data_dir = "folder", str(tmp_path / "data")
     config.train.batch_size, config.wandb.mode = 4, "disabled"
@@ -104,12 +108,12 @@ def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
     def build_state(*args):
         raise AssertionError("the train state was built")
 
-    monkeypatch.setattr(train, "create_train_state", build_state)
+    monkeypatch.setattr(loop, "create_train_state", build_state)
     with pytest.raises(ConfigError, match=nothing):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
     config.model.width_divisor, config.model.fc_features = 16, 32
-    init_from.check_transfer(config)
-    _, _, lines = init_from.initialise(config, _params(config, 1)["params"], {})
+    warm_start.check_transfer(config)
+    _, _, lines = warm_start.initialise(config, _params(config, 1)["params"], {})
     assert lines[0].startswith(f"Initialised from {tmp_path / 'wide'} (step 0): copied conv1_1")
     # Freezing a layer the source does not provide (here a new head) is refused too.
     config.model.num_classes = 3
@@ -117,13 +121,13 @@ def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
     unprovided = (r"freezes fc8, which config.init_from does not provide \(fc8: new head: 10 "
                   r"classes in the source, 3 here\)")
     with pytest.raises(ConfigError, match=unprovided):
-        init_from.initialise(config, _params(config, 1)["params"], {})
+        warm_start.initialise(config, _params(config, 1)["params"], {})
     with pytest.raises(ConfigError, match=unprovided):
-        init_from.check_transfer(config)
+        warm_start.check_transfer(config)
     # And so is freezing without a source at all.
     config.init_from = ""
     with pytest.raises(ConfigError, match="frozen_layers is set without config.init_from"):
-        init_from.resolve_config(config)
+        warm_start.resolve_config(config)
 
 
 def test_a_weight_file_is_answered_with_the_convert_command(tmp_path):
@@ -131,9 +135,9 @@ def test_a_weight_file_is_answered_with_the_convert_command(tmp_path):
     path.write_bytes(b"not really")
     with pytest.raises(ConfigError, match=r"is a weight file.*python -m vgg_jax.convert "
                        f"{path} --version=vgg11 --out=runs/vgg11"):
-        init_from.check_path(str(path))
+        warm_start.check_path(str(path))
     with pytest.raises(ConfigError, match="does not exist"):
-        init_from.check_path(str(tmp_path / "nothing"))
+        warm_start.check_path(str(tmp_path / "nothing"))
 
 
 def test_resolve_takes_the_net_and_preprocessing_from_the_source(tmp_path):
@@ -144,10 +148,10 @@ def test_resolve_takes_the_net_and_preprocessing_from_the_source(tmp_path):
 
     config = finetune.get_config()
     with pytest.raises(ConfigError, match="config.model.version is unset.*--config.init_from"):
-        init_from.resolve_config(config)
+        warm_start.resolve_config(config)
     config.init_from = str(tmp_path / "src")
     config.data.source, config.data.cache_dir = "digits", str(tmp_path / "cache")
-    lines = init_from.resolve_config(config)
+    lines = warm_start.resolve_config(config)
     assert (config.model.version, config.model.batch_norm, config.data.image_size) == ("B", True, 64)
     assert config.model.num_classes == 10  # the digits
     assert tuple(config.data.mean_rgb) == TORCHVISION_MEAN
@@ -155,7 +159,7 @@ def test_resolve_takes_the_net_and_preprocessing_from_the_source(tmp_path):
     # The command line wins over the source's preprocessing, and the log says so.
     config = quickstart.get_config()
     config.init_from = str(tmp_path / "src")
-    lines = init_from.resolve_config(config, {"data.mean_rgb"})
+    lines = warm_start.resolve_config(config, {"data.mean_rgb"})
     assert tuple(config.data.mean_rgb) == (79.01, 79.01, 79.01)
     assert tuple(config.data.std_rgb) == (58.4, 57.1, 57.4)
     assert lines == [f"Preprocessing mean_rgb=(79.01, 79.01, 79.01), std_rgb=(58.4, 57.1, 57.4): "
@@ -171,9 +175,9 @@ def test_frozen_layers_and_their_batch_norm_do_not_move():
     assert model.frozen_parameters == ("conv1_1", "conv2_1", "conv1_1_bn", "conv2_1_bn")
     mesh = parallel.create_mesh()
     tx = optim.create_optimizer(config.train, frozen=model.frozen_parameters)
-    state = train.create_train_state(model, tx, 0, mesh)
+    state = create_train_state(model, tx, 0, mesh)
     before = jax.device_get((state.params, state.batch_stats))
-    step = train.jit_train_step(model, config.data)
+    step = jit_train_step(model, config.data)
     rng = np.random.default_rng(0)
     for i in range(2):
         batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torchvision_reference as reference
 
-from vgg_jax import torchvision_weights as tw
 from vgg_jax.models import create_model
+from vgg_jax.weights import torchvision_format as tw
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and \
     importlib.util.find_spec("torchvision") is not None

@@ -40,8 +40,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import metric_names
 from vgg_jax.config_values import ConfigError
+from vgg_jax.training import metric_names
 
 # Name of the hyperparameter that `optax.inject_hyperparams` keeps in the optimiser state.
 _LEARNING_RATE = "learning_rate"
@@ -210,7 +210,7 @@ def get_learning_rate(opt_state: Any) -> jax.Array:
     if value is None:
         raise ValueError(
             "The optimiser state holds no learning rate; build the optimiser with "
-            "vgg_jax.optim.create_optimizer.")
+            "vgg_jax.training.optim.create_optimizer.")
     return value
 
 

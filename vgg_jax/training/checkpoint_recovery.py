@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vgg_jax.checkpoint import CHECKPOINT_SUBDIR, COMPLETE_MARKER, complete_steps
+from vgg_jax.training.checkpoint import CHECKPOINT_SUBDIR, COMPLETE_MARKER, complete_steps
 
 DAMAGED_SUBDIR = "checkpoints.damaged"
 
@@ -70,7 +70,7 @@ def set_aside(checkpoints_directory: str, step: int, why: str) -> str:
 def _sync(name: str) -> None:
     # Several processes share the workdir: only process 0 moves, the others wait for it.
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"vgg_jax.checkpoint_recovery.{name}")
+        multihost_utils.sync_global_devices(f"vgg_jax.training.checkpoint_recovery.{name}")
 
 
 def set_aside_unfinished(workdir: str) -> list[int]:

@@ -30,9 +30,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from vgg_jax import metric_names
 from vgg_jax.config_values import require
 from vgg_jax.models import canonical_version
+from vgg_jax.training import metric_names
 
 # The metric that ranks checkpoints (lower is better).
 BEST_METRIC = metric_names.VAL_TOP1_ERROR

@@ -1,0 +1,12 @@
+"""Training: the paper's recipe (3.1) as a loop, and what a run keeps on disk.
+
+  loop.py                 set-up, resume, the step's phases, validation, the plateau rule
+  state.py                the train state and its initialisation on the mesh
+  step.py                 the jitted train step (loss, gradient, update)
+  optim.py                the optax chain, the plateau schedule, the learning rate
+  checkpoint.py           orbax checkpoints: save, restore, best and latest, resumability
+  checkpoint_recovery.py  unfinished or damaged steps moved aside; the newest that restores
+  warm_start.py           starting from another net's checkpoint: layers copied or skipped
+  metric_names.py         the names of the logged metrics
+  writers/                console, JSON lines and wandb behind one interface
+"""

@@ -1,0 +1,77 @@
+"""The train step of the paper's recipe (3.1): softmax cross-entropy on the normalised
+crops, one SGD update, jitted over the data mesh with the state donated."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from vgg_jax.evaluation.metrics import classification_sums
+from vgg_jax.models import VGG
+from vgg_jax.preprocess import normalize_images
+from vgg_jax.training.state import TrainState
+
+
+def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
+    """Returns the un-jitted train step: (state, batch) -> (new state, metric sums).
+
+    The loss is the mean over the valid examples of the global batch; under jit with the
+    batch sharded over devices XLA turns the gradient into an all-reduce, and the batch-norm
+    statistics (means over the batch axis) into global ones, as on one device.
+    """
+    mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
+    frozen = frozenset(model.frozen_parameters)
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        weights = batch["mask"].astype(jnp.float32)
+        images = normalize_images(
+            batch["image"], mean_rgb, std_rgb, batch["rgb_shift"], model.dtype)
+        # Fine-tuning differentiates the trained groups only: no weight gradient is computed
+        # for a frozen layer, nor any backward pass below the lowest trained layer.
+        trained = {name: group for name, group in state.params.items() if name not in frozen}
+        fixed = {name: group for name, group in state.params.items() if name in frozen}
+
+        def loss_fn(trained_params):
+            logits, updates = model.apply(
+                {"params": {**trained_params, **fixed}, "batch_stats": state.batch_stats},
+                images, train=True, mask=batch["mask"], rngs={"dropout": dropout_key},
+                mutable=["batch_stats"],
+            )
+            sums = classification_sums(logits, batch["label"], weights)
+            return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
+
+        (loss, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        grad_norm = optax.tree.norm(grads)  # of the trained groups: the rest never moves
+        # The optimiser takes the whole tree; it gives the frozen groups zero updates and
+        # never reads their (zero) gradients.
+        grads = {**grads, **jax.tree.map(jnp.zeros_like, fixed)}
+        new_state = state.apply_gradients(
+            grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+        metrics = dict(
+            sums,
+            skipped=jnp.sum(1.0 - weights),
+            grad_norm=grad_norm,
+            finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(model: VGG, data_config: ml_collections.ConfigDict):
+    """The train step as training runs it: jitted, with the state's buffers donated (the
+    old state is dead after the step, so XLA updates parameters in place).
+
+    Args:
+      model: the net.
+      data_config: config.data (mean/std for the on-device normalisation).
+
+    Returns:
+      A jitted (state, batch) -> (new state, metric sums).
+    """
+    return jax.jit(make_train_step(model, data_config), donate_argnums=(0,))
