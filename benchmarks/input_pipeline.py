@@ -15,7 +15,7 @@ photo-like the timed files are.
 
 1. Per core: images per CPU-second of one process, per training-scale setting (S = 256 and
    S uniform in [256, 512]), for
-     ours:       vgg_jax.data.transforms.TrainTransform (augment_into a batch slot);
+     ours:       vgg_jax.data.transforms.TrainAugmentation (augment_into a batch slot);
      tuned PIL:  Image.draft (DCT scaling), crop the source window, resize only it, flip;
      plain PIL:  torchvision's recipe: decode, resize the whole image to S, crop, flip;
      tf (flax):  flax's ImageNet recipe, when TensorFlow is installed: random distorted box
@@ -154,7 +154,7 @@ def _ours(scale_range: tuple[int, int]) -> Callable[..., Any]:
     config = base.get_config().data
     config.image_size = CROP_SIZE
     config.train_scale_min, config.train_scale_max = scale_range
-    transform = transforms.TrainTransform(config)
+    transform = transforms.TrainAugmentation(config)
     # As the pipeline runs it: each crop written into its slot of a batch (reused here).
     out = np.empty((CROP_SIZE, CROP_SIZE, 3), np.uint8)
     return lambda data, rng, _: transform.augment_into(data, "benchmark", rng, out)
@@ -282,7 +282,7 @@ def overhead_breakdown(root: str, scale_range: tuple[int, int], batch_size: int,
     of this process's ring, one for the whole run (the ring outlives a call)."""
     config = folder_config(root, scale_range, 0)
     source = sources.make_source(config, str(config.train_split))
-    transform = transforms.TrainTransform(config)
+    transform = transforms.TrainAugmentation(config)
     records = [source[i % len(source)] for i in range(count)]
     out = np.empty((CROP_SIZE, CROP_SIZE, 3), np.uint8)
     rng = np.random.default_rng(0)

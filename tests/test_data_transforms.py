@@ -50,7 +50,7 @@ def test_sample_scale_fixed_and_uniform_over_the_whole_range():
 def test_train_transform_shapes_dtypes_and_scale_range():
     rng = np.random.default_rng(0)
     config = small_data.data_config(train_scale_min=32, train_scale_max=48)
-    out = transforms.TrainTransform(config).random_map(_record(_jpeg(rng)), np.random.default_rng(1))
+    out = transforms.TrainAugmentation(config).augment(_record(_jpeg(rng)), np.random.default_rng(1))
     assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.uint8
     assert out["label"].dtype == np.int32 and out["label"] == 3
     assert out["rgb_shift"].shape == (3,) and out["rgb_shift"].dtype == np.float32
@@ -74,12 +74,12 @@ def test_crop_corners_stay_inside_the_rescaled_image(width, height, scale):
 
 def test_random_flip_mirrors_about_half_of_the_images():
     data = _jpeg(np.random.default_rng(0))
-    flip_on = transforms.TrainTransform(small_data.data_config(random_flip=True))
-    flip_off = transforms.TrainTransform(small_data.data_config(random_flip=False))
+    flip_on = transforms.TrainAugmentation(small_data.data_config(random_flip=True))
+    flip_off = transforms.TrainAugmentation(small_data.data_config(random_flip=False))
     flipped = 0
     for seed in range(100):
-        a = flip_on.random_map(_record(data), np.random.default_rng(seed))["image"]
-        b = flip_off.random_map(_record(data), np.random.default_rng(seed))["image"]
+        a = flip_on.augment(_record(data), np.random.default_rng(seed))["image"]
+        b = flip_off.augment(_record(data), np.random.default_rng(seed))["image"]
         if np.array_equal(a, b):
             continue
         np.testing.assert_array_equal(a, b[:, ::-1])
@@ -108,7 +108,7 @@ def test_pca_colour_shift_statistics():
     np.testing.assert_allclose(alpha.std(0), 0.1, rtol=0.05)
     off = transforms.pca_colour_shift(rng, 0.0, config.pca_eigenvalues, config.pca_eigenvectors)
     np.testing.assert_array_equal(off, np.zeros(3, np.float32))
-    out = transforms.TrainTransform(small_data.data_config(colour_shift_std=0.0)).random_map(
+    out = transforms.TrainAugmentation(small_data.data_config(colour_shift_std=0.0)).augment(
         _record(_jpeg(rng)), rng
     )
     np.testing.assert_array_equal(out["rgb_shift"], np.zeros(3))
@@ -204,9 +204,9 @@ def test_baseline_jpegs_skip_pil_and_others_use_it(monkeypatch):
     opened = []
     real_open = decode.open_image
     monkeypatch.setattr(decode, "open_image", lambda data: opened.append(1) or real_open(data))
-    transforms.TrainTransform(small_data.data_config()).random_map(_record(jpeg), np.random.default_rng(0))
+    transforms.TrainAugmentation(small_data.data_config()).augment(_record(jpeg), np.random.default_rng(0))
     assert not opened
-    transforms.TrainTransform(small_data.data_config()).random_map(_record(png), np.random.default_rng(0))
+    transforms.TrainAugmentation(small_data.data_config()).augment(_record(png), np.random.default_rng(0))
     assert opened
 
 
@@ -215,7 +215,7 @@ def test_jpeg_with_stray_bytes_still_decodes():
     # (strict) rejects it, and PIL decodes it as it always did.
     data = _jpeg(np.random.default_rng(0))
     stray = data[:-2] + bytes(16) + data[-2:]
-    out = transforms.TrainTransform(small_data.data_config()).random_map(
+    out = transforms.TrainAugmentation(small_data.data_config()).augment(
         _record(stray), np.random.default_rng(0)
     )
     assert out["mask"] and out["image"].any()
@@ -233,14 +233,14 @@ def test_quirky_files_decode_to_rgb(tmp_path):
     palette = testing.encode(
         np.asarray(Image.fromarray(pixels).convert("P")), "PNG", mode="P"
     )
-    transform = transforms.TrainTransform(small_data.data_config())
+    transform = transforms.TrainAugmentation(small_data.data_config())
 
     def evaluate(data):  # the validation view
         return transforms.image_views(data, transforms.SINGLE_CROP, 40, 32)[0]
 
     for data, name in ((cmyk, "cmyk.JPEG"), (grey, "grey.JPEG"), (png, "png.JPEG"), (palette, "p.JPEG")):
         assert decode.decode_image(data).shape == (48, 64, 3)
-        out = transform.random_map(_record(data, name=name), np.random.default_rng(0))
+        out = transform.augment(_record(data, name=name), np.random.default_rng(0))
         assert out["image"].shape == (32, 32, 3) and bool(out["mask"]), name
         assert evaluate(data).shape == (32, 32, 3), name
     # The grey JPEG becomes three equal channels; the CMYK one keeps its colours.
@@ -254,9 +254,9 @@ def test_quirky_files_decode_to_rgb(tmp_path):
 def test_truncated_file_gives_masked_zero_image_and_a_note_or_warning(caplog):
     data = _jpeg(np.random.default_rng(0), 375, 500)
     truncated = data[: len(data) // 3]
-    transform = transforms.TrainTransform(small_data.data_config())
+    transform = transforms.TrainAugmentation(small_data.data_config())
     with caplog.at_level(logging.WARNING):
-        out = transform.random_map(_record(truncated, name="/x/broken.JPEG"), np.random.default_rng(0))
+        out = transform.augment(_record(truncated, name="/x/broken.JPEG"), np.random.default_rng(0))
     assert not out["mask"] and out["image"].shape == (32, 32, 3) and not out["image"].any()
     np.testing.assert_array_equal(out["rgb_shift"], np.zeros(3))
     assert out["label"] == 3
@@ -267,7 +267,7 @@ def test_truncated_file_gives_masked_zero_image_and_a_note_or_warning(caplog):
     assert "broken.JPEG" not in caplog.text
     with pytest.raises(decode.DECODE_ERRORS):
         transforms.image_views(b"not an image", transforms.SINGLE_CROP, 40, 32)
-    good = transform.random_map(_record(data), np.random.default_rng(0))
+    good = transform.augment(_record(data), np.random.default_rng(0))
     assert good["mask"] and good[transforms.DECODE_ERROR_KEY] == b""
 
 

@@ -230,7 +230,7 @@ def train_dataset(
     # Endless; every epoch is a fresh permutation, and batches straddle epoch boundaries,
     # so no example is ever dropped.
     ds = train_stream.TrainBatches(
-        source, transforms.TrainTransform(data_config), batch_size=per_process,
+        source, transforms.TrainAugmentation(data_config), batch_size=per_process,
         shuffle_seed=shuffle_seed, augment_seed=augment_seed, process_index=process_index,
         process_count=process_count, in_worker=_building_in_worker,
         ring_slots=slots, ring_registry=registry.id)

@@ -116,7 +116,7 @@ class TrainBatches(grain.MapDataset):
       ring_registry: the id of the consuming pipeline's `batch_ring.RingRegistry`.
     """
 
-    def __init__(self, source: Any, transform: transforms.TrainTransform, *, batch_size: int,
+    def __init__(self, source: Any, transform: transforms.TrainAugmentation, *, batch_size: int,
                  shuffle_seed: int, augment_seed: int, process_index: int, process_count: int,
                  in_worker: Callable[[], bool], ring_slots: int, ring_registry: int):
         super().__init__()

@@ -25,7 +25,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import grain
 import numpy as np
 from PIL import Image
 
@@ -136,8 +135,10 @@ def _example(
     }
 
 
-class TrainTransform(grain.transforms.RandomMap):
-    """The paper's training augmentation (3.1) of one record, as a grain RandomMap.
+class TrainAugmentation:
+    """The paper's training augmentation (3.1) of one record: the training stream
+    (`train_stream.TrainBatches`) writes each image of a batch into its slot with
+    `augment_into`; `augment` gives one record on its own (tests, benchmarks).
 
     Output: {"image": uint8 [size, size, 3], "label": int32, "rgb_shift": float32 [3]
     (0-255 units, zeros when disabled), "mask": bool (False for an undecodable file,
@@ -162,7 +163,16 @@ class TrainTransform(grain.transforms.RandomMap):
         self.eigenvectors = tuple(
             tuple(float(v) for v in row) for row in data_config.pca_eigenvectors)
 
-    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    def augment(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """One record augmented.
+
+        Args:
+          element: {"image": encoded bytes, "label", "name"}.
+          rng: the record's own generator.
+
+        Returns:
+          The output record described above.
+        """
         image = np.empty((self.crop_size, self.crop_size, 3), np.uint8)
         rgb_shift, note = self.augment_into(element["image"], element["name"], rng, image)
         return {**_example(image, element["label"], rgb_shift, not note),

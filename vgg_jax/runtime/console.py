@@ -2,47 +2,52 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import tqdm
 
 
+class _AboveBarHandler(logging.Handler):
+    """Hands each record to the handler it stands in for, with the bars on `stream`
+    cleared before and redrawn after."""
+
+    def __init__(self, target: logging.Handler, stream):
+        super().__init__(target.level)
+        self.target, self._stream = target, stream
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # The target applies its own level and filters (absl's handler hands records on
+        # from `handle`, so `emit` alone would bypass it).
+        with tqdm.tqdm.external_write_mode(file=self._stream):
+            return self.target.handle(record)
+
+
 class LogRecordsAboveBar:
-    """While installed, each handler of the root logger (absl's among them) clears the bars
-    on `stream` before it writes a record and redraws them below it after.
+    """While installed, the root logger's handlers (absl's among them) write each record on
+    a line of its own above the progress bars on `stream`, which are redrawn below it.
 
     The bar's frames end without a newline, so a log line written while the bar is shown
     (a warning from a library, a checkpoint message) would otherwise continue the bar's
     line. tqdm's own `logging_redirect_tqdm` only swaps plain StreamHandlers, and absl's
-    handler is not one, so the handlers' `handle` is wrapped instead (absl's handler hands
-    records on from `handle`, never calling its own `emit`).
+    handler is not one, so every handler is swapped for one that hands it the record.
     """
 
     def __init__(self, stream, logger: logging.Logger | None = None):
-        self._stream = stream
-        self._wrapped = []
-        for handler in (logger or logging.getLogger()).handlers:
-            # An instance attribute shadows the class's method; `remove` restores the
-            # handler's own attribute, or deletes ours where it had none.
-            own = handler.__dict__.get("handle")
-            handler.handle = functools.partial(self._handle, handler.handle)
-            self._wrapped.append((handler, handler.handle, own))
-
-    def _handle(self, handle, record: logging.LogRecord):
-        with tqdm.tqdm.external_write_mode(file=self._stream):
-            return handle(record)
+        self._logger = logger or logging.getLogger()
+        self._swapped = []
+        for handler in list(self._logger.handlers):
+            stand_in = _AboveBarHandler(handler, stream)
+            self._logger.removeHandler(handler)
+            self._logger.addHandler(stand_in)
+            self._swapped.append(stand_in)
 
     def remove(self) -> None:
-        """Gives the handlers back their own `handle` (left alone if replaced since)."""
-        for handler, wrapper, own in self._wrapped:
-            if handler.__dict__.get("handle") is not wrapper:
-                continue
-            if own is None:
-                del handler.handle
-            else:
-                handler.handle = own
-        self._wrapped = []
+        """Puts the original handlers back (a stand-in removed meanwhile stays removed)."""
+        for stand_in in self._swapped:
+            if stand_in in self._logger.handlers:
+                self._logger.removeHandler(stand_in)
+                self._logger.addHandler(stand_in.target)
+        self._swapped = []
 
 
 def is_terminal(stream) -> bool:

@@ -33,6 +33,8 @@ from typing import Any
 import grain
 import jax
 
+from vgg_jax.runtime import parallel
+
 # How often (s) a blocked producer looks whether it was asked to stop; a bound on how
 # long `close` waits for a thread whose consumer went away, not a tuning knob.
 _POLL_S = 0.1
@@ -217,7 +219,5 @@ def on_devices(host_iterator: Any, mesh: Any, depth: int) -> DevicePrefetcher:
     Returns:
       An iterator of device batches that checkpoints like the grain iterator.
     """
-    from vgg_jax.runtime import parallel
-
     return DevicePrefetcher(host_iterator, functools.partial(parallel.shard_batch, mesh=mesh),
                             depth)

@@ -31,7 +31,7 @@ import time
 
 from absl import logging
 
-from vgg_jax.training.checkpoint import CHECKPOINT_SUBDIR
+from vgg_jax.runtime import parallel
 
 
 class WorkdirError(RuntimeError):
@@ -44,9 +44,10 @@ def lock_path(workdir: str, process_index: int = 0) -> str:
 
 
 def check_writable(workdir: str) -> None:
-    """Creates `workdir` if needed and proves it (and its checkpoints/) writable by writing
-    and removing a file: permission bits alone miss immutable directories, read-only
-    mounts and root's exemption from the bits.
+    """Creates `workdir` if needed and proves it, and the directories already in it (a
+    resumed run's checkpoints/, wandb/), writable by writing and removing a file:
+    permission bits alone miss immutable directories, read-only mounts and root's
+    exemption from the bits.
 
     Args:
       workdir: the run's directory.
@@ -54,10 +55,11 @@ def check_writable(workdir: str) -> None:
     Raises:
       WorkdirError: one sentence naming the directory and the reason.
     """
-    directories = [workdir, os.path.join(workdir, CHECKPOINT_SUBDIR)]
     try:
         os.makedirs(workdir, exist_ok=True)
-        for directory in filter(os.path.isdir, directories):
+        directories = [workdir] + [entry.path for entry in os.scandir(workdir)
+                                   if entry.is_dir(follow_symlinks=False)]
+        for directory in directories:
             with tempfile.TemporaryFile(dir=directory):
                 pass
     except OSError as error:
@@ -116,9 +118,6 @@ def acquire(workdir: str, process_index: int = 0, process_count: int = 1) -> Wor
     except WorkdirError as own_error:
         error = str(own_error)
     if process_count > 1:
-        # Imported here: a single process (and a lock holder in a test) needs no jax.
-        from vgg_jax.runtime import parallel
-
         error = parallel.first_failure("workdir_lock", error)
     if error:
         if lock is not None:

@@ -21,6 +21,12 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vgg_jax.config_values import string_list
+from vgg_jax.data import sources
+from vgg_jax.evaluation.run import load_net
+from vgg_jax.transfer import classify, descriptors, paper
+from vgg_jax.transfer.multilabel import MultiLabelTfds
+
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "transfer.py")
 
@@ -43,8 +49,6 @@ def check_config(config) -> None:
     Raises:
       ValueError: naming the field and the fix.
     """
-    from vgg_jax.transfer import classify
-
     t = config.transfer
     if not t.scales or any(int(q) <= 0 for q in t.scales):
         raise ValueError("config.transfer.scales must hold positive test scales, e.g. "
@@ -62,10 +66,6 @@ def check_config(config) -> None:
 
 def split_descriptors(config, net, workdir: str, step: int, split: str):
     """The cached (or new) descriptors, labels and decoded mask of one split."""
-    from vgg_jax.data import sources
-    from vgg_jax.transfer import descriptors
-    from vgg_jax.transfer.multilabel import MultiLabelTfds
-
     d, t = config.data, config.transfer
     multi = d.label_key != "label"
     key = {"checkpoint": os.path.abspath(workdir), "step": step, "source": d.source,
@@ -115,10 +115,6 @@ def run(config, workdir: str, step=None) -> list[dict]:
     Returns:
       One dict per aggregation: metric, value (%), images, SVM seconds, the paper's figure.
     """
-    from vgg_jax.config_values import string_list
-    from vgg_jax.evaluation.run import load_net
-    from vgg_jax.transfer import classify, paper
-
     nets = [(workdir, load_net(workdir, step)[0])]
     for path in string_list(config.transfer.combine):
         try:
@@ -146,8 +142,6 @@ def run(config, workdir: str, step=None) -> list[dict]:
 
 def format_rows(rows: Sequence[dict], data_name: str) -> str:
     """The results table, and the paper's Net-D & Net-E figures under it."""
-    from vgg_jax.transfer import paper
-
     width = max([28] + [len(r["net"]) for r in rows])
     lines = [f"{'net':<{width}} {'aggregation':<11} {'scales':<14} {'metric':<18} {'ours %':>7}",
              "-" * (width + 54)]

@@ -10,6 +10,9 @@ single-label data, mean average precision (VOC) for multi-label data.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import average_precision_score
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.svm import LinearSVC
 
 AVERAGE, STACK = "average", "stack"
 AGGREGATIONS = (AVERAGE, STACK)
@@ -68,8 +71,6 @@ def mean_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
     Returns:
       A fraction in [0, 1], over the classes with at least one positive.
     """
-    from sklearn.metrics import average_precision_score
-
     present = targets.sum(axis=0) > 0
     return float(np.mean([average_precision_score(targets[:, c], scores[:, c])
                           for c in np.flatnonzero(present)]))
@@ -88,9 +89,6 @@ def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     Returns:
       (metric name, value as a fraction): mean class recall, or mAP for multi-label data.
     """
-    from sklearn.multiclass import OneVsRestClassifier
-    from sklearn.svm import LinearSVC
-
     svm = LinearSVC(C=c, random_state=seed)
     if train_y.ndim == 2:
         model = OneVsRestClassifier(svm).fit(train_x, train_y)

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from vgg_jax.data import sources
+
 
 class MultiLabelTfds:
     """Records {"image", "label": 0, "name"} of a TFDS split, and its multi-hot labels.
@@ -22,9 +24,9 @@ class MultiLabelTfds:
     """
 
     def __init__(self, name: str, split: str, data_dir: str | None, label_key: str):
+        # Imported here: tensorflow-datasets takes seconds to import, and only this source
+        # (VOC through TFDS) needs its builder metadata.
         import tensorflow_datasets as tfds
-
-        from vgg_jax.data import sources
 
         self.name, self.split = name, split
         # The training sources' reader: undecoded images and one-sentence errors.
