@@ -11,7 +11,6 @@ Every config field can be overridden with --config.<section>.<field>=<value>.
 
 import logging as std_logging
 import os
-import re
 import sys
 import traceback
 
@@ -20,46 +19,35 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vgg_jax import config_checks
-from vgg_jax.config_checks import renamed_field_message
 from vgg_jax.evaluation import run
 from vgg_jax.runtime import parallel, stop_signals, workdir_lock
 from vgg_jax.training import loop, warm_start
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-def _last_line(error: BaseException) -> str:
-    """The innermost message of a config loading failure, without its traceback."""
+def _error_text(error: BaseException) -> str:
+    """The last line of a flag or config failure's message (the rest is its traceback)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])  # the message, not its class
+    return lines[-1] if lines else type(error).__name__
 
 
-def _config_error_text(error: BaseException) -> str:
-    text = str(error)
-    for field in re.findall(r"'(?:config\.)?([\w.]+)'|\"(\w+)\"", text):
-        message = renamed_field_message(field[0] or field[1])
-        if message:  # a field an older version had
-            return message
-    unknown = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
-    if unknown:
-        return (f"a --config override names the field {unknown.group(2)!r}, which the config "
-                f"does not have; did you mean {unknown.group(1)!r}?")
-    if isinstance(error, AttributeError):
-        return f"a --config override names a field the config does not have ({_last_line(error)})."
-    return _last_line(error)
-
-
+_DEFAULT_CONFIG = os.path.join(_HERE, "configs", "quickstart.py")
+# Our own look at the config flags first (a missing file or variant, an unknown field, a
+# misspelt --config), so that the sentence names what was typed: ml_collections applies
+# the overrides of the default file while it is defined below, and says less.
+_MISTAKE = config_checks.command_line_mistake(sys.argv, _DEFAULT_CONFIG)
+if _MISTAKE:
+    sys.exit(f"Config error: {_MISTAKE}")
 try:
-    # Parses the default file with the command line's --config.* overrides right away.
+    # Loads the default file right away; the command line's overrides apply when parsed.
     config_flags.DEFINE_config_file(
-        "config", os.path.join(_HERE, "configs", "quickstart.py"),
+        config_checks.CONFIG_FLAG, _DEFAULT_CONFIG,
         "Config file (configs/vgg_a.py ... configs/vgg_e.py, configs/quickstart.py); "
         "a ':arg' suffix selects a variant, e.g. configs/vgg_d.py:256-512.",
         lock_config=True,
     )
-except Exception as error:  # an override the config cannot take
-    sys.exit(f"Config error: {_config_error_text(error)}")
+except Exception as error:  # the default file itself does not load
+    sys.exit(f"Config error: {_error_text(error)}")
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints and logs; default runs/<config name>.")
@@ -100,13 +88,11 @@ def _quiet_library_info(record) -> bool:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with config-file failures reported in one line, not a traceback."""
+    """absl's flag parsing, with a failure reported in one line, not a traceback."""
     try:
         return flags.FLAGS(argv)
-    # An override of a field that a --config file lacks raises ml_collections' own lookup
-    # error while its flag is parsed.
-    except (flags.Error, AttributeError, KeyError) as error:
-        sys.exit(f"Config error: {_config_error_text(error)}")
+    except (flags.Error, AttributeError, KeyError) as error:  # e.g. a value of the wrong type
+        sys.exit(f"Config error: {_error_text(error)}")
 
 
 def _command_line_fields(argv: list[str]) -> set[str]:
@@ -123,7 +109,7 @@ def _load_config():
         config.keys()  # a file that failed to load raises only when first used
         return config, ""
     except Exception as error:  # any loading failure is the user's input
-        return None, _config_error_text(error)
+        return None, _error_text(error)
 
 
 def _config_mistake(config) -> str:
@@ -148,7 +134,7 @@ def _agreed_config_error(config, mistake: str) -> str:
     joined, so the others stop here with its sentence instead of waiting for it until
     jax's start-up timeout ends them with an unrelated error.
     """
-    if not mistake and config is not None:
+    if not mistake and config is not None and _MODE.value == "train":
         try:
             loop.check_batch_split(config.train, jax.device_count(), jax.process_count())
         except config_checks.ConfigError as error:

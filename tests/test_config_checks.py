@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import base, quickstart, small_datasets, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
-from vgg_jax.config_checks import ConfigError, validate_config
+from vgg_jax.config_checks import ConfigError, command_line_mistake, validate_config
 from vgg_jax.data import transforms
 from vgg_jax.training import checkpoint
 from vgg_jax.training.checkpoint import check_resumable
@@ -80,9 +80,6 @@ def _broken(**changes):
         ({"eval__scales": ("abc",)}, r"config\.eval\.scales holds 'abc', not a whole number"),
         ({"eval__dense_size_step": -32}, r"config\.eval\.dense_size_step=-32 must be at least 1"),
         ({"eval__batch_size": 0}, r"config\.eval\.batch_size=0 must be positive"),
-        # A config file of an older version setting a renamed field.
-        ({"train__eval_batch_size": 64}, r"config\.train\.eval_batch_size is now "
-                                         r"config\.eval\.batch_size"),
         ({"data__colour_shift_std": -1.0}, r"config\.data\.colour_shift_std=-1\.0 must be >= 0"),
         ({"data__prefetch_buffer_size": 0}, r"config\.data\.prefetch_buffer_size=0 must be"),
         ({"data__device_prefetch": -1}, r"config\.data\.device_prefetch=-1 must be 0"),
@@ -149,19 +146,43 @@ def test_a_resume_under_other_settings_names_every_difference():
 
 
 @pytest.mark.parametrize("arguments, expected", [
+    (["--config.train.batch_size.x=3"],
+     "a --config override names the field 'x', which config.train.batch_size does not have."),
+    (["--config.trian.batch_size=3"],
+     "a --config override names the field 'trian', which the config does not have; did you "
+     "mean 'train' (--config.train)?"),
+    (["--config.data.nope=3"], "a --config override names the field 'nope', which config.data "
+                               "does not have; its fields are "),
+    (["--confg.train.batch_size=1"],
+     "--confg.train.batch_size is not a flag; did you mean --config.train.batch_size?"),
+    (["--config", "configs/missing.py"],
+     "--config=configs/missing.py: there is no file 'configs/missing.py'; pass one of configs/"),
+    (["--config=configs/quickstart.py:foo"],
+     "configs/quickstart.py has no variants, so ':foo' selects nothing; drop it"),
+    (["--config=configs/vgg_d.py:999"], "Unknown training scale '999'"),
+    # Right fields, whatever their values (ml_collections parses those), and other flags.
+    (["--config=configs/vgg_d.py:384", "--config.train.batch_size=abc", "--mode=eval"], ""),
+])
+def test_command_line_mistakes_are_named_as_typed(arguments, expected):
+    mistake = command_line_mistake(["main.py", *arguments], os.path.join(ROOT, "configs",
+                                                                          "quickstart.py"))
+    assert mistake.startswith(expected) and bool(mistake) == bool(expected), mistake
+
+
+@pytest.mark.parametrize("arguments, expected", [
     (["--config.train.batchsize=1"], "Config error: a --config override names the field "
                                      "'batchsize', which the config does not have; did you "
-                                     "mean 'batch_size'?"),
+                                     "mean 'batch_size' (--config.train.batch_size)?"),
     # The same through a --config file, whose fields are looked up while flags are parsed.
     (["--config=configs/vgg_d.py", "--config.train.batchsize=1"],
      "Config error: a --config override names the field 'batchsize', which the config does "
-     "not have; did you mean 'batch_size'?"),
-    (["--config=configs/missing.py"], "Config error: "),
+     "not have; did you mean 'batch_size' (--config.train.batch_size)?"),
     (["--config=configs/vgg_d.py:999"], "Config error: Unknown training scale '999'"),
-    (["--mode=eval"], "Error: Checkpoint path "),
+    (["--config.train.batch_size=abc"], "Config error: flag --config.train.batch_size=abc: "),
+    # Evaluation has no training batch to split over the 4 devices: it goes on to the
+    # missing checkpoint.
+    (["--mode=eval", "--config.train.batch_size=7"], "Error: Checkpoint path "),
     (["--num_processes=2"], "Multi-host error: --num_processes=2 needs --coordinator_address"),
-    (["--config.train.eval_batch_size=64"], "Config error: config.train.eval_batch_size is now "
-                                            "config.eval.batch_size (net inputs"),
 ])
 def test_main_reports_bad_input_in_one_line(tmp_path, arguments, expected):
     result = subprocess.run(

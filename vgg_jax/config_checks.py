@@ -9,6 +9,12 @@ is one sentence that names the field and how to fix it.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import inspect
+import os
+from collections.abc import Sequence
+
 import ml_collections
 
 from vgg_jax import preprocess
@@ -19,15 +25,7 @@ from vgg_jax.models import check_config as check_model_config
 from vgg_jax.models import check_frozen_layers
 from vgg_jax.training import checkpoint, loop, optim, writers
 
-__all__ = ["ConfigError", "renamed_field_message", "validate_config"]
-
-# Fields that were renamed: old path -> the new field and its unit, for the one-sentence
-# error that an old command line or config file gets.
-RENAMED_FIELDS = {
-    "train.eval_batch_size": "config.eval.batch_size (net inputs of image_size^2 per global "
-                             "batch; one per image in training's single-crop validation)",
-}
-
+__all__ = ["ConfigError", "command_line_mistake", "validate_config"]
 
 def validate_config(
     config: ml_collections.ConfigDict, *, device_count: int | None = None,
@@ -46,9 +44,6 @@ def validate_config(
     Raises:
       ConfigError: with one sentence naming the field and the fix.
     """
-    for old in RENAMED_FIELDS:
-        section, field = old.split(".")
-        require(field not in config.get(section, {}), renamed_field_message(old))
     check_model_config(config.model, config.data.image_size)
     check_frozen_layers(config.train.get("frozen_layers", ()), config.model.version)
     pipeline.check_config(config.data)
@@ -63,21 +58,6 @@ def validate_config(
     if check_data:  # a training run
         _check_starting_point(config)
         _check_data_set(config)
-
-
-def renamed_field_message(field: str) -> str | None:
-    """The sentence for an old field name ("eval_batch_size" or "train.eval_batch_size").
-
-    Args:
-      field: a field path or its last part.
-
-    Returns:
-      The sentence naming the new field, or None when `field` was not renamed.
-    """
-    for old, new in RENAMED_FIELDS.items():
-        if field in (old, old.rsplit(".", 1)[-1]):
-            return f"config.{old} is now {new}; set that instead."
-    return None
 
 
 def _check_starting_point(config: ml_collections.ConfigDict) -> None:
@@ -102,3 +82,101 @@ def _check_data_set(config: ml_collections.ConfigDict) -> None:
     require(data_classes == num_classes,
             f"config.model.num_classes={num_classes} but the data set has {data_classes} "
             f"classes; pass --config.model.num_classes={data_classes}.")
+
+
+# The flag that names the config file, and the prefix of its fields' overrides.
+CONFIG_FLAG = "config"
+
+
+def command_line_mistake(argv: Sequence[str], default_config: str) -> str:
+    """The first mistake in a command line's config flags, as one sentence, or "".
+
+    Looks before absl and ml_collections parse the flags, so that the sentence names what
+    the user typed: a --config file that is missing or fails to load, a ':variant' that
+    the file does not take, an override of a field the config does not have (with the
+    closest field), and a misspelt --config prefix. Values of the right fields are left to
+    ml_collections, which parses and type-checks them.
+
+    Args:
+      argv: the command line, program name first.
+      default_config: the config file used when --config is not given.
+
+    Returns:
+      The sentence, or "" when these checks find nothing.
+    """
+    flags_given = _flags_given(argv[1:])
+    config_arg = next((value for name, value in reversed(flags_given) if name == CONFIG_FLAG),
+                      default_config)
+    config, mistake = _load_config_file(config_arg)
+    if mistake:
+        return mistake
+    for name, _ in flags_given:
+        head, _, rest = name.partition(".")
+        if not rest:
+            continue
+        if head != CONFIG_FLAG:
+            if difflib.get_close_matches(head, [CONFIG_FLAG]):
+                return f"--{name} is not a flag; did you mean --{CONFIG_FLAG}.{rest}?"
+            continue
+        mistake = _missing_field(config, rest.split("."))
+        if mistake:
+            return mistake
+    return ""
+
+
+def _flags_given(args: Sequence[str]) -> list[tuple[str, str | None]]:
+    """(name, value) of each flag, written --name=value, --name value or --name."""
+    found = []
+    for index, arg in enumerate(args):
+        if not arg.startswith("-") or arg == "--":
+            continue
+        name, equals, value = arg.lstrip("-").partition("=")
+        if not equals:
+            following = args[index + 1] if index + 1 < len(args) else None
+            value = following if following and not following.startswith("-") else None
+        found.append((name, value))
+    return found
+
+
+def _load_config_file(config_arg: str | None) -> tuple[ml_collections.ConfigDict | None, str]:
+    """The config that `--config=FILE[:VARIANT]` names, or the sentence of why it cannot load."""
+    path, _, variant = (config_arg or "").partition(":")
+    if not os.path.isfile(path):
+        return None, (f"--{CONFIG_FLAG}={config_arg}: there is no file {path!r}; pass one of "
+                      "configs/ (e.g. --config=configs/vgg_d.py).")
+    spec = importlib.util.spec_from_file_location("_config_under_check", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # any failure of the user's file is reported in one line
+        return None, f"--{CONFIG_FLAG}={path} does not load ({type(error).__name__}: {error})."
+    get_config = getattr(module, "get_config", None)
+    if get_config is None:
+        return None, f"--{CONFIG_FLAG}={path} defines no get_config(); is it a config file?"
+    if variant and not inspect.signature(get_config).parameters:
+        return None, (f"{path} has no variants, so ':{variant}' selects nothing; drop it "
+                      "(configs with variants list them in their docstring, e.g. "
+                      "configs/vgg_d.py:256-512).")
+    try:
+        return (get_config(variant) if variant else get_config()), ""
+    except ValueError as error:  # the config's own sentence (e.g. an unknown variant)
+        return None, str(error)
+
+
+def _missing_field(config: ml_collections.ConfigDict, path: list[str]) -> str:
+    """The sentence for an override of a field that `config` does not have, or ""."""
+    node = config
+    for depth, key in enumerate(path):
+        if isinstance(node, ml_collections.ConfigDict) and key in node:
+            node = node[key]
+            continue
+        fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        where = ".".join([CONFIG_FLAG, *path[:depth]])
+        close = difflib.get_close_matches(key, fields, n=1)
+        if close:
+            return (f"a --config override names the field {key!r}, which the config does not "
+                    f"have; did you mean {close[0]!r} (--{where}.{close[0]})?")
+        listed = f"; its fields are {', '.join(sorted(fields))}" if fields else ""
+        return (f"a --config override names the field {key!r}, which {where} does not "
+                f"have{listed}.")
+    return ""
