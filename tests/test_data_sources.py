@@ -50,7 +50,9 @@ def test_eval_split_uses_the_training_class_indices(tmp_path):
         ("unset", "data_dir is not set"),
         ("empty", "no split directory 'train'"),
         ("flat", "no class folders \\(images directly in it\\)"),
-        ("no_val", "no split directory 'validation'"),
+        # The README's layout names it val/: the message asks for that one.
+        ("no_val", r"no split directory 'validation' or 'val' \(found \['train'\]\); expected "
+                   r"\S+/val/<class>/<image>"),
         ("empty_class", "holds no image file"),
         ("extra_val_class", "that the training split"),
     ],

@@ -265,8 +265,13 @@ def test_truncated_file_gives_masked_zero_image_and_a_note_or_warning(caplog):
     # evaluation plan masks and warns (tests/test_evaluate.py).
     assert b"/x/broken.JPEG" in out[transforms.DECODE_ERROR_KEY]
     assert "broken.JPEG" not in caplog.text
-    with pytest.raises(decode.DECODE_ERRORS):
+    with pytest.raises(decode.DECODE_ERRORS, match=r"not an image format PIL reads \(12 bytes, "
+                                                   r"starting b'not an image'\)"):
         transforms.image_views(b"not an image", transforms.SINGLE_CROP, 40, 32)
+    text = transform.augment(_record(b"hello", name="/x/notes.jpg"), np.random.default_rng(0))
+    assert text[transforms.DECODE_ERROR_KEY] == (
+        b"/x/notes.jpg (UnidentifiedImageError: not an image format PIL reads (5 bytes, "
+        b"starting b'hello'))")  # stable, so the pipeline warns once per file
     good = transform.augment(_record(data), np.random.default_rng(0))
     assert good["mask"] and good[transforms.DECODE_ERROR_KEY] == b""
 

@@ -33,7 +33,7 @@ import io
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # One thread per process: grain's workers are processes, one per core; OpenCV's own thread
 # pool would oversubscribe the cores (and a 224x224 resample is too small to split).
@@ -104,9 +104,23 @@ def source_box(
 # --------------------------------------------------------------------------------------
 
 
+# Leading bytes of an unreadable file quoted in its error, so a person can tell what it is.
+_QUOTED_BYTES = 16
+
+
 def open_image(data: bytes) -> Image.Image:
-    """Opens encoded image bytes lazily (header only); the format comes from the content."""
-    return Image.open(io.BytesIO(data))
+    """Opens encoded image bytes lazily (header only); the format comes from the content.
+
+    Raises:
+      PIL.UnidentifiedImageError: not an image format PIL reads; the message describes the
+        bytes (PIL's own names an in-memory buffer's address, which says nothing).
+    """
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(
+            f"not an image format PIL reads ({len(data)} bytes, starting "
+            f"{data[:_QUOTED_BYTES]!r})") from None
 
 
 def _jpeg_header(data: bytes) -> tuple[int, int] | None:

@@ -195,15 +195,18 @@ def folder_split_dir(root: str, split: str) -> str:
       ValueError: if the root is unset or missing, or has neither directory.
     """
     root = _require_root(root)
-    for candidate in (split, *FOLDER_SPLIT_ALIASES.get(split, ())):
+    candidates = (split, *FOLDER_SPLIT_ALIASES.get(split, ()))
+    for candidate in candidates:
         path = os.path.join(root, candidate)
         if os.path.isdir(path):
             return path
     present = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    # Folder layouts name the held-out split "val" (TFDS: "validation"); suggest that one.
+    expected = min(candidates, key=len)
     raise ValueError(
-        f"Image folder {root!r} has no split directory {split!r} (found {present or 'none'}); "
-        f"expected {root}/{split}/<class>/<image>: fix config.data.data_dir or the split name "
-        "(config.data.train_split / eval_split)."
+        f"Image folder {root!r} has no split directory {' or '.join(map(repr, candidates))} "
+        f"(found {present or 'none'}); expected {root}/{expected}/<class>/<image>: fix "
+        "config.data.data_dir or the split name (config.data.train_split / eval_split)."
     )
 
 
