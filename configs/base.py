@@ -30,115 +30,140 @@ def get_config() -> ml_collections.ConfigDict:
     """
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.model = _model()
+    config.data = _data()
+    config.train = _train()
+    config.checkpoint = _checkpoint()
+    _starting_point(config)
+    config.wandb = _wandb()
+    config.progress_bar = True
+    config.eval = _eval()
+    return config
 
-    # --- The network (Table 1) ------------------------------------------------------------
-    config.model = ml_collections.ConfigDict()
-    config.model.version = "A"
-    config.model.num_classes = 1000
-    config.model.width_divisor = 1
-    config.model.fc_features = 4096
-    config.model.dropout_rate = 0.5
+
+def _model() -> ml_collections.ConfigDict:
+    """The network (Table 1)."""
+    c = ml_collections.ConfigDict()
+    c.version = "A"
+    c.num_classes = 1000
+    c.width_divisor = 1
+    c.fc_features = 4096
+    c.dropout_rate = 0.5
     # "glorot_uniform" (paper footnote; trains deep nets from scratch) or "normal" (the
     # paper's random init: zero mean, standard deviation normal_init_stddev).
-    config.model.initializer = "glorot_uniform"
+    c.initializer = "glorot_uniform"
     # The paper says "variance 1e-2", literally a standard deviation of 0.1; with it each
     # 3x3 conv over 512 channels multiplies the signal by ~5 (0.1 * sqrt(9 * 512 / 2)), and
     # net A's initial logits reach ~6e8 at 224 pixels: it cannot train. 0.01 is the fixed
     # standard deviation later papers give for this initialisation (He et al. 2015, "Delving
     # deep into rectifiers", who also note that nets deeper than A do not converge with it,
     # hence the paper's start from net A). Pass 0.1 for the literal reading.
-    config.model.normal_init_stddev = 0.01
+    c.normal_init_stddev = 0.01
     # Not the paper: a BatchNorm after every convolution, before its ReLU (torchvision's
     # vgg11_bn ... vgg19_bn layout, for any version). Running statistics are checkpointed
     # and used by evaluation.
-    config.model.batch_norm = False
+    c.batch_norm = False
     # "auto": bfloat16 on GPU/TPU, float32 on CPU. Parameters are always float32.
-    config.model.compute_dtype = "auto"
+    c.compute_dtype = "auto"
+    return c
 
-    # --- Data (3.1 training, 3.2 testing) -------------------------------------------------
-    config.data = ml_collections.ConfigDict()
+
+def _data() -> ml_collections.ConfigDict:
+    """Data: the training augmentation (3.1) and the test scale it implies (3.2)."""
+    c = ml_collections.ConfigDict()
     # "tfds": a prepared TFDS data set (array_record) named `name` under `data_dir`.
     # "folder": `data_dir`/train/<class>/<image> and `data_dir`/val/<class>/<image>.
     # "digits": scikit-learn's handwritten digits, written once as such a folder.
-    config.data.source = "tfds"
-    config.data.name = "imagenet2012"
-    config.data.data_dir = ml_collections.config_dict.placeholder(str)
-    config.data.train_split = "train"
-    config.data.eval_split = "validation"
+    c.source = "tfds"
+    c.name = "imagenet2012"
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.train_split = "train"
+    c.eval_split = "validation"
     # Crop side fed to the net (224 in the paper).
-    config.data.image_size = 224
+    c.image_size = 224
     # Training scale S: the shortest side after isotropic rescaling, drawn uniformly per
     # image from [train_scale_min, train_scale_max] (equal bounds: single-scale training).
-    config.data.train_scale_min = 256
-    config.data.train_scale_max = 256
+    c.train_scale_min = 256
+    c.train_scale_max = 256
     # The test scale Q follows from S as in the paper (3.2): Q = S, or the middle of a
     # jittered range (vgg_jax.data.transforms.single_test_scale); validation during
     # training uses it, and --mode=eval too unless config.eval.scales says otherwise.
-    config.data.random_flip = True
+    c.random_flip = True
     # Standard deviation of AlexNet's PCA colour shift; 0 disables it.
-    config.data.colour_shift_std = 0.1
-    config.data.pca_eigenvalues = imagenet.PCA_EIGENVALUES
-    config.data.pca_eigenvectors = imagenet.PCA_EIGENVECTORS
-    config.data.mean_rgb = imagenet.MEAN_RGB
+    c.colour_shift_std = 0.1
+    c.pca_eigenvalues = imagenet.PCA_EIGENVALUES
+    c.pca_eigenvectors = imagenet.PCA_EIGENVECTORS
+    c.mean_rgb = imagenet.MEAN_RGB
     # Per-channel divisor applied after mean subtraction (1 = the paper; imported
     # torchvision weights need ImageNet's standard deviation, 0-255 scale).
-    config.data.std_rgb = (1.0, 1.0, 1.0)
+    c.std_rgb = (1.0, 1.0, 1.0)
     # Source "digits": each 8x8 digit is upscaled to digits_image_size and written as a
     # JPEG of this quality.
-    config.data.digits_image_size = 32
-    config.data.jpeg_quality = 95
+    c.digits_image_size = 32
+    c.jpeg_quality = 95
     # Fraction of the digits held out as the validation split, and the seed of that split.
-    config.data.val_fraction = 0.2
-    config.data.split_seed = 0
+    c.val_fraction = 0.2
+    c.split_seed = 0
     # grain: worker processes decoding images (0 = in the main process) and prefetching.
-    config.data.num_workers = 8
-    config.data.prefetch_buffer_size = 2
+    c.num_workers = 8
+    c.prefetch_buffer_size = 2
     # Batches transferred to the devices ahead of the step by a background thread, so the
     # step never waits for its batch (0 = fetch and transfer each batch in the loop).
-    config.data.device_prefetch = 2
+    c.device_prefetch = 2
     # Where source "digits" writes its image folder (~ is expanded).
-    config.data.cache_dir = "~/.cache/vgg_jax"
+    c.cache_dir = "~/.cache/vgg_jax"
+    return c
 
-    # --- Optimisation (3.1) ---------------------------------------------------------------
-    config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 256  # global, over all devices of all hosts
-    config.train.num_epochs = 74
-    config.train.learning_rate = 1e-2
-    config.train.momentum = 0.9
-    config.train.weight_decay = 5e-4
-    config.train.decay_biases = True
+
+def _train() -> ml_collections.ConfigDict:
+    """Optimisation (3.1): SGD, the plateau schedule, cadences."""
+    c = ml_collections.ConfigDict()
+    c.batch_size = 256  # global, over all devices of all hosts
+    c.num_epochs = 74
+    c.learning_rate = 1e-2
+    c.momentum = 0.9
+    c.weight_decay = 5e-4
+    c.decay_biases = True
     # Gradient accumulation: each optimiser step averages this many micro-batches of
     # batch_size / grad_accum_steps images (the original project ran 64 x 4).
-    config.train.grad_accum_steps = 1
+    c.grad_accum_steps = 1
     # Fine-tuning: layers whose parameters stay fixed, as names or shell patterns
     # ("conv*" = the whole trunk, "conv1_*", "fc6"); a frozen conv's batch norm keeps its
     # running statistics. Optimiser updates are zero for them (optax.multi_transform).
-    config.train.frozen_layers = ()
+    c.frozen_layers = ()
     # Global-norm gradient clipping; 0 disables it.
-    config.train.grad_clip_norm = 0.0
+    c.grad_clip_norm = 0.0
     # Learning-rate plateau schedule (the paper cut the rate by 10 when validation accuracy
     # stopped improving, 3 times): multiply by `plateau_factor` when the monitored metric
     # has not improved by a relative `plateau_threshold` for `plateau_patience` evaluations
     # in a row, at most `plateau_max_reductions` times; stop when it stalls after the last cut.
-    config.train.plateau_factor = 0.1
-    config.train.plateau_patience = 2
-    config.train.plateau_threshold = 1e-3
-    config.train.plateau_max_reductions = 3
-    config.train.plateau_monitor = "val/top1_error"
+    c.plateau_factor = 0.1
+    c.plateau_patience = 2
+    c.plateau_threshold = 1e-3
+    c.plateau_max_reductions = 3
+    c.plateau_monitor = "val/top1_error"
     # Cadences, in optimiser steps (one step = batch_size images, whatever grad_accum_steps).
-    config.train.log_every_steps = 100
-    config.train.eval_every_epochs = 1
-    config.train.checkpoint_every_steps = 2000
+    c.log_every_steps = 100
+    c.eval_every_epochs = 1
+    c.checkpoint_every_steps = 2000
     # Device profile: trace `profile_num_steps` steps from step `profile_first_step` into
     # <workdir>/profile (jax.profiler; view with xprof or TensorBoard's profile plugin).
     # -1 = no profile. Start after compilation and warm-up, e.g. 100.
-    config.train.profile_first_step = -1
-    config.train.profile_num_steps = 5
+    c.profile_first_step = -1
+    c.profile_num_steps = 5
+    return c
 
-    # --- Checkpoints ----------------------------------------------------------------------
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.max_to_keep = 3
-    config.checkpoint.keep_best = 1
+
+def _checkpoint() -> ml_collections.ConfigDict:
+    """Checkpoint retention."""
+    c = ml_collections.ConfigDict()
+    c.max_to_keep = 3
+    c.keep_best = 1
+    return c
+
+
+def _starting_point(config: ml_collections.ConfigDict) -> None:
+    """Where training starts: from scratch, or from another run's checkpoint."""
     # Initialise from another run's checkpoint (a workdir, or torchvision weights
     # converted with python -m vgg_jax.convert); "" = none. Its preprocessing (mean_rgb,
     # std_rgb) is inherited unless given on the command line. The layers copied: () = from
@@ -153,39 +178,43 @@ def get_config() -> ml_collections.ConfigDict:
     # train at those settings from scratch (which costs several points of error).
     config.init_from_required = False
 
-    # --- Logging --------------------------------------------------------------------------
-    config.wandb = ml_collections.ConfigDict()
-    # "online", "offline" or "disabled"; "auto" = online when logged in, else offline.
-    config.wandb.mode = "auto"
-    config.wandb.project = "vgg-jax"
-    config.wandb.name = ""
-    config.wandb.tags = ()
-    config.progress_bar = True
 
-    # --- Evaluation (3.2) -----------------------------------------------------------------
-    config.eval = ml_collections.ConfigDict()
+def _wandb() -> ml_collections.ConfigDict:
+    """Weights & Biases logging."""
+    c = ml_collections.ConfigDict()
+    # "online", "offline" or "disabled"; "auto" = online when logged in, else offline.
+    c.mode = "auto"
+    c.project = "vgg-jax"
+    c.name = ""
+    c.tags = ()
+    return c
+
+
+def _eval() -> ml_collections.ConfigDict:
+    """Evaluation (3.2): the protocols and their batches."""
+    c = ml_collections.ConfigDict()
     # "single_crop", "dense", "multi_crop" or "dense+multi_crop". Dense is the protocol of
     # the paper's Tables 3 and 4 (single- and multi-scale test); Table 5 compares the rest.
-    config.eval.protocol = "dense"
+    c.protocol = "dense"
     # Test scales Q; () = Q equal to S (fixed S) or 384 (jittered S), as in the paper.
-    config.eval.scales = ()
+    c.scales = ()
     # Side of the grid of crops per scale in multi-crop evaluation (5 x 5 x 2 flips = 50).
-    config.eval.multi_crop_grid = 5
+    c.multi_crop_grid = 5
     # Other workdirs whose nets are averaged with this one at the softmax.
-    config.eval.ensemble = ()
+    c.ensemble = ()
     # With `scales` empty: the paper's multi-scale set instead of the single scale, i.e.
     # {S-32, S, S+32} for fixed S and {256, 384, 512} for jittered S in [256, 512].
-    config.eval.multi_scale = False
+    c.multi_scale = False
     # Average each view with its horizontal flip in dense and multi-crop evaluation (3.2).
-    config.eval.flip = True
+    c.flip = True
     # Per global batch, the number of image_size x image_size net inputs, in training's
     # validation (one per image) and in every protocol here (a multi-crop image counts
     # 2 * grid^2, a dense image 2 x its area in crops): bounds memory alike everywhere.
-    config.eval.batch_size = 256
+    c.batch_size = 256
     # Dense evaluation crops each rescaled image to multiples of this many pixels, so the
     # images fall into a bounded number of shapes (one compilation each).
-    config.eval.dense_size_step = 32
-    return config
+    c.dense_size_step = 32
+    return c
 
 
 def set_train_scale(config: ml_collections.ConfigDict, scale: str) -> ml_collections.ConfigDict:
