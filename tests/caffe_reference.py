@@ -54,7 +54,8 @@ def _schema(values: str):
             ("stride", 6, F.TYPE_UINT32, True))
     message("PoolingParameter", ("pool", 1, F.TYPE_INT32, False),
             ("kernel_size", 2, F.TYPE_UINT32, False), ("stride", 3, F.TYPE_UINT32, False))
-    message("InnerProductParameter", ("num_output", 1, F.TYPE_UINT32, False))
+    message("InnerProductParameter", ("num_output", 1, F.TYPE_UINT32, False),
+            ("transpose", 6, F.TYPE_BOOL, False))
     message("V0LayerParameter", ("name", 1, F.TYPE_STRING, False))
     message("V1LayerParameter", ("layer", 1, "V0LayerParameter", False),
             ("bottom", 2, F.TYPE_STRING, True), ("top", 3, F.TYPE_STRING, True),
@@ -125,9 +126,13 @@ def vgg_layers(version, seed=0, width_divisor=WIDTH_DIVISOR, fc_features=FC_FEAT
     return layers
 
 
-def write(path, layers, layout="v1", values="packed", input_size=None, with_blobs=True):
+def write(path, layers, layout="v1", values="packed", input_size=None, with_blobs=True,
+          legacy_shapes=None, transpose_fc=False):
     """Writes the layers as a binary NetParameter (V1 `layers` with legacy 4-D blob shapes
-    as in 2014, or the newer `layer` with BlobShape); returns the message."""
+    as in 2014, or the newer `layer` with BlobShape; `legacy_shapes` overrides the layout's
+    choice); `transpose_fc` stores inner-product weights (in, out) with transpose set.
+    Returns the message."""
+    legacy_shapes = layout == "v1" if legacy_shapes is None else legacy_shapes
     net = NET_CLASSES[values](name="test_vgg")
     if input_size:
         net.input.append("data")
@@ -144,11 +149,15 @@ def write(path, layers, layout="v1", values="packed", input_size=None, with_blob
         if "pool" in spec:
             layer.pooling_param.pool, layer.pooling_param.kernel_size = 0, 2  # MAX
             layer.pooling_param.stride = 2
+        arrays = list(spec.get("blobs", [])) if with_blobs else []
         if "ip" in spec:
             layer.inner_product_param.num_output = spec["ip"]
-        for array in spec.get("blobs", []) if with_blobs else []:
+            if transpose_fc:
+                layer.inner_product_param.transpose = True
+                arrays[:1] = [arrays[0].T] if arrays else []
+        for array in arrays:
             blob = layer.blobs.add()
-            if layout == "v1":  # Legacy: (out, in, kh, kw), (1, 1, out, in), (1, 1, 1, out).
+            if legacy_shapes:  # Legacy: (out, in, kh, kw), (1, 1, out, in), (1, 1, 1, out).
                 blob.num, blob.channels, blob.height, blob.width = (
                     (1,) * (4 - array.ndim) + array.shape)
             else:
@@ -194,6 +203,8 @@ def forward(path, images_bgr):
             y = x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
         elif kind == V1_TYPES["INNER_PRODUCT"]:
             weight = arrays[0].reshape(arrays[0].shape[-2:])
+            if layer.inner_product_param.transpose:  # Stored (in, out).
+                weight = weight.T
             y = logits = x.reshape(x.shape[0], -1) @ weight.T + arrays[1].ravel()
         else:  # Dropout (identity at test time), softmax, data: not needed for the logits.
             continue

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torchvision_reference
+from google.protobuf import text_format
 
 from vgg_jax.models import create_model
 from vgg_jax.weights import caffe_format, torchvision_format
@@ -76,16 +77,22 @@ def test_caffe_net_gives_the_caffe_forward_pass(tmp_path, version, layout, train
     assert not np.allclose(caffe.forward(path, images), reference, rtol=1e-3)
 
 
-@pytest.mark.parametrize("values", ["unpacked", "double"])
-def test_blob_values_in_any_encoding(tmp_path, values):
+@pytest.mark.parametrize("variant", [
+    {"values": "unpacked"}, {"values": "double"}, {"transpose_fc": True},
+    {"layout": "layer", "legacy_shapes": True}])
+def test_blob_encodings_read_alike(tmp_path, variant):
     layers = caffe.vgg_layers("A", seed=3)
-    caffe.write(str(tmp_path / "packed.caffemodel"), layers)
-    caffe.write(str(tmp_path / "other.caffemodel"), layers, values=values)
-    packed = caffe_format.read_caffemodel(str(tmp_path / "packed.caffemodel"))
+    caffe.write(str(tmp_path / "plain.caffemodel"), layers)
+    caffe.write(str(tmp_path / "other.caffemodel"), layers, **variant)
+    plain = caffe_format.read_caffemodel(str(tmp_path / "plain.caffemodel"))
     other = caffe_format.read_caffemodel(str(tmp_path / "other.caffemodel"))
-    assert list(other.state_dict) == list(packed.state_dict)
-    for key, value in packed.state_dict.items():
+    assert list(other.state_dict) == list(plain.state_dict)
+    for key, value in plain.state_dict.items():
         np.testing.assert_array_equal(other.state_dict[key], value, err_msg=key)
+    if variant.get("transpose_fc"):  # The reference runs it too.
+        images = _images()[..., ::-1]
+        np.testing.assert_allclose(caffe.forward(str(tmp_path / "other.caffemodel"), images),
+                                   caffe.forward(str(tmp_path / "plain.caffemodel"), images))
 
 
 def test_full_width_trunk_gives_the_released_shapes(tmp_path):
@@ -167,8 +174,33 @@ def test_prototxt_must_agree_with_the_weights(tmp_path):
         caffe_format.read_caffemodel(path, str(deploy))
 
 
-def _with(layers, name, **changes):
-    return [dict(spec, **changes) if spec["name"] == name else spec for spec in layers]
+def test_newer_prototxt_input_layer_gives_the_input_size(tmp_path):
+    layers = caffe.vgg_layers("B")
+    path = str(tmp_path / "net.caffemodel")
+    caffe.write(path, layers, layout="layer")
+    described = text_format.MessageToString(caffe.write(None, layers, layout="layer",
+                                                        with_blobs=False))
+    deploy = tmp_path / "deploy.prototxt"
+    for size in (caffe.IMAGE_SIZE, 96):
+        deploy.write_text(f'layer {{ name: "input" type: "Input" top: "data" input_param {{ '
+                          f'shape {{ dim: 1 dim: 3 dim: {size} dim: {size} }} }} }}\n'
+                          + described)
+        if size == caffe.IMAGE_SIZE:
+            assert caffe_format.read_caffemodel(path, str(deploy)).version == "B"
+    with pytest.raises(ValueError, match="gives input 96x96 but the fc6 weights"):
+        caffe_format.read_caffemodel(path, str(deploy))
+
+
+def test_blocks_by_name_when_no_pooling_layers(tmp_path):
+    # A file holding only the layers with weights: the conv<block>_<index> names tell blocks.
+    layers = [spec for spec in caffe.vgg_layers("E") if "blobs" in spec]
+    path = tmp_path / "weights_only.caffemodel"
+    caffe.write(str(path), layers)
+    assert caffe_format.read_caffemodel(str(path)).version == "E"
+    layers[0] = dict(layers[0], name="first")
+    caffe.write(str(path), layers)
+    with pytest.raises(ValueError, match="conv layer 'first' is not named conv<block>_<index>"):
+        caffe_format.read_caffemodel(str(path))
 
 
 @pytest.mark.parametrize("case,message", [

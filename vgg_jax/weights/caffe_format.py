@@ -167,15 +167,15 @@ def _blob_array(blob: message.Message, where: str, layer: str) -> np.ndarray:
     legacy = (blob.num, blob.channels, blob.height, blob.width)
     shape = tuple(blob.shape.dim) if blob.HasField("shape") else (
         legacy if any(legacy) else None)
-    if blob.data:
-        values = np.frombuffer(blob.data, "<f4") if len(blob.data) % 4 == 0 else None
-    elif blob.double_data:
-        values = np.frombuffer(blob.double_data, "<f8").astype(np.float32)
+    raw, dtype = (blob.data, "<f4") if blob.data else (blob.double_data, "<f8")
+    if raw:  # float32 stays a view of the bytes; doubles are converted.
+        values = np.frombuffer(raw, dtype).astype(np.float32, copy=False) \
+            if len(raw) % np.dtype(dtype).itemsize == 0 else None
     else:  # Unpacked floats (or none): our bytes view kept them as unknown fields.
         unpacked = MESSAGES["FloatBlobProto"].FromString(blob.SerializeToString())
         values = np.asarray(unpacked.data, np.float32)
     if values is None or (shape is not None and values.size != math.prod(shape)):
-        found = "a byte count that is no float32 array" if values is None else \
+        found = "a byte count that is no float array" if values is None else \
             f"{values.size} values"
         raise ValueError(f"{where}: a blob of layer {layer!r} has shape {shape} but {found}; "
                          "the file is truncated or not a Caffe net.")
@@ -300,7 +300,8 @@ def _check_head(fcs: list[_Layer], channels: int, where: str) -> None:
     shapes = []
     for fc in fcs:
         weight = fc.blobs[0]
-        if len(fc.blobs) != 2 or weight.size != math.prod(weight.shape[-2:]):
+        if len(fc.blobs) != 2 or weight.ndim < 2 or \
+                weight.size != math.prod(weight.shape[-2:]):
             raise ValueError(f"{where} is not a VGG: inner-product layer {fc.name!r} has "
                              f"blobs of shapes {[b.shape for b in fc.blobs]}.")
         fc.blobs[0] = weight.reshape(weight.shape[-2:])  # Legacy (1, 1, out, in).
@@ -368,11 +369,11 @@ def write_caffemodel(path: str, variables: Any, version: str,
 
     The net is the deploy net (input "data" 1x3xSxS, convs with ReLUs, max-pools, fc6-fc8
     with ReLU and dropout, softmax "prob"), with legacy 4-D blob shapes and conv1_1 reading
-    BGR: Caffe and OpenCV's Caffe importer load it, and `read_caffemodel` reads it back.
-    Inputs are expected as the authors' were (BGR, 0-255 minus the mean pixel); a net
-    trained on other inputs keeps its own preprocessing, which the file cannot carry.
-    Layers are serialised one at a time (a concatenation of NetParameter messages is their
-    merge), so no second copy of the whole net is held.
+    BGR: `read_caffemodel` reads it back and OpenCV 4's Caffe importer runs it (both tested;
+    Caffe itself was not at hand). Inputs are expected as the authors' were (BGR, 0-255
+    minus the mean pixel); a net trained on other inputs keeps its own preprocessing, which
+    the file cannot carry. Layers are serialised one at a time (a concatenation of
+    NetParameter messages is their merge), so the file is never held whole in memory.
 
     Args:
       path: the `.caffemodel` to write.
