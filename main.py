@@ -5,6 +5,8 @@
       --config.data.data_dir=/data/tensorflow_datasets --config.train.batch_size=128
   python main.py --config=configs/vgg_d.py --workdir=runs/vgg_d --mode=eval \
       --config.eval.protocol=dense --config.eval.scales=256,384,512
+  python main.py --config=configs/vgg_d.py --mode=eval --weights=vgg16 \
+      --config.eval.protocol=single_crop          # pretrained weights, no training
 
 Every config field can be overridden with --config.<section>.<field>=<value>.
 """
@@ -24,6 +26,7 @@ from vgg_jax.config_checks import renamed_field_message
 from vgg_jax.evaluation import run
 from vgg_jax.runtime import parallel, stop_signals, workdir_lock
 from vgg_jax.training import loop, warm_start
+from vgg_jax.weights import specs
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,6 +69,11 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 _STEP = flags.DEFINE_string(
     "step", None, "--mode=eval: checkpoint step to evaluate (a number, 'best' or 'latest').")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", None, "--mode=eval: the net to evaluate instead of the workdir's checkpoint: "
+    "any weights spec (vgg16 ... vgg19_bn, hf-hub:ORG/NAME[@REVISION], a .safetensors, .npz, "
+    ".pth or .caffemodel file, a run's DIR[@STEP]); results go to --workdir, by default "
+    "runs/eval_<name>.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "Multi-host: host:port of process 0 (default: auto-detect).")
 _NUM_PROCESSES = flags.DEFINE_integer(
@@ -75,6 +83,8 @@ _PROCESS_ID = flags.DEFINE_integer(
 
 
 def _default_workdir() -> str:
+    if _WEIGHTS.value:  # an evaluation of weights that are not a run of ours
+        return os.path.join("runs", "eval_" + specs.short_name(_WEIGHTS.value))
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     stem = os.path.splitext(os.path.basename(name.split(":")[0]))[0]
     return os.path.join("runs", stem)
@@ -131,7 +141,12 @@ def _config_mistake(config) -> str:
     try:
         # Fields the config leaves to the checkpoint it starts from, and that checkpoint's
         # preprocessing unless the command line sets it.
-        evaluated = (_WORKDIR.value or _default_workdir()) if _MODE.value == "eval" else None
+        if _WEIGHTS.value and _MODE.value != "eval":
+            raise config_checks.ConfigError(
+                "--weights names the net to evaluate (--mode=eval); to train from weights, "
+                f"pass --config.init_from={_WEIGHTS.value}.")
+        evaluated = ((_WEIGHTS.value or _WORKDIR.value or _default_workdir())
+                     if _MODE.value == "eval" else None)
         for line in warm_start.resolve_config(config, _command_line_fields(sys.argv), evaluated):
             logging.info(line)
         config_checks.validate_config(config, check_data=_MODE.value == "train")
@@ -190,7 +205,7 @@ def main(argv):
         if _MODE.value == "train":
             loop.train_and_evaluate(config, workdir)
         else:
-            run.run_evaluation(config, workdir, step=_STEP.value)
+            run.run_evaluation(config, workdir, step=_STEP.value, weights=_WEIGHTS.value)
     except config_checks.ConfigError as error:
         sys.exit(f"Config error: {error}")
     except FloatingPointError as error:

@@ -445,3 +445,31 @@ def _our_layer_names(version: str, batch_norm: bool) -> frozenset[str]:
     convs = feature_indices(version, batch_norm)
     bns = {name + models.BN_SUFFIX for name in convs} if batch_norm else set()
     return frozenset(convs) | bns | set(CLASSIFIER_INDICES)
+
+
+# torchvision's nets by their number of conv layers (C, which torchvision lacks, also has
+# 13, three of them 1x1).
+_VERSION_BY_CONV_COUNT = {8: "A", 10: "B", 13: "D", 16: "E"}
+
+
+def infer_version(state_dict: Mapping[str, Any]) -> str:
+    """Which of torchvision's nets a state dict in its layout holds, from its conv count.
+
+    Args:
+      state_dict: torchvision VGG keys (values: arrays or anything with a shape).
+
+    Returns:
+      "A", "B", "D" or "E".
+
+    Raises:
+      ValueError: when the count of 4-D `features.N.weight` kernels is none of theirs.
+    """
+    sd = clean_keys(state_dict)
+    convs = sum(1 for key, value in sd.items()
+                if key.startswith("features.") and key.endswith(".weight")
+                and len(np.shape(value)) == 4)
+    if convs not in _VERSION_BY_CONV_COUNT:
+        raise ValueError(
+            f"The state dict has {convs} conv kernels (features.N.weight); torchvision's "
+            "VGGs have 8 (vgg11), 10 (vgg13), 13 (vgg16) or 16 (vgg19). Is it a VGG?")
+    return _VERSION_BY_CONV_COUNT[convs]
