@@ -141,10 +141,8 @@ def _config_mistake(config) -> str:
     try:
         # Fields the config leaves to the checkpoint it starts from, and that checkpoint's
         # preprocessing unless the command line sets it.
-        if _WEIGHTS.value and _MODE.value != "eval":
-            raise config_checks.ConfigError(
-                "--weights names the net to evaluate (--mode=eval); to train from weights, "
-                f"pass --config.init_from={_WEIGHTS.value}.")
+        if _WEIGHTS.value:
+            _check_weights(_WEIGHTS.value)
         evaluated = ((_WEIGHTS.value or _WORKDIR.value or _default_workdir())
                      if _MODE.value == "eval" else None)
         for line in warm_start.resolve_config(config, _command_line_fields(sys.argv), evaluated):
@@ -153,6 +151,18 @@ def _config_mistake(config) -> str:
     except config_checks.ConfigError as error:
         return str(error)
     return ""
+
+
+def _check_weights(weights: str) -> None:
+    """--weights: evaluation only, and a spec that names something (nothing is loaded)."""
+    if _MODE.value != "eval":
+        raise config_checks.ConfigError(
+            "--weights names the net to evaluate (--mode=eval); to train from weights, "
+            f"pass --config.init_from={weights}.")
+    try:
+        specs.parse(weights, _STEP.value)
+    except ValueError as error:
+        raise config_checks.ConfigError(f"--weights={weights}: {error}") from None
 
 
 def _agreed_config_error(config, mistake: str) -> str:

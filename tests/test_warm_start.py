@@ -157,8 +157,8 @@ def test_init_from_takes_a_weight_file_as_it_is(tmp_path):
     with pytest.raises(ConfigError, match=r"^config.init_from='.*nothing.pth': Weight file "
                        r".*nothing.pth does not exist.$"):
         warm_start.check_path(str(tmp_path / "nothing.pth"))
-    with pytest.raises(ConfigError, match="is neither a run's directory nor a weight file nor "
-                       "a hub model; pass a workdir"):
+    with pytest.raises(ConfigError, match=r"Checkpoint path .*nothing does not exist; pass a "
+                       r"run's directory \(DIR or DIR@STEP\), a .safetensors, .npz"):
         warm_start.check_path(str(tmp_path / "nothing"))
     config.init_from = str(tmp_path / "broken.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"not really")

@@ -102,7 +102,12 @@ def source_config(path: str) -> ml_collections.ConfigDict:
     Raises:
       ConfigError: if the spec names nothing loadable.
     """
-    return _load(path, shapes_only=True).config
+    check_path(path)
+    try:
+        # The config alone: resolve_config runs before jax.distributed starts.
+        return specs.load_config(path)
+    except ValueError as error:
+        raise ConfigError(f"config.init_from={path!r}: {error}") from None
 
 
 def _get(config, path: str) -> Any:

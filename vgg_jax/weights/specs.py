@@ -41,6 +41,8 @@ _DESCRIBED_FIELDS = ("model.num_classes", "model.width_divisor", "model.fc_featu
                      "model.batch_norm", "data.image_size")
 
 RUN, HUB, FILE = "run", "hub", "file"
+# What `_load` reads of the weights: their values, their shapes, or only their config.
+_VALUES, _SHAPES, _CONFIG = "values", "shapes", "config"
 
 
 class Spec(NamedTuple):
@@ -91,10 +93,11 @@ def parse(spec: str, step: int | str | None = None) -> Spec:
         return Spec(RUN, directory, suffix)
     if os.path.isdir(path):
         return Spec(RUN, path, None if step is None else str(step))
-    raise ValueError(
-        f"{spec!r} is neither a run's directory nor a weight file nor a hub model; pass a "
-        f"workdir (DIR or DIR@STEP), a {', '.join(WEIGHT_FILE_SUFFIXES)} file, hf-hub:ORG/NAME"
-        f"[@REVISION], or one of {', '.join(hub.SHORTHANDS)}.")
+    forms = (f"a run's directory (DIR or DIR@STEP), a {', '.join(WEIGHT_FILE_SUFFIXES)} file, "
+             f"hf-hub:ORG/NAME[@REVISION] or one of {', '.join(hub.SHORTHANDS)}")
+    if os.path.exists(path):
+        raise ValueError(f"{spec} is a file of no weight format vgg-jax reads; pass {forms}.")
+    raise ValueError(f"Checkpoint path {spec} does not exist; pass {forms}.")
 
 
 def _no_step(spec: str, step) -> None:
@@ -143,23 +146,47 @@ def load(spec: str, step: int | str | None = None, *,
       ValueError: one sentence for a spec that cannot be loaded (see `parse`, `hub.fetch`,
         `weight_files.read`, `torchvision_format.from_torchvision`).
     """
+    return _load(spec, step, _SHAPES if shapes_only else _VALUES)
+
+
+def load_config(spec: str, step: int | str | None = None) -> ml_collections.ConfigDict:
+    """The run config of the weights a spec names, without their values or shapes.
+
+    Touches no jax backend (the net is not traced), so it may run before
+    jax.distributed starts (main.py completes a config from its init_from this way).
+
+    Args:
+      spec, step: as for `load`.
+
+    Returns:
+      The run config `load` would return.
+
+    Raises:
+      ValueError: as `load`.
+    """
+    return _load(spec, step, _CONFIG).config
+
+
+def _load(spec: str, step: int | str | None, what: str) -> checkpoint.LoadedCheckpoint:
     parsed = parse(spec, step)
     if parsed.kind == RUN:
-        return checkpoint.load_checkpoint(parsed.location, parsed.step, shapes_only=shapes_only)
+        return checkpoint.load_checkpoint(parsed.location, parsed.step,
+                                          shapes_only=what == _SHAPES,
+                                          config_only=what == _CONFIG)
     if parsed.kind == HUB:
         fetched = hub.fetch(parsed.hub_spec)
-        read = weight_files.read(fetched.weights_path, shapes_only=shapes_only)
+        read = weight_files.read(fetched.weights_path, shapes_only=what != _VALUES)
         preprocessing = net_config.from_timm_config(fetched.config)
-        return from_state_dict(read.state_dict, preprocessing, read.run_config,
-                               shapes_only=shapes_only, origin=str(parsed.hub_spec))
+        return from_state_dict(read.state_dict, preprocessing, read.run_config, what=what,
+                               origin=str(parsed.hub_spec))
     if parsed.location.endswith(CAFFE_SUFFIX):
-        return _load_caffe(parsed.location, shapes_only)
-    read = weight_files.read(parsed.location, shapes_only=shapes_only)
+        return _load_caffe(parsed.location, what)
+    read = weight_files.read(parsed.location, shapes_only=what != _VALUES)
     return from_state_dict(read.state_dict, net_config.TORCHVISION, read.run_config,
-                           shapes_only=shapes_only, origin=parsed.location)
+                           what=what, origin=parsed.location)
 
 
-def _load_caffe(path: str, shapes_only: bool) -> checkpoint.LoadedCheckpoint:
+def _load_caffe(path: str, what: str) -> checkpoint.LoadedCheckpoint:
     # The Caffe reader comes from its own branch of the same issue; imported here until
     # both are merged, so that this module loads without it.
     from vgg_jax.weights import caffe_format
@@ -168,12 +195,12 @@ def _load_caffe(path: str, shapes_only: bool) -> checkpoint.LoadedCheckpoint:
     preprocessing = net_config.Preprocessing(
         tuple(weights.mean_rgb), tuple(weights.std_rgb), CAFFE_TRAIN_SCALES,
         "the authors' Caffe release (mean pixel subtracted)")
-    return from_state_dict(weights.state_dict, preprocessing, None, shapes_only=shapes_only,
-                           origin=path, version=weights.version)
+    return from_state_dict(weights.state_dict, preprocessing, None, what=what, origin=path,
+                           version=weights.version)
 
 
 def from_state_dict(state_dict: Mapping[str, Any], preprocessing: net_config.Preprocessing,
-                    run_config: Mapping[str, Any] | None = None, *, shapes_only: bool = False,
+                    run_config: Mapping[str, Any] | None = None, *, what: str = _VALUES,
                     origin: str = "the state dict",
                     version: str | None = None) -> checkpoint.LoadedCheckpoint:
     """Our variables and run config from a state dict in timm's or torchvision's layout.
@@ -182,7 +209,8 @@ def from_state_dict(state_dict: Mapping[str, Any], preprocessing: net_config.Pre
       state_dict: key -> array (torch tensor, or jax.ShapeDtypeStruct with shapes_only).
       preprocessing: the weights' preprocessing, used unless `run_config` is given.
       run_config: the config an export of one of our runs recorded, or None.
-      shapes_only: return the variables' shapes only.
+      what: "values" (the variables), "shapes" (jax.ShapeDtypeStruct leaves, traced from
+        the config) or "config" (no variables: None).
       origin: the weights' name, for messages.
       version: the net's configuration; None: from the conv count.
 
@@ -200,7 +228,9 @@ def from_state_dict(state_dict: Mapping[str, Any], preprocessing: net_config.Pre
     config = net_config.describe(version, options, preprocessing)
     if run_config is not None:
         config = _recorded(run_config, config, origin)
-    if shapes_only:
+    if what == _CONFIG:
+        variables = None
+    elif what == _SHAPES:
         variables = variable_shapes(config)
     else:
         variables = torchvision_format.from_torchvision(
