@@ -230,5 +230,30 @@ def test_logits_match_timms_own_vgg(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     x = np.asarray(ours.preprocess(images))
     with torch.no_grad():
-        theirs = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+        theirs = net(torch.from_numpy(np.array(x.transpose(0, 3, 1, 2)))).numpy()
+    _assert_close(np.asarray(ours.model.apply(ours.variables, x)), theirs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="torch and torchvision not installed")
+def test_pth_matches_torchvisions_own_vgg(tmp_path):
+    # torchvision's vgg11_bn (random init, running statistics moved off 0 and 1), saved
+    # with torch.save as its downloads are; read with torch.load(weights_only=True).
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.vgg11_bn().eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = str(tmp_path / "vgg11_bn.pth")
+    torch.save(net.state_dict(), path)
+    ours = pretrained.load(path)
+    assert ours.model.batch_norm and ours.test_scale == 256
+    images = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    x = np.asarray(ours.preprocess(images))
+    with torch.no_grad():
+        theirs = net(torch.from_numpy(np.array(x.transpose(0, 3, 1, 2)))).numpy()
     _assert_close(np.asarray(ours.model.apply(ours.variables, x)), theirs)
