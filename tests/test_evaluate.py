@@ -354,18 +354,20 @@ def test_weights_evaluate_as_their_checkpoint_does(tmp_path, net):
     assert from_file[0].images == NUM_CLASSES
     with open(tmp_path / "out" / "eval_results.json") as f:
         assert json.load(f)["checkpoints"] == [weights]
-    # The command line: --weights with --mode=eval; with training, the fix is named.
-    command = [sys.executable, "main.py", "--config=configs/quickstart.py",
-               f"--weights={weights}", f"--workdir={tmp_path / 'cli'}",
+    # The command line: the weights in place of a workdir (results in runs/eval_<name> of
+    # the current directory); --weights with training names init_from instead.
+    command = [sys.executable, os.path.join(ROOT, "main.py"),
+               f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}",
                "--config.data.source=folder", f"--config.data.data_dir={tmp_path / 'data'}",
                "--config.eval.protocol=single_crop", "--config.progress_bar=False"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run([*command, "--mode=eval"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env=env)
+    result = subprocess.run([*command, "--mode=eval", f"--workdir={weights}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "A (vgg11)" in result.stdout and os.path.exists(tmp_path / "cli" / "eval_results.md")
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=env)
+    assert "A (vgg11)" in result.stdout
+    assert os.path.exists(tmp_path / "runs" / "eval_vgg11" / "eval_results.md")
+    result = subprocess.run([*command, f"--weights={weights}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0 and result.stderr.strip().endswith(
         "Config error: --weights names the net to evaluate (--mode=eval); to train from "
         f"weights, pass --config.init_from={weights}.")

@@ -4,7 +4,7 @@
                                            (hf-hub:timm/<name>.tv_in1k)
   hf-hub:ORG/NAME[@REVISION]               a hub repo's model.safetensors (timm's or
                                            torchvision's keys) and timm's config.json
-  x.safetensors, x.npz, x.pth (.pt, .bin)  a state dict file (weights_files)
+  x.safetensors, x.npz, x.pth (.pt, .bin)  a state dict file (weight_files)
   x.caffemodel                             the authors' Caffe release (caffe_format)
   DIR[@STEP]                               one of our runs (or converted weights): its best
                                            checkpoint, or STEP (a number, best, latest)
