@@ -5,6 +5,8 @@
       --config.data.data_dir=/data/tensorflow_datasets --config.train.batch_size=128
   python main.py --config=configs/vgg_d.py --workdir=runs/vgg_d --mode=eval \
       --config.eval.protocol=dense --config.eval.scales=256,384,512
+  python main.py --config=configs/vgg_d.py --mode=eval --weights=vgg16 \
+      --config.eval.protocol=single_crop          # pretrained weights, no training
 
 Every config field can be overridden with --config.<section>.<field>=<value>.
 """
@@ -22,6 +24,7 @@ from vgg_jax import config_checks
 from vgg_jax.evaluation import run
 from vgg_jax.runtime import parallel, stop_signals, workdir_lock
 from vgg_jax.training import loop, warm_start
+from vgg_jax.weights import specs
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,6 +57,11 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 _STEP = flags.DEFINE_string(
     "step", None, "--mode=eval: checkpoint step to evaluate (a number, 'best' or 'latest').")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", None, "--mode=eval: the net to evaluate instead of the workdir's checkpoint: "
+    "any weights spec (vgg16 ... vgg19_bn, hf-hub:ORG/NAME[@REVISION], a .safetensors, .npz, "
+    ".pth or .caffemodel file, a run's DIR[@STEP]); results go to --workdir, by default "
+    "runs/eval_<name>. A spec given as --workdir is evaluated the same way.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "Multi-host: host:port of process 0 (default: auto-detect).")
 _NUM_PROCESSES = flags.DEFINE_integer(
@@ -62,7 +70,26 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", -1, "Multi-host: index of this process (default: auto-detect).")
 
 
-def _default_workdir() -> str:
+def _weights() -> str | None:
+    """--mode=eval's weights other than the workdir's checkpoint: --weights, or a spec that
+    --workdir names in place of a run (vgg16, a weight file, hf-hub:ORG/NAME)."""
+    if _WEIGHTS.value or _MODE.value != "eval" or not _WORKDIR.value:
+        return _WEIGHTS.value
+    try:
+        is_run = specs.parse(_WORKDIR.value).kind == specs.RUN
+    except ValueError:  # no such path: the evaluation says so
+        return None
+    return None if is_run else _WORKDIR.value
+
+
+def _workdir() -> str:
+    """Where results go: --workdir (unless it names weights), else runs/<config name>, or
+    runs/eval_<name> for an evaluation of weights."""
+    weights = _weights()
+    if _WORKDIR.value and _WORKDIR.value != weights:
+        return _WORKDIR.value
+    if weights:
+        return os.path.join("runs", "eval_" + specs.short_name(weights))
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     stem = os.path.splitext(os.path.basename(name.split(":")[0]))[0]
     return os.path.join("runs", stem)
@@ -117,13 +144,27 @@ def _config_mistake(config) -> str:
     try:
         # Fields the config leaves to the checkpoint it starts from, and that checkpoint's
         # preprocessing unless the command line sets it.
-        evaluated = (_WORKDIR.value or _default_workdir()) if _MODE.value == "eval" else None
+        if _WEIGHTS.value:
+            _check_weights(_WEIGHTS.value)
+        evaluated = (_weights() or _workdir()) if _MODE.value == "eval" else None
         for line in warm_start.resolve_config(config, _command_line_fields(sys.argv), evaluated):
             logging.info(line)
         config_checks.validate_config(config, check_data=_MODE.value == "train")
     except config_checks.ConfigError as error:
         return str(error)
     return ""
+
+
+def _check_weights(weights: str) -> None:
+    """--weights: evaluation only, and a spec that names something (nothing is loaded)."""
+    if _MODE.value != "eval":
+        raise config_checks.ConfigError(
+            "--weights names the net to evaluate (--mode=eval); to train from weights, "
+            f"pass --config.init_from={weights}.")
+    try:
+        specs.parse(weights, _STEP.value)
+    except ValueError as error:
+        raise config_checks.ConfigError(f"--weights={weights}: {error}") from None
 
 
 def _agreed_config_error(config, mistake: str) -> str:
@@ -169,14 +210,14 @@ def main(argv):
     config_error = _agreed_config_error(config, mistake)
     if config_error:
         sys.exit(config_error)
-    workdir = _WORKDIR.value or _default_workdir()
+    workdir = _workdir()
     try:
         logging.info("%s on %d device(s) in %d process(es); workdir %s.",
                      _MODE.value, jax.device_count(), jax.process_count(), workdir)
         if _MODE.value == "train":
             loop.train_and_evaluate(config, workdir)
         else:
-            run.run_evaluation(config, workdir, step=_STEP.value)
+            run.run_evaluation(config, workdir, step=_STEP.value, weights=_weights())
     except config_checks.ConfigError as error:
         sys.exit(f"Config error: {error}")
     except FloatingPointError as error:

@@ -5,10 +5,11 @@ The net (version, width, FC size, batch norm, crop size and scales) and its prep
 the data. Every layer of equal shape is copied, so with other classes the head (fc8)
 starts fresh; the log names each layer copied and each skipped with why.
 
-  python -m vgg_jax.convert vgg16-397923af.pth --version vgg16 --out runs/torchvision_vgg16
   python main.py --config=configs/finetune.py --workdir=runs/flowers \
-      --config.init_from=runs/torchvision_vgg16 \
+      --config.init_from=vgg16 \
       --config.data.data_dir=/path/to/flowers          # train/<class>/*, val/<class>/*
+  # init_from takes any weights (docs/weights.md): vgg16 is torchvision's ImageNet VGG-16
+  # from the hub; also a .safetensors/.pth/.npz/.caffemodel file or a run's DIR[@STEP].
   # only the head and fc6/fc7 learn; the conv trunk (and its batch norms) stays fixed:
       --config.train.frozen_layers="conv*"
 

@@ -8,7 +8,7 @@ import pytest
 
 from configs import base, quickstart, small_datasets, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
 from vgg_jax.config_checks import ConfigError, command_line_mistake, validate_config
-from vgg_jax.data import transforms
+from vgg_jax.data import testing, transforms
 from vgg_jax.training import checkpoint
 from vgg_jax.training.checkpoint import check_resumable
 
@@ -120,6 +120,19 @@ def test_small_data_set_configs_are_valid(name):
     config.data.data_dir = "/data"
     _check(config)
     assert config.data.name == name and config.data.eval_split == "test"
+
+
+def test_one_class_is_refused_in_one_sentence(tmp_path):
+    # Fine-tuning takes the class count from the folder: one class would train to loss 0
+    # and "100% accuracy".
+    testing.write_folder(str(tmp_path / "one"), {"train": 2, "val": 1}, classes=("cat",))
+    config = quickstart.get_config()
+    config.data.source, config.data.data_dir = "folder", str(tmp_path / "one")
+    config.model.num_classes = 1
+    with pytest.raises(ConfigError, match=r"^The training data \(.*one/train\) has 1 class; a "
+                       r"classifier needs two or more \(one folder per class: "
+                       r"train/<class>/\*\)\.$"):
+        validate_config(config, device_count=1)
 
 
 def test_class_count_must_match_the_data(tmp_path):

@@ -1,5 +1,6 @@
-"""The convert command: torchvision weight files <-> vgg-jax checkpoints (the mapping
-itself is tested in test_torchvision_weights.py)."""
+"""The convert command: weight files <-> vgg-jax checkpoints, and the round trip of our
+own exports (the key mappings are tested in test_torchvision_format.py and
+test_pretrained.py)."""
 
 import importlib.util
 import os
@@ -10,10 +11,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
+import small_data
 import torchvision_reference as reference
 
 from vgg_jax import convert
+from vgg_jax.evaluation.run import load_net
+from vgg_jax.models import create_model
 from vgg_jax.training import checkpoint
+from vgg_jax.weights import weight_files
 
 WIDTH_DIVISOR, FC_FEATURES = reference.WIDTH_DIVISOR, reference.FC_FEATURES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +59,10 @@ def test_cli_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path):
     bn_path = str(tmp_path / "vgg11_bn.npz")
     np.savez(bn_path, **bn_sd)
     _convert(bn_path, "--version=vgg11", f"--out={tmp_path / 'wrong'}",
-             fails="has batch norm .*pass --config.model.batch_norm=True")
-    _convert(bn_path, "--version=vgg11_bn", f"--out={tmp_path / 'bn'}")
+             fails="^Conversion failed: .*vgg11_bn.npz holds a vgg11_bn \\(net A, with batch "
+                   "norm\\) but --version=vgg11 was asked for; pass --version=vgg11_bn, or "
+                   "leave --version out.$")
+    _convert(bn_path, f"--out={tmp_path / 'bn'}")  # the net is read from the file
     variables, config = checkpoint.load_variables(str(tmp_path / "bn"))
     assert config.model.batch_norm
     jax.tree.map(np.testing.assert_array_equal, variables,
@@ -66,10 +74,103 @@ def test_cli_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path):
     assert "vgg11_bn from step 0: a narrowed vgg11_bn" in printed
     assert "Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))" in printed
     with np.load(exported) as back:
-        assert sorted(back.files) == sorted(bn_sd)
+        # torchvision's keys, and the run's config recorded beside them.
+        assert sorted(back.files) == sorted([*bn_sd, weight_files.RUN_CONFIG_KEY])
         for key, value in bn_sd.items():
             if not key.endswith("num_batches_tracked"):
                 np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+# A run's own preprocessing and scales, unlike torchvision's (as the quickstart's are).
+RUN_MEAN, RUN_STD, RUN_SCALES = (120.0, 115.0, 100.0), (60.0, 55.0, 50.0), (64, 80)
+
+
+def _run_of_our_own(path: str) -> dict:
+    """A tiny run's checkpoint (64-pixel crops: fc6 has a 2x2 window); its variables."""
+    from configs import base
+
+    config = base.get_config()
+    config.model.version, config.model.num_classes = "A", reference.NUM_CLASSES
+    config.model.width_divisor, config.model.fc_features = WIDTH_DIVISOR, FC_FEATURES
+    config.data = small_data.data_config(
+        mean_rgb=RUN_MEAN, std_rgb=RUN_STD, image_size=64, train_scale_min=RUN_SCALES[0],
+        train_scale_max=RUN_SCALES[1], source="digits")
+    variables = convert.from_torchvision(reference.state_dict("A", image_size=64), "A")
+    checkpoint.save_variables(path, variables, config)
+    return variables
+
+
+def test_export_then_import_keeps_the_runs_preprocessing_and_scales(tmp_path):
+    # The quickstart's round trip (issue 23): exported as .npz, imported with --version and
+    # --config, the run's mean, std and scales come back (torchvision's were taken before,
+    # and its evaluation gave 90% error instead of the run's).
+    run = str(tmp_path / "run")
+    variables = _run_of_our_own(run)
+    exported = str(tmp_path / "run.npz")
+    assert "the run's config (mean, std, scales) is recorded" in _convert(
+        f"--workdir={run}", f"--out={exported}")
+    _convert(exported, "--version=A", "--config=configs/quickstart.py",
+             f"--out={tmp_path / 'from_npz'}")
+    original, _ = load_net(run)
+    for spec in (str(tmp_path / "from_npz"), exported):  # imported, and the file itself
+        back, back_config = load_net(spec)
+        assert (back.mean_rgb, back.std_rgb, back.train_scale) == (
+            RUN_MEAN, RUN_STD, RUN_SCALES), spec
+        assert (back.model.image_size, back.model.num_classes) == (64, reference.NUM_CLASSES)
+        assert back_config.data.source == "digits"  # the digits' class names come back too
+        jax.tree.map(np.testing.assert_array_equal, back.variables, variables)
+    assert original.train_scale == RUN_SCALES
+
+
+def test_safetensors_export_is_timms_layout_and_comes_back(tmp_path):
+    run = str(tmp_path / "run")
+    variables = _run_of_our_own(run)
+    out = str(tmp_path / "vgg11.safetensors")
+    usage = convert.export_file(run, out)
+    assert "a narrowed vgg11" in usage and "recorded in the file" in usage
+    state_dict = safetensors.numpy.load_file(out)
+    channels = 512 // WIDTH_DIVISOR
+    # timm's keys: fc6 a 2x2 convolution over the 64-pixel crop's last map, fc7 a 1x1 one.
+    assert state_dict["pre_logits.fc1.weight"].shape == (FC_FEATURES, channels, 2, 2)
+    assert state_dict["pre_logits.fc2.weight"].shape == (FC_FEATURES, FC_FEATURES, 1, 1)
+    assert state_dict["head.fc.weight"].shape == (reference.NUM_CLASSES, FC_FEATURES)
+    assert not any(key.startswith("classifier.") for key in state_dict)
+    # fc6's kernel is torchvision's matrix reshaped: the (C, h, w) flatten of its inputs.
+    torchvision_sd = convert.to_torchvision(variables, "A")
+    np.testing.assert_array_equal(state_dict["pre_logits.fc1.weight"].reshape(FC_FEATURES, -1),
+                                  torchvision_sd["classifier.0.weight"])
+    back, _ = load_net(out)
+    assert (back.mean_rgb, back.std_rgb, back.train_scale) == (RUN_MEAN, RUN_STD, RUN_SCALES)
+    jax.tree.map(np.testing.assert_array_equal, back.variables, variables)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm not installed")
+def test_safetensors_export_loads_into_timms_own_vgg(tmp_path):
+    import timm
+    import torch
+
+    sd = reference.state_dict("D", image_size=224, width_divisor=1, fc_features=64,
+                              num_classes=10)
+    variables = convert.from_torchvision(sd, "D")
+    from configs import base
+
+    config = base.get_config()
+    config.model.version, config.model.num_classes, config.model.fc_features = "D", 10, 64
+    checkpoint.save_variables(str(tmp_path / "run"), variables, config)
+    out = str(tmp_path / "vgg16.safetensors")
+    convert.export_file(str(tmp_path / "run"), out)
+    net = timm.create_model("vgg16", num_classes=10, pretrained=False)
+    net.pre_logits.fc1 = torch.nn.Conv2d(512, 64, 7)
+    net.pre_logits.fc2 = torch.nn.Conv2d(64, 64, 1)
+    net.head.fc = torch.nn.Linear(64, 10)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in
+                         safetensors.numpy.load_file(out).items()}, strict=True)
+    images = np.random.default_rng(0).normal(0, 1, (1, 224, 224, 3)).astype(np.float32)
+    with torch.no_grad():
+        theirs = net.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    ours = np.asarray(create_model("D", num_classes=10, fc_features=64).apply(
+        variables, images))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
 
 
 def test_export_of_a_net_torchvision_lacks_fails_in_one_line(tmp_path):

@@ -194,3 +194,10 @@ def test_mean_rgb_command(folder):
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
     # Grey ids 0..13 times GREY_STEP: the mean of 0, 8, ..., 104 in every channel.
     assert "mean RGB: (52.00, 52.00, 52.00)" in out
+    # The fine-tuning config leaves the scale to its init_from: each image at its own size
+    # (this ended in a TypeError); and with no --config, configs/base.py's flags exist.
+    for args in (["--config=configs/finetune.py", f"--config.data.data_dir={folder}"],
+                 ["--config.data.source=folder", f"--config.data.data_dir={folder}"]):
+        run = subprocess.run([*cmd[:3], *args], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "mean RGB: (52.00, 52.00, 52.00)" in run.stdout

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 
 import jax
@@ -14,7 +15,7 @@ import pytest
 import small_data
 
 from configs import base
-from vgg_jax.data import sources, testing, transforms
+from vgg_jax.data import imagenet, sources, testing, transforms
 from vgg_jax.evaluation import evaluator as evaluator_module
 from vgg_jax.evaluation import metrics, plan, protocols, results
 from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
@@ -23,7 +24,9 @@ from vgg_jax.evaluation.run import load_net, run_evaluation
 from vgg_jax.models import create_model
 from vgg_jax.runtime import parallel
 from vgg_jax.training import checkpoint
+from vgg_jax.weights import torchvision_format, weight_files
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
 MEAN = (120.0, 115.0, 100.0)
 STD = (60.0, 55.0, 50.0)
@@ -318,6 +321,56 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
         run_evaluation(config, workdir)
     config.eval.scales = (40,)
     assert len(run_evaluation(config, workdir)) == len(ensemble)
+
+
+def test_weights_evaluate_as_their_checkpoint_does(tmp_path, net):
+    # --mode=eval --weights=SPEC: a weight file is evaluated in place of a workdir's
+    # checkpoint, with its own preprocessing (torchvision's for a torchvision state dict).
+    testing.write_folder(str(tmp_path / "data"), {"train": 1, "val": 1}, size=(40, 56),
+                         classes=tuple(f"c{i}" for i in range(NUM_CLASSES)))
+    state_dict = torchvision_format.to_torchvision(net.variables, "A")
+    weights = str(tmp_path / "vgg11.safetensors")
+    weight_files.write(state_dict, weights)
+    config = base.get_config()
+    config.data = small_data.data_config(source="folder", data_dir=str(tmp_path / "data"),
+                                         eval_split="val")
+    config.eval.protocol, config.eval.batch_size, config.progress_bar = "single_crop", 8, False
+    # The same weights as a checkpoint whose config says torchvision's preprocessing.
+    described = base.get_config()
+    described.model.num_classes = NUM_CLASSES
+    described.model.width_divisor, described.model.fc_features = 16, 32
+    described.data.image_size = 32
+    described.data.mean_rgb = tuple(255 * m for m in imagenet.TORCHVISION_MEAN)
+    described.data.std_rgb = tuple(255 * s for s in imagenet.TORCHVISION_STD)
+    checkpoint.save_variables(str(tmp_path / "run"), net.variables, described)
+    file_net, run_net = load_net(weights)[0], load_net(str(tmp_path / "run"))[0]
+    assert (file_net.name, file_net.train_scale, file_net.step) == ("A (vgg11)", (256, 256), 0)
+    assert file_net.model.image_size == 32 and file_net.version == "A"
+    np.testing.assert_allclose((file_net.mean_rgb, file_net.std_rgb),
+                               (run_net.mean_rgb, run_net.std_rgb))
+    jax.tree.map(np.testing.assert_array_equal, file_net.variables, run_net.variables)
+    from_file = run_evaluation(config, str(tmp_path / "out"), weights=weights)
+    assert from_file[0].nets == ("A (vgg11)",) and from_file[0].test_scales == (256,)
+    assert from_file[0].images == NUM_CLASSES
+    with open(tmp_path / "out" / "eval_results.json") as f:
+        assert json.load(f)["checkpoints"] == [weights]
+    # The command line: the weights in place of a workdir (results in runs/eval_<name> of
+    # the current directory); --weights with training names init_from instead.
+    command = [sys.executable, os.path.join(ROOT, "main.py"),
+               f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}",
+               "--config.data.source=folder", f"--config.data.data_dir={tmp_path / 'data'}",
+               "--config.eval.protocol=single_crop", "--config.progress_bar=False"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([*command, "--mode=eval", f"--workdir={weights}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "A (vgg11)" in result.stdout
+    assert os.path.exists(tmp_path / "runs" / "eval_vgg11" / "eval_results.md")
+    result = subprocess.run([*command, f"--weights={weights}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0 and result.stderr.strip().endswith(
+        "Config error: --weights names the net to evaluate (--mode=eval); to train from "
+        f"weights, pass --config.init_from={weights}.")
 
 
 def test_a_batch_norm_checkpoint_evaluates_with_its_running_averages(tmp_path):

@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import hub_stand_in
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import small_data
+import torchvision_reference
 
 from configs import base
 from vgg_jax import predict
@@ -145,6 +147,31 @@ def test_cli_prints_top_classes(workdir, images, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert old_flag.returncode != 0
+
+
+def test_cli_predicts_with_hub_weights_offline(images, tmp_path):
+    # --weights=vgg11: torchvision's vgg11 as timm publishes it (narrowed, random), from
+    # huggingface_hub's cache with the network off; its config.json's mean, std and crop.
+    sd = torchvision_reference.state_dict("A", image_size=64, num_classes=1000)
+    files = hub_stand_in.repo_files(hub_stand_in.timm_layout(sd))
+    hub_stand_in.write_cache(str(tmp_path / "hf"), "timm/vgg11.tv_in1k", files)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "vgg_jax.predict", "--weights=vgg11", "--top_k=3",
+         f"--json={tmp_path / 'out.json'}", images[0][0]], cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+        env=env | {"JAX_PLATFORMS": "cpu", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads((tmp_path / "out.json").read_text())[0]["predictions"]
+    pre = hub_stand_in.TIMM_CONFIG["pretrained_cfg"]
+    with open(images[0][0], "rb") as f:
+        view = transforms.centre_view(f.read(), 80, 64)  # Q = 64 / crop_pct 0.8
+    x = (view[None] / 255.0 - np.array(pre["mean"])) / np.array(pre["std"])
+    logits = torchvision_reference.forward(sd, "A", x)["fc8"][0]
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    top = np.argsort(-expected)[:3]
+    assert [p["class"] for p in got] == top.tolist()
+    np.testing.assert_allclose([p["probability"] for p in got], expected[top], rtol=1e-4)
 
 
 def test_class_names_for_small_data_sets():

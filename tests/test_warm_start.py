@@ -7,9 +7,11 @@ import shlex
 import subprocess
 import sys
 
+import hub_stand_in
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torchvision_reference as reference
 
 from configs import base, finetune, quickstart
@@ -130,14 +132,38 @@ def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
         warm_start.resolve_config(config)
 
 
-def test_a_weight_file_is_answered_with_the_convert_command(tmp_path):
-    path = tmp_path / "vgg11.pth"
-    path.write_bytes(b"not really")
-    with pytest.raises(ConfigError, match=r"is a weight file.*python -m vgg_jax.convert "
-                       f"{path} --version=vgg11 --out=runs/vgg11"):
-        warm_start.check_path(str(path))
-    with pytest.raises(ConfigError, match="does not exist"):
+def test_init_from_takes_a_weight_file_as_it_is(tmp_path):
+    # torchvision's vgg11 (narrowed, 100 classes) in timm's layout, as the hub holds it: no
+    # conversion first. The net, its preprocessing and its scale come from the weights.
+    state_dict = reference.state_dict("A", image_size=32, num_classes=100)
+    path = str(tmp_path / "vgg11.safetensors")
+    safetensors.numpy.save_file(hub_stand_in.timm_layout(state_dict), path)
+    config = finetune.get_config()
+    config.init_from = path
+    config.data.source, config.data.cache_dir = "digits", str(tmp_path / "cache")
+    lines = warm_start.resolve_config(config)
+    m, d = config.model, config.data
+    assert (m.version, m.width_divisor, m.fc_features, m.batch_norm, m.num_classes) == (
+        "A", 16, 32, False, 10)
+    assert (d.image_size, d.train_scale_min, d.train_scale_max) == (32, 256, 256)
+    assert tuple(d.mean_rgb) == TORCHVISION_MEAN and "inherited from" in lines[-2]
+    warm_start.check_transfer(config)
+    params, _, lines = warm_start.initialise(config, _params(config, 0)["params"], {})
+    expected = convert.from_torchvision(state_dict, "vgg11")["params"]
+    for name in ("conv1_1", "conv5_2", "fc6", "fc7"):
+        jax.tree.map(np.testing.assert_array_equal, params[name], expected[name])
+    assert lines[-1] == "Not copied: fc8, new head: 100 classes in the source, 10 here."
+    # What cannot be loaded is one sentence, before any work.
+    with pytest.raises(ConfigError, match=r"^config.init_from='.*nothing.pth': Weight file "
+                       r".*nothing.pth does not exist.$"):
+        warm_start.check_path(str(tmp_path / "nothing.pth"))
+    with pytest.raises(ConfigError, match=r"Checkpoint path .*nothing does not exist; pass a "
+                       r"run's directory \(DIR or DIR@STEP\), a .safetensors, .npz"):
         warm_start.check_path(str(tmp_path / "nothing"))
+    config.init_from = str(tmp_path / "broken.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not really")
+    with pytest.raises(ConfigError, match="broken.safetensors is not a readable safetensors"):
+        warm_start.check_transfer(config)
 
 
 def test_resolve_takes_the_net_and_preprocessing_from_the_source(tmp_path):

@@ -78,10 +78,22 @@ def _check_data_set(config: ml_collections.ConfigDict) -> None:
         data_classes = sources.num_classes(config.data)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    # One class trains to loss 0 and "100% accuracy" and learns nothing.
+    require(data_classes >= 2,
+            f"The training data ({_data_name(config.data)}) has {data_classes} class; a "
+            "classifier needs two or more (one folder per class: train/<class>/*).")
     num_classes = config.model.num_classes
     require(data_classes == num_classes,
             f"config.model.num_classes={num_classes} but the data set has {data_classes} "
             f"classes; pass --config.model.num_classes={data_classes}.")
+
+
+def _data_name(data_config) -> str:
+    if data_config.source == "tfds":
+        return f"TFDS {data_config.name}"
+    if data_config.source == "folder":
+        return os.path.join(str(data_config.data_dir), str(data_config.train_split))
+    return str(data_config.source)
 
 
 # The flag that names the config file, and the prefix of its fields' overrides.

@@ -1,7 +1,8 @@
-"""Classifies image files with a trained (or converted) checkpoint.
+"""Classifies image files with any weights: a run, a weight file, a hub model.
 
-  python -m vgg_jax.predict --workdir=runs/vgg_d cat.jpg dog.png
-  python -m vgg_jax.predict --workdir=runs/torchvision_vgg16 --protocol=dense cat.jpg
+  python -m vgg_jax.predict --weights=vgg16 cat.jpg dog.png      # torchvision's, from the hub
+  python -m vgg_jax.predict --weights=runs/vgg_d --protocol=dense cat.jpg
+  python -m vgg_jax.predict --weights=vgg16.safetensors cat.jpg  # (--workdir=DIR still works)
 
 The image is rescaled to the checkpoint's single test scale (Q = S, e.g. 256)
 and classified with one of the paper's protocols (default: the centre crop), with exactly
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,42 +25,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vgg_jax.data import decode, digits, imagenet_classes, transforms
+from vgg_jax.data import decode, transforms
+from vgg_jax.data.class_names import class_names_for
 from vgg_jax.evaluation import protocols
 from vgg_jax.evaluation.run import load_net
-
-
-def class_names_for(run_config, num_classes: int) -> list[str]:
-    """Human-readable class names of a net, or "class <i>" where none are known.
-
-    ImageNet's names for a 1000-class net not trained on a folder, "0" ... "9" for the
-    digits, and the training split's class folder names for a folder (when it is still
-    there); any list whose length is not `num_classes` is replaced by the generic names.
-
-    Args:
-      run_config: the checkpoint's run config (its `data` section is read).
-      num_classes: the net's number of classes.
-
-    Returns:
-      `num_classes` names, the name of class i at position i.
-    """
-    names: Sequence[str] | None = None
-    data = run_config.get("data", {})
-    source = str(data.get("source", ""))
-    if num_classes == imagenet_classes.NUM_CLASSES and source != "folder":
-        names = imagenet_classes.class_names()
-    elif source == "digits" and num_classes == digits.DIGITS_NUM_CLASSES:
-        names = [str(i) for i in range(digits.DIGITS_NUM_CLASSES)]
-    elif source == "folder" and data.get("data_dir"):
-        try:
-            from vgg_jax.data import sources
-
-            names = sources.folder_class_names(data.data_dir, str(data.train_split))
-        except (ImportError, ValueError, OSError):
-            names = None
-    if names is None or len(names) != num_classes:
-        return [f"class {i}" for i in range(num_classes)]
-    return list(names)
 
 
 def _views(data: bytes, protocol: protocols.Protocol, component: str, image_size: int
@@ -74,7 +42,7 @@ def _views(data: bytes, protocol: protocols.Protocol, component: str, image_size
 
 
 def predict(
-    workdir: str,
+    weights: str,
     image_paths: Sequence[str],
     top_k: int = 5,
     *,
@@ -85,10 +53,12 @@ def predict(
     """Top-k classes of each image.
 
     Args:
-      workdir: a workdir or weight directory (vgg_jax.training.checkpoint.load_variables).
+      weights: any weights spec (vgg_jax.weights.specs): a workdir or weight directory
+        (DIR[@STEP]), a .safetensors/.npz/.pth/.caffemodel file, hf-hub:ORG/NAME or a
+        shorthand such as vgg16.
       image_paths: image files (JPEG, PNG, ... ; grayscale and CMYK are converted to RGB).
       top_k: how many classes to return per image.
-      step: checkpoint step (None: best if any, else latest).
+      step: a workdir's checkpoint step (None: best if any, else latest).
       protocol: one of protocols.PROTOCOLS; its flips, grid and dense bucket step are the
         checkpoint's config.eval ones, as in evaluation.
       scale: test scale Q (None: the paper's single test scale of the net's training scale).
@@ -100,7 +70,7 @@ def predict(
     Raises:
       ValueError: for an unknown protocol, or a test scale below the net's crop size.
     """
-    net, run_config = load_net(workdir, step)
+    net, run_config = load_net(weights, step)
     image_size, num_classes = net.model.image_size, net.model.num_classes
     q = int(scale or transforms.single_test_scale(*net.train_scale))
     if q < image_size:
@@ -155,7 +125,10 @@ def format_predictions(results: Sequence[dict[str, Any]]) -> str:
 
 def define_flags() -> None:
     """The command's flags (defined when run, so that importing this module defines none)."""
-    flags.DEFINE_string("workdir", None, "Run directory or weight directory to load.")
+    flags.DEFINE_string("weights", None, "The net: any weights spec (vgg16 ... vgg19_bn, "
+                        "hf-hub:ORG/NAME[@REVISION], a .safetensors, .npz, .pth or .caffemodel "
+                        "file, a run's DIR[@STEP]).")
+    flags.DEFINE_string("workdir", None, "A run or weight directory (the same as --weights).")
     flags.DEFINE_string("step", None, "Checkpoint step: a number, 'best' or 'latest' "
                         "(default: best if any, else latest).")
     flags.DEFINE_integer("top_k", 5, "Classes to print per image.", lower_bound=1)
@@ -167,15 +140,15 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    """Command line: python -m vgg_jax.predict --workdir=DIR IMAGE [IMAGE ...]."""
+    """Command line: python -m vgg_jax.predict --weights=SPEC IMAGE [IMAGE ...]."""
     f, images = flags.FLAGS, list(argv[1:])
-    if not f.workdir or not os.path.exists(f.workdir):
-        sys.exit(f"--workdir={f.workdir} is not a run or weight directory; pass the "
-                 "directory of a trained or converted checkpoint.")
+    if bool(f.weights) == bool(f.workdir):
+        sys.exit("Pass the net as --weights=SPEC (vgg16, hf-hub:ORG/NAME, a weight file or a "
+                 "run's directory), or a run's directory as --workdir; one of them.")
     if not images:
         sys.exit("Name at least one image file after the flags.")
     try:
-        results = predict(f.workdir, images, f.top_k, step=f.step, protocol=f.protocol,
+        results = predict(f.weights or f.workdir, images, f.top_k, step=f.step, protocol=f.protocol,
                           scale=f.scale)
     except ValueError as e:
         sys.exit(f"Prediction failed: {e}")

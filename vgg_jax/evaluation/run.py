@@ -1,9 +1,9 @@
-"""`main.py --mode=eval`: a workdir's checkpoint (and an ensemble) evaluated and recorded."""
+"""`main.py --mode=eval`: a workdir's checkpoint or any weights (and an ensemble) evaluated
+and recorded."""
 
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import ml_collections
@@ -13,6 +13,7 @@ from vgg_jax.evaluation import results
 from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
 from vgg_jax.evaluation.protocols import Protocol, scales_for
 from vgg_jax.models import canonical_version, create_model_from_config
+from vgg_jax.weights import specs
 
 logger = logging.getLogger(__name__)
 
@@ -20,22 +21,24 @@ logger = logging.getLogger(__name__)
 _DATA_IDENTITY_FIELDS = ("source", "name", "data_dir", "eval_split")
 
 
-def load_net(path: str, step: int | str | None = None) -> tuple[EvalNet, ml_collections.ConfigDict]:
-    """An EvalNet from a workdir or weight file (see vgg_jax.training.checkpoint.load_variables).
+def load_net(spec: str, step: int | str | None = None
+             ) -> tuple[EvalNet, ml_collections.ConfigDict]:
+    """An EvalNet from any weights spec (see vgg_jax.weights.specs): a workdir or weight
+    directory, a weight file, a hub model.
 
     Args:
-      path: the workdir or weight directory.
-      step: checkpoint step (number, "best", "latest"; None: best if any, else latest).
+      spec: a workdir (DIR or DIR@STEP), a .safetensors/.npz/.pth/.caffemodel file,
+        hf-hub:ORG/NAME[@REVISION] or a shorthand such as vgg16.
+      step: a workdir's checkpoint step (number, "best", "latest"; None: best if any,
+        else latest).
 
     Returns:
-      (the net, the checkpoint's run config).
+      (the net, its run config: the checkpoint's, or the weights' description).
     """
-    from vgg_jax.training import checkpoint
-
-    variables, run_config, chosen_step = checkpoint.load_checkpoint(path, step)
+    variables, run_config, chosen_step = specs.load(spec, step)
     d = run_config.data
     net = EvalNet(
-        name=f"{run_config.model.version} ({os.path.basename(os.path.normpath(path))})",
+        name=f"{run_config.model.version} ({specs.short_name(spec)})",
         model=create_model_from_config(run_config), variables=variables,
         mean_rgb=tuple(d.mean_rgb), std_rgb=tuple(d.get("std_rgb", (1.0, 1.0, 1.0))),
         train_scale=(int(d.train_scale_min), int(d.train_scale_max)), step=chosen_step,
@@ -44,8 +47,8 @@ def load_net(path: str, step: int | str | None = None) -> tuple[EvalNet, ml_coll
     return net, run_config
 
 
-def _load_ensemble(config: ml_collections.ConfigDict, workdir: str, step):
-    net, run_config = load_net(workdir, step)
+def _load_ensemble(config: ml_collections.ConfigDict, spec: str, step):
+    net, run_config = load_net(spec, step)
     _warn_about_other_data(run_config, config)
     nets = [net]
     for path in string_list(config.eval.ensemble):
@@ -64,17 +67,21 @@ def _load_ensemble(config: ml_collections.ConfigDict, workdir: str, step):
 
 
 def run_evaluation(
-    config: ml_collections.ConfigDict, workdir: str, step: int | str | None = None
+    config: ml_collections.ConfigDict, workdir: str, step: int | str | None = None,
+    weights: str | None = None,
 ) -> tuple[results.Row, ...]:
-    """Evaluates the workdir's checkpoint (and config.eval.ensemble) on the eval split.
+    """Evaluates the workdir's checkpoint, or other weights (and config.eval.ensemble),
+    on the eval split.
 
     The nets, their preprocessing and their training scale S come from the checkpoints'
     own configs; the protocol, scales, batch size and data set come from `config`.
 
     Args:
       config: the run config (config.eval and config.data are read).
-      workdir: the run's directory (or a weight file's); results are written here.
+      workdir: the run's directory (or a weight directory); results are written here.
       step: checkpoint step (number, "best", "latest"; None: best if any, else latest).
+      weights: a spec of the net to evaluate instead of the workdir's checkpoint (a hub
+        model, a weight file, another run; see vgg_jax.weights.specs).
 
     Returns:
       The result rows (also printed, and written as eval_results.json / .md).
@@ -82,7 +89,7 @@ def run_evaluation(
     from vgg_jax.data import sources
 
     ev = config.eval
-    nets = _load_ensemble(config, workdir, step)
+    nets = _load_ensemble(config, weights or workdir, step)
     scales = scales_for(nets[0].train_scale, bool(ev.multi_scale), ev.scales)
     source = sources.make_source(config.data, str(config.data.eval_split))
     data_classes = sources.num_classes(config.data)
@@ -103,7 +110,7 @@ def run_evaluation(
         print(evaluation.summary())
         data_name = config.data.name if config.data.source == "tfds" else config.data.data_dir
         extra = {"split": f"{config.data.source}:{data_name or ''}:{config.data.eval_split}",
-                 "checkpoints": [workdir, *string_list(ev.ensemble)],
+                 "checkpoints": [weights or workdir, *string_list(ev.ensemble)],
                  "steps": [n.step for n in nets], "protocol": str(ev.protocol)}
         results.write_results(workdir, evaluation, extra)
     return evaluation.rows

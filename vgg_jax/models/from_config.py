@@ -123,6 +123,10 @@ def compute_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
+# config.model's fields that only matter for training the net.
+_TRAINING_FIELDS = ("dropout_rate", "initializer", "normal_init_stddev")
+
+
 def create_model_from_config(config: Any) -> VGG:
     """Builds the net described by config.model at the crop size config.data.image_size.
 
@@ -133,21 +137,22 @@ def create_model_from_config(config: Any) -> VGG:
       The flax module.
     """
     m = config.model
+    # Weights from other frameworks come with the fields that describe the net alone
+    # (vgg_jax.weights.net_config); their training settings take create_model's defaults.
+    training = {field: m[field] for field in _TRAINING_FIELDS if field in m}
     return create_model(
         m.version,
         num_classes=m.num_classes,
         image_size=config.data.image_size,
         width_divisor=m.width_divisor,
         fc_features=m.fc_features,
-        dropout_rate=m.dropout_rate,
-        initializer=m.initializer,
-        normal_init_stddev=m.normal_init_stddev,
+        **training,
         # Configs saved before batch norm existed have no such field.
         batch_norm=bool(m.get("batch_norm", False)),
         # Fine-tuning: the layers config.train.frozen_layers keeps fixed.
         frozen=select_layers(string_list(
             config.train.get("frozen_layers", ()) if "train" in config else ()), m.version),
-        dtype=compute_dtype(m.compute_dtype),
+        dtype=compute_dtype(m.get("compute_dtype", "auto")),
     )
 
 

@@ -352,7 +352,7 @@ def load_variables(
 
 
 def load_checkpoint(path: str, step: int | str | None = None, *,
-                    shapes_only: bool = False) -> LoadedCheckpoint:
+                    shapes_only: bool = False, config_only: bool = False) -> LoadedCheckpoint:
     """Like `load_variables`, and also says which step it chose.
 
     Args:
@@ -360,6 +360,7 @@ def load_checkpoint(path: str, step: int | str | None = None, *,
       step: a step number, "latest", "best", or None (best if any was evaluated, else latest).
       shapes_only: read the variables' shapes and dtypes (jax.ShapeDtypeStruct leaves)
         from the checkpoint's metadata, not their values.
+      config_only: read the run config alone (the variables are None).
 
     Returns:
       A LoadedCheckpoint: ({"params": params} as host arrays, with "batch_stats" for nets
@@ -378,6 +379,10 @@ def load_checkpoint(path: str, step: int | str | None = None, *,
         item_handlers=_item_handlers(training=False),
     )
     chosen = resolve_step(manager, step)
+    if config_only:
+        config = ml_collections.ConfigDict(read_meta(manager, chosen)["config"])
+        manager.close()
+        return LoadedCheckpoint(None, config, chosen)
     # Host numpy targets: the checkpoint may come from another device layout (e.g. a
     # multi-host run), which a restore without targets would try to rebuild.
     metadata = manager.item_metadata(chosen)

@@ -7,19 +7,19 @@ Three uses, one mechanism:
   layer);
 - fine-tuning on other images (configs/finetune.py): every layer of equal shape is copied,
   so a head with another class count (fc8) starts fresh;
-- a converted torchvision checkpoint (python -m vgg_jax.convert) in either role.
+- pretrained weights in either role: `init_from` takes any weights spec
+  (vgg_jax.weights.specs): vgg16, hf-hub:ORG/NAME, a .safetensors/.npz/.pth/.caffemodel
+  file, a run's DIR[@STEP].
 
 What it promises: the layers copied and every layer skipped, with its reason, are logged;
 a transfer that copies nothing stops the run; the source's preprocessing (mean and std)
 is inherited unless the command line sets it; fields a config leaves unset (None) are
-taken from the source's run, so configs/finetune.py needs no architecture flags; and a
-weight file from another framework is answered with the command that converts it.
+taken from the source's run (or the weights' description), so configs/finetune.py needs
+no architecture flags.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -35,6 +35,7 @@ from vgg_jax.models import (
     create_model_from_config,
     select_layers,
 )
+from vgg_jax.weights import specs
 
 # The paper's initialisation of the deeper nets from net A (3.1): A's first four conv
 # layers and its three FC layers, named as in the deeper net.
@@ -42,8 +43,6 @@ PAPER_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 # The nets the paper transferred from, and those it transferred into.
 _PAPER_SOURCES = frozenset({"A", "A_LRN"})
 _PAPER_TARGETS = frozenset({"B", "C", "D", "E"})
-# Files of other frameworks' weights, which `convert` turns into a checkpoint first.
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz", ".bin", ".safetensors")
 # Fields a config may leave None: taken from the source's run config.
 INHERITABLE_FIELDS = (
     "model.version", "model.width_divisor", "model.fc_features", "model.batch_norm",
@@ -68,58 +67,47 @@ class Transfer(NamedTuple):
 
 
 def check_path(path: str) -> None:
-    """Fails with the fix when `config.init_from` is not a checkpoint directory.
+    """Fails with the fix when `config.init_from` names no weights (nothing is loaded).
 
     Args:
-      path: config.init_from.
+      path: config.init_from, any weights spec (vgg_jax.weights.specs).
 
     Raises:
-      ConfigError: for a weight file (naming the convert command) or a missing path.
+      ConfigError: for a path that does not exist or a spec of no known form.
     """
-    expanded = os.path.expanduser(path)
-    if os.path.isfile(expanded) or expanded.endswith(WEIGHT_FILE_SUFFIXES):
-        stem = os.path.splitext(os.path.basename(expanded))[0]
-        # torchvision's file names start with the net's name (vgg16_bn-6c64b313.pth).
-        named = re.match(r"vgg(11|13|16|19)(_bn)?", stem.lower())
-        version = named.group(0) if named else "vgg16"
-        raise ConfigError(
-            f"config.init_from={path!r} is a weight file, not a checkpoint; convert it once "
-            f"with `python -m vgg_jax.convert {path} --version={version} --out=runs/{stem}` "
-            f"(vgg11/13/16/19, _bn for batch norm) and pass --config.init_from=runs/{stem}.")
-    if not os.path.isdir(expanded):
-        raise ConfigError(
-            f"config.init_from={path!r} does not exist; pass the workdir of a run or of "
-            "weights converted with python -m vgg_jax.convert.")
+    try:
+        specs.parse(path)
+    except ValueError as error:
+        raise ConfigError(f"config.init_from={path!r}: {error}") from None
+
+
+def _load(path: str, shapes_only: bool = False):
+    check_path(path)
+    try:
+        return specs.load(path, shapes_only=shapes_only)
+    except ValueError as error:
+        raise ConfigError(f"config.init_from={path!r}: {error}") from None
 
 
 def source_config(path: str) -> ml_collections.ConfigDict:
-    """The run config stored with a checkpoint (reads its metadata, not its weights).
+    """The run config of the weights `init_from` names (no weight values are read).
 
     Args:
-      path: a workdir or weights directory.
+      path: a weights spec: a run's workdir, a weight file, a hub model.
 
     Returns:
-      The config of the run that wrote the step `load_variables` would load.
+      The config of the run that wrote the step `initialise` would load, or the weights'
+      description (their net and preprocessing) for weights from elsewhere.
 
     Raises:
-      ConfigError: if the path is not a checkpoint directory or holds no checkpoint.
+      ConfigError: if the spec names nothing loadable.
     """
-    import orbax.checkpoint as ocp
-
-    from vgg_jax.training import checkpoint
-
     check_path(path)
-    manager = ocp.CheckpointManager(
-        checkpoint.checkpoint_dir(path),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={checkpoint.META: ocp.JsonCheckpointHandler()})
     try:
-        step = checkpoint.resolve_step(manager, None)
-        return ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
+        # The config alone: resolve_config runs before jax.distributed starts.
+        return specs.load_config(path)
     except ValueError as error:
         raise ConfigError(f"config.init_from={path!r}: {error}") from None
-    finally:
-        manager.close()
 
 
 def _get(config, path: str) -> Any:
@@ -333,13 +321,7 @@ def initialise(config: ml_collections.ConfigDict, params, batch_stats
       ConfigError: for an unreadable source, a layer choice that cannot work, or a
         transfer that would copy nothing.
     """
-    from vgg_jax.training import checkpoint
-
-    check_path(config.init_from)
-    try:
-        loaded = checkpoint.load_checkpoint(config.init_from)
-    except ValueError as error:
-        raise ConfigError(f"config.init_from={config.init_from!r}: {error}") from None
+    loaded = _load(config.init_from)
     source, source_run = loaded.variables, loaded.config
     transfer = transfer_parameters(
         params, source["params"], string_list(config.init_from_layers),
@@ -364,13 +346,7 @@ def check_transfer(config: ml_collections.ConfigDict) -> None:
     Raises:
       ConfigError: as `initialise`.
     """
-    from vgg_jax.training import checkpoint
-
-    check_path(config.init_from)
-    try:
-        source = checkpoint.load_checkpoint(config.init_from, shapes_only=True)
-    except ValueError as error:
-        raise ConfigError(f"config.init_from={config.init_from!r}: {error}") from None
+    source = _load(config.init_from, shapes_only=True)
     model = create_model_from_config(config)
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)

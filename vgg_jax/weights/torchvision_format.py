@@ -290,7 +290,9 @@ class _Reader:
         self.describe = (f"{torchvision_name(key, batch_norm)} (VGG-{key}) with width "
                          f"divisor {divisor}")
 
-    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def take(self, name: str, shape: tuple[int, ...], copy: bool = True) -> np.ndarray:
+        """The value of `name`, checked against `shape`; copy=False when the caller's
+        reordering copies it anyway (fc6 is 411 MB in VGG-16: one copy fewer)."""
         self.taken.add(name)
         if name not in self.sd:
             raise ValueError(f"Key {name!r} missing from the state dict: not a torchvision "
@@ -300,7 +302,7 @@ class _Reader:
             raise ValueError(f"{name} has shape {value.shape}, expected {shape} for "
                              f"{self.describe}.")
         # A copy: a torch tensor's numpy view would change with the torch net's training.
-        return np.array(value, order="C", copy=True)
+        return np.array(value, order="C", copy=True) if copy else value
 
 
 def from_torchvision(state_dict: Mapping[str, Any], version: str, *,
@@ -364,17 +366,20 @@ def _head_from_torchvision(reader: _Reader, in_channels: int,
                            options: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     features, classes = options["fc_features"], options["num_classes"]
     window = options["image_size"] // models.TOTAL_STRIDE
-    fc6 = reader.take("classifier.0.weight", (features, in_channels * window * window))
-    # Channel-major NCHW flatten -> (out, C, h, w) -> our (h, w, C, out) kernel.
+    fc6 = reader.take("classifier.0.weight", (features, in_channels * window * window),
+                      copy=False)
+    # Channel-major NCHW flatten -> (out, C, h, w) -> our (h, w, C, out) kernel (a copy).
     fc6 = fc6.reshape(features, in_channels, window, window).transpose(2, 3, 1, 0)
-    head = {"fc6": {"kernel": np.ascontiguousarray(fc6),
+    head = {"fc6": {"kernel": np.array(fc6, order="C", copy=True),
                     "bias": reader.take("classifier.0.bias", (features,))}}
     for name, in_features, out_features in (("fc7", features, features),
                                             ("fc8", features, classes)):
         index = CLASSIFIER_INDICES[name]
-        weight = reader.take(f"classifier.{index}.weight", (out_features, in_features))
+        weight = reader.take(f"classifier.{index}.weight", (out_features, in_features),
+                             copy=False)
         head[name] = {
-            "kernel": np.ascontiguousarray(weight.T.reshape(1, 1, in_features, out_features)),
+            "kernel": np.array(weight.T.reshape(1, 1, in_features, out_features), order="C",
+                               copy=True),
             "bias": reader.take(f"classifier.{index}.bias", (out_features,)),
         }
     return head
@@ -445,3 +450,31 @@ def _our_layer_names(version: str, batch_norm: bool) -> frozenset[str]:
     convs = feature_indices(version, batch_norm)
     bns = {name + models.BN_SUFFIX for name in convs} if batch_norm else set()
     return frozenset(convs) | bns | set(CLASSIFIER_INDICES)
+
+
+# torchvision's nets by their number of conv layers (C, which torchvision lacks, also has
+# 13, three of them 1x1).
+_VERSION_BY_CONV_COUNT = {8: "A", 10: "B", 13: "D", 16: "E"}
+
+
+def infer_version(state_dict: Mapping[str, Any]) -> str:
+    """Which of torchvision's nets a state dict in its layout holds, from its conv count.
+
+    Args:
+      state_dict: torchvision VGG keys (values: arrays or anything with a shape).
+
+    Returns:
+      "A", "B", "D" or "E".
+
+    Raises:
+      ValueError: when the count of 4-D `features.N.weight` kernels is none of theirs.
+    """
+    sd = clean_keys(state_dict)
+    convs = sum(1 for key, value in sd.items()
+                if key.startswith("features.") and key.endswith(".weight")
+                and len(np.shape(value)) == 4)
+    if convs not in _VERSION_BY_CONV_COUNT:
+        raise ValueError(
+            f"The state dict has {convs} conv kernels (features.N.weight); torchvision's "
+            "VGGs have 8 (vgg11), 10 (vgg13), 13 (vgg16) or 16 (vgg19). Is it a VGG?")
+    return _VERSION_BY_CONV_COUNT[convs]
