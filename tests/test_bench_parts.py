@@ -308,3 +308,13 @@ def test_torch_required_on_cuda_is_skipped_at_once_without_a_gpu():
     found = torch_compare.run_torch(config, steps=1, warmup=0, compile_model=False,
                                     require_cuda=True)
     assert "sees no CUDA device" in found["skipped"] or "not importable" in found["skipped"]
+
+
+def test_the_gpu_runs_budgets_fit_one_device_command():
+    from benchmarks.gpu import run_all
+
+    total = sum(p.budget_s for p in run_all.PARTS)
+    assert total + run_all.HEADER_ALLOWANCE_S + run_all.FINISH_RESERVE_S <= run_all.WALL_LIMIT_S
+    assert run_all.WALL_LIMIT_S < run_all.DEVICE_COMMAND_LIMIT_S
+    assert [p.name for p in run_all.PARTS] == ["d_bf16", "torch", "loop", "train_run", "nets",
+                                               "max_batch"]
