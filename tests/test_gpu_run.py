@@ -53,7 +53,7 @@ def test_every_part_runs_tiny_on_the_cpu(tmp_path):
     compiles = {name: part["compiles"] for name, part in env["parts"].items()}
     assert compiles["d_bf16"]["cache_lookups"] >= 1 and compiles["d_bf16"]["cache_hits"] == 0
     assert compiles["loop"]["cache_hits"] >= 1
-    assert compiles["d_bf16"]["slowest"]["name"] == "jit(train_step)"
+    assert compiles["d_bf16"]["programs"] >= 2 and _positive(compiles["d_bf16"]["compile_s"])
 
     d = read["d_bf16.json"]
     assert d["step"]["precision"] == "bfloat16" and _positive(d["step"]["images_per_s"])
