@@ -304,14 +304,14 @@ def run_parts(ctx: dict[str, Any], deadline: float, log: Log, env_info: dict[str
     for part in PARTS:
         if part.name not in _PARTS.value:
             continue
+        if part.name in ("loop", "train_run"):
+            writer.join(max(0.0, deadline - time.monotonic()))
         budget = min((part.tiny_budget_s if ctx["tiny"] else part.budget_s) + spare,
                      deadline - time.monotonic())
         if budget <= 0:
             env_info["parts"][part.name] = {"status": "not run: the total budget is spent"}
             continue
         log(f"=== {part.name} (budget {budget:.0f} s)")
-        if part.name in ("loop", "train_run"):
-            writer.join()
         entry = run_part(part, budget, ctx, log)
         spare = max(0.0, budget - entry["wall_s"])
         env_info["parts"][part.name] = entry
