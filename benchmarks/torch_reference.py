@@ -33,10 +33,11 @@ def torch_train_step_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
         into the child (built by `benchmarks.speed.torch_compare.torch_spec`): version,
         torchvision_name, width_divisor, fc_features, num_classes, dropout, image_size, head_window,
         compute_dtype, batch, lr, momentum, weight_decay, mean_rgb, std_rgb, steps,
-        warmup, compile.
+        warmup, compile, require_cuda.
 
     Returns:
-      The figures, or {"import_error": message} when torch or torchvision cannot be imported.
+      The figures, or {"import_error": message} when torch or torchvision cannot be
+      imported, or {"no_cuda": message} when `require_cuda` is set and torch sees no GPU.
     """
     try:
         import torch
@@ -46,6 +47,10 @@ def torch_train_step_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
         return {"import_error": f"{type(error).__name__}: {error}"}
 
     cuda = torch.cuda.is_available()
+    if spec.get("require_cuda") and not cuda:
+        # A GPU run must not time torch on the host's CPU for minutes: say why, at once.
+        return {"no_cuda": f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) "
+                           "sees no CUDA device"}
     device = torch.device("cuda" if cuda else "cpu")
     dtype = spec["compute_dtype"]
     bf16 = dtype == "bfloat16" or (dtype == "auto" and cuda)

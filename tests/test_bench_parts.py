@@ -1,8 +1,22 @@
 """The speed benchmark's parts with explicit settings (benchmarks/speed/, benchmarks/gpu/)."""
 
+import importlib.util
+import json
+import os
+
 import pytest
 
-from benchmarks.speed import loop, max_batch, peaks, report, settings
+from benchmarks.speed import (
+    compiles,
+    json_out,
+    loop,
+    max_batch,
+    peaks,
+    report,
+    settings,
+    shared_memory,
+    torch_compare,
+)
 
 
 @pytest.mark.parametrize("largest", [16, 100, 128, 129, 300, 1000, 4096])
@@ -155,3 +169,152 @@ def test_step_fits_runs_the_real_step():
     config.model.width_divisor, config.model.fc_features = 16, 16
     settings.apply_shape(config, settings.RunShape(image_size=32), None)
     assert max_batch.step_fits(config, parallel.create_mesh(), 1)
+
+
+def test_max_batch_search_from_an_estimate_brackets_it_by_the_growth_factor():
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= 430
+
+    # From the estimate 416 in steps of 15%: 416 fits, 448 (416 x 1.15 = 478 on the
+    # 32-grid) does not, and nothing on the grid lies between.
+    assert max_batch.search_max_batch(fits, 416, 32, 4096, growth=1.15) == (416, 448)
+    assert tried == [416, 448]
+    tried.clear()
+    # An estimate 30% too high: shrinks by 15% until a size fits, then bisects.
+    assert max_batch.search_max_batch(fits, 608, 32, 4096, growth=1.15) == (416, 448)
+    assert tried[0] == 608 and len(tried) <= 5 and len(set(tried)) == len(tried)
+
+
+def test_max_batch_estimate_recovers_the_plans_line():
+    def plan(n):  # 1.2 GB fixed + 150 MB per example, as XLA's plan of D roughly says
+        return 1_200_000_000 + 150_000_000 * n
+
+    found = max_batch.estimate_max_batch(plan, (64, 128), 60_000_000_000)
+    assert found["fixed_bytes"] == 1_200_000_000
+    assert found["bytes_per_example"] == 150_000_000
+    assert found["estimate_per_device"] == 392  # (60 - 1.2) GB / 150 MB = 392
+    assert found["planned_bytes"] == {"64": plan(64), "128": plan(128)}
+    assert max_batch.estimate_max_batch(plan, (64, 128), 1_000_000_000)[
+        "estimate_per_device"] == 0
+    assert max_batch.search_start(found, settings.MaxBatchSettings(granularity=32)) == 384
+    assert max_batch.search_start(None, settings.MaxBatchSettings(start=96)) == 96
+    with pytest.raises(ValueError, match="smaller first"):
+        max_batch.estimate_max_batch(plan, (128, 64), 1)
+
+
+def test_find_max_batch_reports_every_try_as_it_happens():
+    reports = []
+    found = max_batch.find_max_batch(
+        settings.MaxBatchSettings(start=384, granularity=32, growth=1.15),
+        lambda n: n <= 400, log=lambda line: None, on_try=reports.append)
+    assert found["max_batch_per_device"] == 384 and found["complete"]
+    assert len(reports) == len(found["tried"]) and not any(r["complete"] for r in reports)
+    assert reports[0]["tried"] == {"384": True} and reports[0]["max_batch_per_device"] == 384
+
+
+def test_planned_peak_counts_a_donated_output_once():
+    plan = {"argument_bytes": 100, "output_bytes": 90, "alias_bytes": 80, "temp_bytes": 50}
+    assert max_batch.planned_peak_bytes(plan) == 160
+
+
+def test_settings_parse_two_plan_sizes():
+    assert settings.parse_sizes("64,128") == (64, 128)
+    for bad in ("64", "128,64", "0,8", "a,b"):
+        with pytest.raises(ValueError, match="batch sizes"):
+            settings.parse_sizes(bad)
+
+
+def test_shared_memory_mapped_reads_the_dev_shm_lines_of_a_maps_listing(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f0000000000-7f0000100000 rw-s 00000000 00:1a 12 /dev/shm/vgg_jax_ring_ab (deleted)\n"
+        "7f0000100000-7f0000101000 rw-s 00000000 00:1a 13 /dev/shm/sem.mp-x\n"
+        "7f0000101000-7f0000102000 rw-s 00000000 00:1a 13 /dev/shm/sem.mp-x\n"
+        "7f0000200000-7f0000300000 r-xp 00000000 08:01 99 /usr/lib/libc.so.6\n"
+        "7f0000300000-7f0000400000 rw-p 00000000 00:00 0 \n")
+    assert shared_memory.mapped(str(maps)) == {"blocks": 2, "bytes": 0x100000 + 2 * 0x1000}
+    assert shared_memory.mapped(str(tmp_path / "none")) == {"blocks": 0, "bytes": 0}
+
+
+@pytest.mark.parametrize(("free", "expected"), [
+    (None, 14), (100 << 30, 14), (2 << 30, 7), (200 << 20, 0),
+])
+def test_data_workers_are_cut_to_what_dev_shm_holds(free, expected):
+    assert shared_memory.workers_that_fit(14, 256 << 20, free) == expected
+
+
+def test_a_gpu_shape_worker_needs_its_ring_of_batches():
+    from configs import vgg_d
+    from vgg_jax.data import pipeline
+
+    data = vgg_d.get_config().data
+    data.image_size, data.prefetch_buffer_size = 224, 2
+    # 7 slots (2 x 2 buffered + 3) of 256 x 224 x 224 x 3 bytes, plus a 64-byte header:
+    # the 14 workers of the GPU run hold 3.5 GiB at once.
+    assert pipeline.worker_shared_memory_bytes(data, 256) == 7 * 256 * 224 * 224 * 3 + 64
+
+
+def test_json_out_rewrites_the_file_whole_at_every_figure(tmp_path):
+    path = tmp_path / "part.json"
+    lines = []
+    out = json_out.JsonOut(str(path), {"command": "x"}, extra=lambda: {"n": len(lines)},
+                           say=lines.append)
+    out.add("step", {"images_per_s": 1.0}, "step")
+    assert json.loads(path.read_text()) == {"command": "x", "step": {"images_per_s": 1.0},
+                                            "n": 0}
+    out.add("loop", {"feeders": {}}, "loop, feeder thread")
+    assert set(json.loads(path.read_text())) == {"command", "step", "loop", "n"}
+    assert lines == [f"wrote {path} (step)", f"wrote {path} (loop, feeder thread)"]
+    assert os.listdir(tmp_path) == ["part.json"]  # no partial file left beside it
+    json_out.JsonOut(None).add("step", {}, "step")  # no path: nothing written
+
+
+def test_compile_record_counts_this_process_compilations():
+    import jax
+    import numpy as np
+
+    record = compiles.CompileRecord()
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)).block_until_ready()
+    found = record.summary()
+    assert found["programs"] >= 1 and found["compile_s"] > 0
+    assert found["slowest"]["name"].startswith("jit(")
+
+
+@pytest.mark.parametrize(("found", "words"), [
+    ({"jax": "0.11.2", "backend": "gpu", "count": 1, "kind": "NVIDIA H100 80GB HBM3"}, None),
+    ({"jax": "0.11.2", "backend": "cpu", "count": 1, "kind": "cpu",
+      "cuda_error": "Unable to initialize backend 'cuda': CUDA_ERROR_NO_DEVICE"},
+     "sees no GPU, only 1 x cpu (backend cpu; cuda: Unable to initialize backend"),
+    ({"error": "TimeoutExpired: ..."}, "could not list its devices"),
+])
+def test_a_gpu_run_stops_with_one_line_when_jax_sees_no_gpu(found, words):
+    from benchmarks.gpu import header
+
+    line = header.no_gpu(found)
+    assert (line is None) if words is None else (words in line and "\n" not in line)
+
+
+def test_torch_required_on_cuda_is_skipped_at_once_without_a_gpu():
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed")
+    from configs import vgg_a
+
+    config = vgg_a.get_config()
+    config.model.width_divisor, config.model.fc_features = 16, 16
+    settings.apply_shape(config, settings.RunShape(batch_size=2, image_size=32), None)
+    found = torch_compare.run_torch(config, steps=1, warmup=0, compile_model=False,
+                                    require_cuda=True)
+    assert "sees no CUDA device" in found["skipped"] or "not importable" in found["skipped"]
+
+
+def test_the_gpu_runs_budgets_fit_one_device_command():
+    from benchmarks.gpu import run_all
+
+    total = sum(p.budget_s for p in run_all.PARTS)
+    assert total + run_all.HEADER_ALLOWANCE_S + run_all.FINISH_RESERVE_S <= run_all.WALL_LIMIT_S
+    assert run_all.WALL_LIMIT_S < run_all.DEVICE_COMMAND_LIMIT_S
+    assert [p.name for p in run_all.PARTS] == ["d_bf16", "torch", "loop", "train_run", "nets",
+                                               "max_batch"]

@@ -132,17 +132,34 @@ class Child:
         return code
 
 
-def _stop_at(child: Child, workdir: str, step: int, deadline: float,
-             log: Callable[[str], None]) -> int | None:
-    """Sends SIGTERM once `step` is logged; returns the logged step (None: never)."""
+def _watch(child: Child, workdir: str, deadline: float, log: Callable[[str], None],
+           records_before: int = 0, stop_at: int | None = None) -> tuple[float | None, int | None]:
+    """Follows a running process's metrics until it exits (or sends SIGTERM at `stop_at`).
+
+    Args:
+      child: the process.
+      workdir: its run directory.
+      deadline: time.monotonic() after which it is no longer watched.
+      log: where the SIGTERM line goes.
+      records_before: metrics records written by earlier processes.
+      stop_at: send SIGTERM once this step is logged (None: never).
+
+    Returns:
+      (seconds from the start until its first train record, None if none came; the
+      logged step that triggered the SIGTERM, None if none was sent).
+    """
+    start, first_log = time.monotonic(), None
     while child.process.poll() is None and time.monotonic() < deadline:
+        records = read_metrics(workdir)[records_before:]
+        if first_log is None and any(names.TRAIN_LOSS in r for r in records):
+            first_log = time.monotonic() - start
         logged = _logged_step(workdir)
-        if logged >= step:
+        if stop_at is not None and logged >= stop_at:
             log(f"train run: step {logged} logged, sending SIGTERM")
             child.process.send_signal(signal.SIGTERM)
-            return logged
+            return first_log, logged
         time.sleep(_POLL_S)
-    return None
+    return first_log, None
 
 
 def clean_rates(records: list[dict[str, Any]], restarts: tuple[int, ...] = ()) -> list[float]:
@@ -190,7 +207,8 @@ def rates(records: list[dict[str, Any]], batch_size: int,
 
 
 def run(folder: str, workdir: str, s: TrainRunSettings, deadline: float,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print,
+        on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Trains, stops with SIGTERM, resumes and finishes; returns what each phase showed.
 
     Args:
@@ -199,6 +217,8 @@ def run(folder: str, workdir: str, s: TrainRunSettings, deadline: float,
       s: the run's shape.
       deadline: time.monotonic() by which both processes must be done (else killed).
       log: where the processes' output lines go.
+      on_progress: called with the figures of the first process once it has ended (so
+        that they can be written before the second one starts).
 
     Returns:
       The "train_run" JSON (see docs/benchmarks.md).
@@ -206,12 +226,20 @@ def run(folder: str, workdir: str, s: TrainRunSettings, deadline: float,
     cmd = command(folder, workdir, s)
     start = time.monotonic()
     first = Child(cmd, log)
-    signalled_at = _stop_at(first, workdir, s.stop_at, deadline, log)
+    first_log_s, signalled_at = _watch(first, workdir, deadline, log, stop_at=s.stop_at)
     first_code = first.finish(deadline, log)
     after_first = saved_steps(workdir)
     first_records = len(read_metrics(workdir))
     first_s = time.monotonic() - start
+    result = {
+        "command": " ".join(cmd[1:]), "sigterm_after_step": signalled_at,
+        "first_exit_code": first_code, "checkpoints_after_sigterm": after_first,
+        "first_process_s": first_s, "first_log_s": [first_log_s],
+    }
+    if on_progress is not None:
+        on_progress(dict(result, ok=False))
     second = Child(cmd, log)
+    second_log_s, _ = _watch(second, workdir, deadline, log, records_before=first_records)
     second_code, lines = second.finish(deadline, log), second.lines
     records = read_metrics(workdir)
     train_steps = [r[names.STEP] for r in records if names.TRAIN_LOSS in r]
@@ -219,12 +247,8 @@ def run(folder: str, workdir: str, s: TrainRunSettings, deadline: float,
     resumed = [line for line in lines if "Resumed from step" in line]
     final_step = max(saved_steps(workdir), default=None)
     total_steps = s.epochs * (s.train_images // s.batch_size)
-    return {
-        "command": " ".join(cmd[1:]),
-        "sigterm_after_step": signalled_at,
-        "first_exit_code": first_code,
-        "checkpoints_after_sigterm": after_first,
-        "first_process_s": first_s,
+    result.update({
+        "first_log_s": [first_log_s, second_log_s],
         "resumed": bool(resumed), "resume_line": resumed[0] if resumed else None,
         "second_exit_code": second_code,
         "final_checkpoint_step": final_step,
@@ -236,4 +260,5 @@ def run(folder: str, workdir: str, s: TrainRunSettings, deadline: float,
         **rates(records, s.batch_size, (first_records,)),
         "ok": (first_code == 0 and bool(after_first) and bool(resumed) and second_code == 0
                and bool(val) and final_step == total_steps),
-    }
+    })
+    return result

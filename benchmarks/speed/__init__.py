@@ -8,4 +8,7 @@ max_batch the largest batch per device whose step compiles and runs
 torch     torchvision's VGG of the same configuration, in a child process
 photos    photo-like JPEG folders made from real photos (for loop mode and the GPU run)
 report    the console lines of each part
+compiles  what a process compiled (jax's monitoring events) and the cache hits
+json_out  a part's JSON, rewritten the moment each figure exists
+shared_memory  /dev/shm: what a process has mapped, what is free, the workers that fit
 """

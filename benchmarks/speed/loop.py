@@ -6,6 +6,11 @@ grain's own device prefetch (`grain.experimental.device_put`), or with no prefet
 way is timed over the same compiled step. The loop's wall time splits into the time it
 was blocked waiting for data, blocked waiting for a transfer, and on the step (dispatch,
 which waits when the device is busy, plus the final sync).
+
+Each feeder reads a pipeline of its own, dropped before the next one starts: a pipeline's
+workers and their shared memory live as long as it does, so one pipeline reused by three
+feeders would hold three sets of workers' shared memory at once. What the process has
+mapped from /dev/shm before, during and after each feeder is recorded.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import dataclasses
 import gc
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
-from benchmarks.speed import photos
+from benchmarks.speed import photos, shared_memory
 from benchmarks.speed.settings import LoopSettings
 
 # The loop reaches the synthetic rate "enough" above this fraction: the step bounds it.
@@ -132,12 +139,14 @@ def measure_feeder(name: str, dataset, mesh, compiled, state, batch_per_call: in
       depth: batches in flight for the prefetching feeders.
 
     Returns:
-      (the figures of this feeder, the train state).
+      (the figures of this feeder, the train state); the figures hold what the process
+      had mapped from /dev/shm at the end of the timed steps ("dev_shm_during").
     """
     feeder = _feeder(name, dataset, mesh, depth)
     try:
         state, startup, t, before = _run(feeder, compiled, state, warmup, steps)
         stats = feeder.stats if before is not None else None
+        during = shared_memory.mapped()
     finally:
         if hasattr(feeder, "close"):
             feeder.close()
@@ -163,6 +172,7 @@ def measure_feeder(name: str, dataset, mesh, compiled, state, batch_per_call: in
         "on_step_s": step_s, "dispatch_s": t.dispatch, "final_sync_s": t.final_sync,
         "data_s": split.get("data_s"), "transfer_s": split.get("transfer_s"),
         "blocked_fraction": t.blocked / t.wall,
+        "dev_shm_during": during,
     }
     figures["bound_by"] = bound_by(figures["fraction_of_synthetic"],
                                    figures["blocked_on_data_s"],
@@ -175,8 +185,12 @@ def _image_count(settings: LoopSettings, batch_per_call: int) -> int:
 
 
 def measure_loop(config, mesh, compiled, state, batch_per_call: int, synthetic_rate: float,
-                 settings: LoopSettings, steps: int, warmup: int):
+                 settings: LoopSettings, steps: int, warmup: int,
+                 on_feeder: Callable[[dict[str, Any]], None] | None = None):
     """Runs the training loop's feed and step over the real pipeline, for each feeder.
+
+    Each feeder reads a pipeline of its own, built when it starts and dropped (workers
+    stopped, their shared memory let go) before the next one starts.
 
     Args:
       config: the run config (after `settings.apply_shape`); its data section is pointed
@@ -189,10 +203,13 @@ def measure_loop(config, mesh, compiled, state, batch_per_call: int, synthetic_r
       settings: folder, images, steps, feeders, depth.
       steps: the step benchmark's timed steps (a floor for the loop's).
       warmup: untimed steps of each feeder.
+      on_feeder: called with the results so far after each feeder (to write them at once).
 
     Returns:
-      ({"folder", "num_workers", "feeders": {name: figures}, and the first feeder's
-      figures at the top level}, the final train state).
+      ({"folder", "num_workers", "dev_shm_before" (what the process had mapped from
+      /dev/shm before the first pipeline), "feeders": {name: figures, each with
+      "dev_shm_after", what was mapped once its pipeline was dropped}, and the first
+      feeder's figures at the top level}, the final train state).
     """
     import jax
 
@@ -200,6 +217,9 @@ def measure_loop(config, mesh, compiled, state, batch_per_call: int, synthetic_r
 
     data = config.data
     timed = loop_steps(settings, steps, int(data.num_workers), int(data.prefetch_buffer_size))
+    results: dict[str, Any] = {"folder": settings.folder or "<temp photo-crop JPEGs>",
+                               "num_workers": int(data.num_workers),
+                               "dev_shm_before": shared_memory.mapped(), "feeders": {}}
     with tempfile.TemporaryDirectory(prefix="vgg_bench_") as tmp:
         folder = settings.folder
         if not folder:
@@ -211,16 +231,19 @@ def measure_loop(config, mesh, compiled, state, batch_per_call: int, synthetic_r
                   f"JPEGs in {time.perf_counter() - start:.1f} s", flush=True)
         data.data_dir = folder
         data.eval_split = data.train_split  # only the training split is read
-        dataset = pipeline.train_dataset(
-            data, global_batch_size=batch_per_call, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        feeders = {}
         for name in settings.feeders:
-            feeders[name], state = measure_feeder(
+            dataset = pipeline.train_dataset(
+                data, global_batch_size=batch_per_call, seed=config.seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+            figures, state = measure_feeder(
                 name, dataset, mesh, compiled, state, batch_per_call, synthetic_rate,
                 warmup, timed, settings.depth)
-    first = feeders[settings.feeders[0]]
-    results = {"folder": settings.folder or "<temp photo-crop JPEGs>",
-               "num_workers": int(data.num_workers), **first, "feeders": feeders}
+            del dataset  # its workers' shared memory goes with it
+            gc.collect()
+            figures["dev_shm_after"] = shared_memory.mapped()
+            results["feeders"][name] = figures
+            if len(results["feeders"]) == 1:
+                results.update(figures)
+            if on_feeder is not None:
+                on_feeder(results)
     return results, state
-

@@ -141,6 +141,14 @@ def torch_lines(r: dict[str, Any], jax_rate: float | None) -> list[str]:
     ]
 
 
+def estimate_lines(r: dict[str, Any]) -> list[str]:
+    """The largest-batch estimate's line (`max_batch.estimate_max_batch`)."""
+    return [f"max batch estimate: XLA plans {fmt_bytes(r['fixed_bytes'])} + "
+            f"{fmt_bytes(r['bytes_per_example'])} per example per device; "
+            f"{fmt_bytes(r['memory_bytes'])} of device memory hold "
+            f"{r['estimate_per_device']} per device"]
+
+
 def max_batch_lines(r: dict[str, Any] | None) -> list[str]:
     """The largest-batch lines (None: skipped on CPU)."""
     if r is None:

@@ -63,20 +63,28 @@ class LoopSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MaxBatchSettings:
-    """The largest-batch search: doubling from `start`, then bisection.
+    """The largest-batch search: from an estimate (or `start`), growing or shrinking by
+    `growth`, then bisection.
 
     Attributes:
-      start: first batch per device tried.
+      start: first batch per device tried when there is no estimate.
       granularity: the answer is a multiple of this.
       limit: largest batch per device tried.
       budget_s: seconds the search may take (no new size is tried after them; the answer
         is then the largest size seen fitting); 0 = no limit.
+      growth: factor between successive sizes before the bisection.
+      plan_sizes: two batches per device whose memory plans give the estimate.
+      memory_bytes: the device memory the estimate plans for; 0 = the device's own limit
+        (none on a CPU: no estimate there unless given).
     """
 
     start: int = 128
     granularity: int = 16
     limit: int = 4096
     budget_s: float = 0.0
+    growth: float = 2.0
+    plan_sizes: tuple[int, int] = (64, 128)
+    memory_bytes: int = 0
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -86,6 +94,17 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"{text!r} is not HxW, e.g. 375x500.") from None
     return height, width
+
+
+def parse_sizes(text: str) -> tuple[int, int]:
+    """"64,128" -> (64, 128); a ValueError unless two sizes above 0, smaller first."""
+    try:
+        small, large = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not two batch sizes, e.g. 64,128.") from None
+    if not 0 < small < large:
+        raise ValueError(f"{text!r}: two batch sizes above 0, smaller first, e.g. 64,128.")
+    return small, large
 
 
 def parse_feeders(text: str) -> tuple[str, ...]:

@@ -69,6 +69,29 @@ def synthetic_batch(config, per_process: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
+def abstract_batch(config, mesh, batch_per_call: int) -> dict[str, Any]:
+    """The shapes, dtypes and shardings of a global batch, with no data (for planning).
+
+    Args:
+      config: the run config (crop size, classes).
+      mesh: the data mesh.
+      batch_per_call: global batch of one step call.
+
+    Returns:
+      {key: jax.ShapeDtypeStruct} with `synthetic_batch`'s keys and dtypes, sharded as
+      `parallel.shard_batch` shards a batch.
+    """
+    import jax
+
+    from vgg_jax.runtime import parallel
+
+    sharding = parallel.batch_sharded(mesh)
+    one = synthetic_batch(config, 1)
+    return {key: jax.ShapeDtypeStruct((batch_per_call, *value.shape[1:]), value.dtype,
+                                      sharding=sharding)
+            for key, value in one.items()}
+
+
 def build_step(config, mesh, batch_per_call: int) -> BuiltStep:
     """The train state, a sharded synthetic batch and the AOT-compiled step.
 

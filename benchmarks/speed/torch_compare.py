@@ -14,7 +14,8 @@ from typing import Any
 from benchmarks import torch_reference
 
 
-def torch_spec(config, steps: int, warmup: int, compile_model: bool) -> dict[str, Any]:
+def torch_spec(config, steps: int, warmup: int, compile_model: bool,
+               require_cuda: bool = False) -> dict[str, Any]:
     """The plain-value settings the child builds torchvision's net and step from.
 
     Args:
@@ -22,6 +23,7 @@ def torch_spec(config, steps: int, warmup: int, compile_model: bool) -> dict[str
       steps: timed steps.
       warmup: untimed steps after the first (compiling) one.
       compile_model: use torch.compile (falls back to eager if it fails).
+      require_cuda: time nothing unless torch sees a CUDA device.
 
     Returns:
       The spec `torch_reference.torch_train_step_benchmark` takes.
@@ -41,11 +43,12 @@ def torch_spec(config, steps: int, warmup: int, compile_model: bool) -> dict[str
         "lr": float(t.learning_rate), "momentum": float(t.momentum),
         "weight_decay": float(t.weight_decay), "mean_rgb": tuple(d.mean_rgb),
         "std_rgb": tuple(d.std_rgb), "steps": int(steps), "warmup": int(warmup),
-        "compile": bool(compile_model),
+        "compile": bool(compile_model), "require_cuda": bool(require_cuda),
     }
 
 
-def run_torch(config, steps: int, warmup: int, compile_model: bool) -> dict[str, Any]:
+def run_torch(config, steps: int, warmup: int, compile_model: bool,
+              require_cuda: bool = False) -> dict[str, Any]:
     """Times torchvision's VGG in a child process, if torchvision has the net.
 
     Args:
@@ -53,10 +56,12 @@ def run_torch(config, steps: int, warmup: int, compile_model: bool) -> dict[str,
       steps: timed steps.
       warmup: untimed steps.
       compile_model: use torch.compile.
+      require_cuda: skip at once, rather than time the CPU, when torch sees no GPU.
 
     Returns:
       The figures of `torch_reference.torch_train_step_benchmark`, or {"skipped": why}
-      when torchvision has no such net (C, A-LRN) or torch cannot be imported.
+      when torchvision has no such net (C, A-LRN), torch cannot be imported, or
+      `require_cuda` is set and torch sees no CUDA device.
     """
     from vgg_jax.convert import TORCHVISION_NAMES
     from vgg_jax.models import canonical_version
@@ -70,7 +75,7 @@ def run_torch(config, steps: int, warmup: int, compile_model: bool) -> dict[str,
         # Pickled by reference: the child imports benchmarks.torch_reference through the
         # sys.path it inherits (the repository root is on it).
         result = pool.apply(torch_reference.torch_train_step_benchmark,
-                            (torch_spec(config, steps, warmup, compile_model),))
+                            (torch_spec(config, steps, warmup, compile_model, require_cuda),))
         # A clean exit of the child (rather than the terminate() of leaving the block)
         # releases its semaphores, and frees its device memory before JAX starts.
         pool.close()
@@ -78,4 +83,6 @@ def run_torch(config, steps: int, warmup: int, compile_model: bool) -> dict[str,
     if "import_error" in result:
         return {"skipped": f"torch/torchvision not importable ({result['import_error']}); "
                            "install them in this environment to compare"}
+    if "no_cuda" in result:
+        return {"skipped": result["no_cuda"]}
     return result

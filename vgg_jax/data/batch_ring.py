@@ -102,7 +102,7 @@ def check_shared_memory(num_workers: int, slots: int, slot_bytes: int,
         return
     stats = os.statvfs(folder)
     free = stats.f_bavail * stats.f_frsize
-    needed = num_workers * (slots * slot_bytes + _header_bytes(slots))
+    needed = num_workers * ring_bytes(slots, slot_bytes)
     if needed > free:
         raise ValueError(
             f"The {num_workers} data workers need {needed / _MIB:,.0f} MiB of shared memory "
@@ -110,6 +110,19 @@ def check_shared_memory(num_workers: int, slots: int, slot_bytes: int,
             f"{free / _MIB:,.0f} MiB free; lower config.data.num_workers, "
             "config.data.prefetch_buffer_size or the batch size, or give the machine more "
             "shared memory (a container's --shm-size).")
+
+
+def ring_bytes(slots: int, slot_bytes: int) -> int:
+    """The shared memory of one worker's ring: its flag bytes (padded) and its slots.
+
+    Args:
+      slots: slots of the ring (`slots_for_buffer`).
+      slot_bytes: bytes of one batch's images.
+
+    Returns:
+      The ring's size in bytes.
+    """
+    return _header_bytes(slots) + slots * slot_bytes
 
 
 def _header_bytes(slots: int) -> int:

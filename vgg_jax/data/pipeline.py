@@ -190,6 +190,21 @@ def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def worker_shared_memory_bytes(data_config: Any, per_process_batch: int) -> int:
+    """The shared memory one training data worker process holds at most (its batch ring).
+
+    Args:
+      data_config: config.data (crop size, prefetch_buffer_size).
+      per_process_batch: examples per batch of this process.
+
+    Returns:
+      Bytes of /dev/shm per worker; config.data.num_workers times this must fit there.
+    """
+    slots = batch_ring.slots_for_buffer(int(data_config.prefetch_buffer_size))
+    size = int(data_config.image_size)
+    return batch_ring.ring_bytes(slots, per_process_batch * size * size * _RGB_CHANNELS)
+
+
 def train_dataset(
     data_config: Any,
     *,
