@@ -11,7 +11,6 @@
 Every config field can be overridden with --config.<section>.<field>=<value>.
 """
 
-import logging as std_logging
 import os
 import sys
 import traceback
@@ -22,7 +21,7 @@ from ml_collections import config_flags
 
 from vgg_jax import config_checks
 from vgg_jax.evaluation import run
-from vgg_jax.runtime import parallel, stop_signals, workdir_lock
+from vgg_jax.runtime import console, parallel, stop_signals, workdir_lock
 from vgg_jax.training import loop, warm_start
 from vgg_jax.weights import specs
 
@@ -93,25 +92,6 @@ def _workdir() -> str:
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     stem = os.path.splitext(os.path.basename(name.split(":")[0]))[0]
     return os.path.join("runs", stem)
-
-
-# Libraries whose INFO logs (one line per checkpoint phase) would bury the progress output.
-_CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/jax/")
-# orbax warnings that describe what evaluation does on purpose: it opens checkpoints read
-# only (never cleaning up a running job's directory) and restores the parameters alone.
-_EXPECTED_ORBAX_WARNINGS = (
-    "read_only=True", "Given directory is read only", "was found in the checkpoint, but could "
-    "not be restored")
-
-
-def _quiet_library_info(record) -> bool:
-    """Keeps warnings from everyone but INFO lines only from our own code (at -v 0)."""
-    if logging.get_verbosity() > logging.INFO:
-        return True
-    if record.levelno >= std_logging.WARNING:
-        return not ("/orbax/" in record.pathname and any(
-            text in record.getMessage() for text in _EXPECTED_ORBAX_WARNINGS))
-    return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -193,7 +173,7 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"Unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value; "
                  "see --helpshort).")
-    logging.get_absl_handler().addFilter(_quiet_library_info)
+    console.quiet_library_logs()
     config, mistake = _load_config()
     if not mistake:
         mistake = _config_mistake(config)

@@ -32,6 +32,8 @@ def _convert(*args: str, fails: str | None = None) -> str:
                             capture_output=True, text=True, timeout=300)
     if fails is None:
         assert result.returncode == 0, result.stderr[-3000:]
+        # The answer alone: none of orbax's checkpoint-phase lines.
+        assert "orbax" not in result.stderr, result.stderr[-3000:]
         return result.stdout
     assert result.returncode != 0 and re.search(fails, result.stderr, re.MULTILINE), (
         result.stderr[-3000:])

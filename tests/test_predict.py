@@ -137,6 +137,9 @@ def test_cli_prints_top_classes(workdir, images, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert result.returncode == 0, result.stderr[-2000:]
+    # The answer alone: none of orbax's checkpoint-phase lines (43 of them before).
+    assert not [line for line in result.stderr.splitlines() if "orbax" in line or
+                "checkpoint" in line], result.stderr[-2000:]
     out = result.stdout.splitlines()
     assert out[0] == images[0][0]
     assert len(out) == 3 and out[1].lstrip().startswith("1.") and "%" in out[1]

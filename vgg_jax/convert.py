@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from vgg_jax.runtime import console
 from vgg_jax.training import checkpoint
 from vgg_jax.weights import specs, timm_format, weight_files
 from vgg_jax.weights.torchvision_format import (  # noqa: F401  (this module's Python API)
@@ -213,6 +214,7 @@ def main(argv: Sequence[str]) -> None:
     python -m vgg_jax.convert WEIGHTS [--version=V] --out=DIR          weights -> checkpoint
     python -m vgg_jax.convert --workdir=DIR [--step=S] --out=FILE      checkpoint -> file
     """
+    console.quiet_library_logs()
     f, positional = flags.FLAGS, list(argv[1:])
     if not f.out:
         sys.exit("Pass --out: the directory to write (or, with --workdir, the file).")

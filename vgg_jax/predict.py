@@ -29,6 +29,7 @@ from vgg_jax.data import decode, transforms
 from vgg_jax.data.class_names import class_names_for
 from vgg_jax.evaluation import protocols
 from vgg_jax.evaluation.run import load_net
+from vgg_jax.runtime import console
 
 
 def _views(data: bytes, protocol: protocols.Protocol, component: str, image_size: int
@@ -141,6 +142,7 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     """Command line: python -m vgg_jax.predict --weights=SPEC IMAGE [IMAGE ...]."""
+    console.quiet_library_logs()
     f, images = flags.FLAGS, list(argv[1:])
     if bool(f.weights) == bool(f.workdir):
         sys.exit("Pass the net as --weights=SPEC (vgg16, hf-hub:ORG/NAME, a weight file or a "

@@ -1,10 +1,41 @@
-"""The terminal: whether a stream is one, and log records kept above a progress bar."""
+"""The terminal: whether a stream is one, log records kept above a progress bar, and the
+libraries' log lines kept out of a command's answer."""
 
 from __future__ import annotations
 
 import logging
 
 import tqdm
+from absl import logging as absl_logging
+
+# Libraries whose INFO lines (one per checkpoint phase, per compilation) would bury a
+# command's own output; their warnings and errors still show.
+_CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/jax/", "/jaxlib/", "/flax/")
+# orbax warnings about what evaluation, prediction and conversion do on purpose: they open
+# checkpoints read only (never cleaning up a running job's directory) and restore the
+# parameters alone.
+_EXPECTED_ORBAX_WARNINGS = (
+    "read_only=True", "Given directory is read only", "was found in the checkpoint, but could "
+    "not be restored")
+
+
+def _ours_or_worth_seeing(record: logging.LogRecord) -> bool:
+    """Every warning but orbax's expected ones; INFO lines only from our own code (more
+    with --verbosity=1 and up)."""
+    if absl_logging.get_verbosity() > absl_logging.INFO:
+        return True
+    if record.levelno >= logging.WARNING:
+        return not ("/orbax/" in record.pathname and any(
+            text in record.getMessage() for text in _EXPECTED_ORBAX_WARNINGS))
+    return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
+
+
+def quiet_library_logs() -> None:
+    """Keeps the libraries' INFO lines and orbax's expected warnings out of absl's log, so
+    that a command's answer is not buried under dozens of checkpoint-phase lines; warnings
+    and errors still show, and --verbosity=1 shows everything. Call once, in a command's
+    main, after absl has parsed its flags."""
+    absl_logging.get_absl_handler().addFilter(_ours_or_worth_seeing)
 
 
 class _AboveBarHandler(logging.Handler):

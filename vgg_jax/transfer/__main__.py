@@ -11,7 +11,6 @@ Net-D & Net-E figure beside it; --json also writes them.
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from ml_collections import config_flags
 from vgg_jax.config_values import string_list
 from vgg_jax.data import sources
 from vgg_jax.evaluation.run import load_net
+from vgg_jax.runtime import console
 from vgg_jax.transfer import classify, descriptors, paper
 from vgg_jax.transfer.multilabel import MultiLabelTfds
 
@@ -162,12 +162,7 @@ def main(argv: Sequence[str]) -> None:
     """Command line (see the module docstring)."""
     if len(argv) > 1:
         sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
-    # Our own progress lines only: the libraries' INFO lines and orbax's warnings about a
-    # read-only restore of the parameters alone (what this command does on purpose) would
-    # bury them; orbax's errors still show.
-    logging.get_absl_handler().addFilter(lambda record: "/vgg_jax/" in record.pathname or (
-        record.levelno >= std_logging.WARNING and "/orbax/" not in record.pathname)
-        or record.levelno >= std_logging.ERROR)
+    console.quiet_library_logs()
     f = flags.FLAGS
     if not f.workdir or not os.path.isdir(os.path.expanduser(f.workdir)):
         sys.exit(f"--workdir={f.workdir} is not a directory; pass a trained or converted "
