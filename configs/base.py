@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.batch_norm = False
     # "auto": bfloat16 on GPU/TPU, float32 on CPU. Parameters are always float32.
     config.model.compute_dtype = "auto"
+    # "" = a classifier; "per_class" or "single_class" = a box net of the paper's Appendix A
+    # (fc8 regresses 4 numbers per class, PCR, or 4 shared by all, SCR): the localisation
+    # task, whose settings are configs/localisation.py's `localisation` section.
+    config.model.box_regression = ""
 
     # --- Data (3.1 training, 3.2 testing) -------------------------------------------------
     config.data = ml_collections.ConfigDict()
