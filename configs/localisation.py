@@ -88,15 +88,19 @@ def _digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # stays at chance on the small cluttered digits for hundreds of steps (measured,
     # docs/localisation.md), longer than the example's CPU budget.
     config.model.batch_norm = True
+    # Not the paper either: no dropout. Under dropout 0.5 the narrow 256-wide fc6 and fc7
+    # learn boxes poorly (protocol 1 error about 30% instead of under 1%, measured).
+    config.model.dropout_rate = 0.0
     config.data.source = "folder"
     config.data.data_dir = "~/.cache/vgg_jax/digits_canvas"
     config.data.eval_split = "val"
     # The paper's geometry at a seventh of its pixels: crops of 32 from images of S = 48 (no
-    # jitter; the paper's S = 384 crops 224). Protocol 2 unites the boxes at Q = 48 (one
-    # output location, the central window) and Q = 64 (a 2 x 2 grid of 32-pixel windows).
+    # jitter; the paper's S = 384 crops 224). At Q = S = 48 the dense view is cropped to
+    # the 32-pixel bucket (config.eval.dense_size_step), one output location: protocol 2
+    # then differs from protocol 1 by its classes, which the classifier ranks
+    # (docs/localisation.md measures more locations: Q = 64, and 64-pixel crops).
     config.data.image_size = 32
     config.data.train_scale_min = config.data.train_scale_max = 48
-    config.eval.scales = (48, 64)
     # A mirrored digit is another symbol: no flips in training or in testing.
     config.data.random_flip = False
     config.eval.flip = False
@@ -145,15 +149,16 @@ def get_config(variant: str = "digits") -> ml_collections.ConfigDict:
     if variant == "digits_classifier":
         config = _digits(config)
         config.train.learning_rate = 0.01
-        config.train.num_epochs = 12
+        config.train.num_epochs = 15
         config.wandb.tags = ("localisation", "digits", "classifier")
         return config
     if variant == "digits":
         config = _box_net(_digits(config))
-        # The Euclidean loss of boxes in crop fractions is small (~1e-2), and so are its
-        # gradients: the digits' short run fine-tunes at the classifier's own rate.
-        config.train.learning_rate = 0.01
-        config.train.num_epochs = 12
+        # Not the paper's 1e-3: the loss of boxes in crop fractions is small (~1e-2), and so
+        # are its gradients; the short run needs a larger rate (protocol 1 after 7 epochs:
+        # 8.6% at 1e-2, under 1% at 5e-2; measured, docs/localisation.md).
+        config.train.learning_rate = 0.05
+        config.train.num_epochs = 8
         config.wandb.tags = ("localisation", "digits")
         return config
     config.model.version = "D"

@@ -141,14 +141,15 @@ def predict(
     return results
 
 
-def localise(workdir: str, image_paths: Sequence[str], out_dir: str, *,
+def localise(workdir: str, image_paths: Sequence[str], out_dir: str, top_k: int = 5, *,
              step: int | str | None = None, scale: int | None = None) -> list[dict[str, Any]]:
-    """A box net's top-5 guesses for each image (protocol 2), drawn into image files.
+    """A box net's top guesses for each image (protocol 2), drawn into image files.
 
     Args:
       workdir: a box net's run directory.
       image_paths: image files.
       out_dir: where the drawn images go (created): <out_dir>/<image name>_boxes.png.
+      top_k: how many of the (up to 5) guesses to return and draw.
       step: the box net's checkpoint step (None: best if any, else latest).
       scale: one test scale Q (None: the run's config.eval.scales, else Q = S).
 
@@ -179,6 +180,7 @@ def localise(workdir: str, image_paths: Sequence[str], out_dir: str, *,
         except decode.DECODE_ERRORS as e:
             results.append({"path": path, "error": f"cannot read image: {e}"})
             continue
+        guesses = guesses[: max(1, int(top_k))]
         stem = os.path.splitext(os.path.basename(path))[0]
         drawn = drawing.draw_guesses(data, guesses, names,
                                      os.path.join(out_dir, f"{stem}_boxes.png"))
@@ -224,7 +226,7 @@ def define_flags() -> None:
                          "(default: the paper's single test scale of the net's training scale S).")
     flags.DEFINE_string("json", None, "Also write the predictions to this JSON file.")
     flags.DEFINE_string("draw_boxes", None, "A box net's workdir (localisation): draw each "
-                        "image's top-5 guesses (class, box) into DIR/<image>_boxes.png.")
+                        "image's top --top_k guesses (class, box) into DIR/<image>_boxes.png.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -237,7 +239,8 @@ def main(argv: Sequence[str]) -> None:
         sys.exit("Name at least one image file after the flags.")
     try:
         if f.draw_boxes:
-            results = localise(f.workdir, images, f.draw_boxes, step=f.step, scale=f.scale)
+            results = localise(f.workdir, images, f.draw_boxes, f.top_k, step=f.step,
+                               scale=f.scale)
         else:
             results = predict(f.workdir, images, f.top_k, step=f.step, protocol=f.protocol,
                               scale=f.scale)

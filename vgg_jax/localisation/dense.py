@@ -55,9 +55,12 @@ def view_boxes(centres: np.ndarray, width: int, height: int, q: int,
 
     Returns:
       [h, w, ..., 4] pixel boxes clipped to the image (a box wholly outside it collapses
-      onto its border).
+      onto its border); a width or height below one pixel becomes one pixel.
     """
-    centres = np.asarray(centres, np.float64)
+    centres = np.array(centres, np.float64)
+    # A regressor may predict a size below one pixel, even a negative one (untrained, or
+    # far from what it learned): such a box is one pixel wide or high, at its centre.
+    centres[..., 2:] = np.maximum(centres[..., 2:], 1.0 / window)
     rw, rh = decode.rescaled_size(width, height, q)
     left0, top0 = view_offset(width, height, q, view_shape)
     rows, cols = centres.shape[:2]

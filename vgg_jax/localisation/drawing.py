@@ -32,16 +32,19 @@ def draw_guesses(data: bytes, guesses: Sequence, names: Sequence[str], path: str
         image = image.resize((round(image.width * scale), round(image.height * scale)),
                              Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(image)
-    for rank in reversed(range(len(guesses))):  # the best drawn last, on top
-        guess = guesses[rank]
-        colour = RANK_COLOURS[rank % len(RANK_COLOURS)]
-        xmin, ymin, xmax, ymax = (v * scale for v in guess.box)
+    ranks = list(reversed(range(len(guesses))))  # the best drawn last, on top
+    corners = {}
+    for rank in ranks:
+        xmin, ymin, xmax, ymax = (v * scale for v in guesses[rank].box)
+        corners[rank] = (xmin, ymin)
         # A pixel box covers its last pixel: the rectangle's far edge is xmax + 1.
-        draw.rectangle((xmin, ymin, xmax + scale - 1, ymax + scale - 1), outline=colour,
-                       width=_LINE_WIDTH)
+        draw.rectangle((xmin, ymin, xmax + scale - 1, ymax + scale - 1),
+                       outline=RANK_COLOURS[rank % len(RANK_COLOURS)], width=_LINE_WIDTH)
+    for rank in ranks:  # labels over every box
+        guess = guesses[rank]
         label = f"{rank + 1}. {names[guess.label]} {100 * guess.probability:.0f}%"
-        left, top, right, bottom = draw.textbbox((xmin, ymin), label)
-        draw.rectangle((left, top, right, bottom), fill=colour)
-        draw.text((xmin, ymin), label, fill=(0, 0, 0))
+        draw.rectangle(draw.textbbox(corners[rank], label),
+                       fill=RANK_COLOURS[rank % len(RANK_COLOURS)])
+        draw.text(corners[rank], label, fill=(0, 0, 0))
     image.save(path)
     return path

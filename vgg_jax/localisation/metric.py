@@ -88,4 +88,4 @@ def localisation_error(correct: int | float, images: int | float) -> float:
     Returns:
       100 * (1 - correct / images); nan without images.
     """
-    return 100.0 * (1.0 - correct / images) if images else float("nan")
+    return 100.0 * (images - correct) / images if images else float("nan")

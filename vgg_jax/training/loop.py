@@ -131,10 +131,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     handlers. Registers the release of each resource with `releases` as it is opened."""
     mesh = parallel.create_mesh()
     tc = config.train
-    # Classification or localisation: the training records, loss sums and metrics.
-    task = tasks.for_config(config)
-    # First: it checks the batch against the split.
-    counts = StepCounts.from_config(config, len(task.train_source))
+    task = tasks.for_config(config)  # classification or localisation: records, loss, metrics
+    counts = StepCounts.from_config(config, len(task.train_source))  # checks batch vs split
     checkpoint_recovery.set_aside_unfinished(workdir)
     manager = checkpoint.create_manager(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
@@ -244,8 +242,7 @@ def validation_fn(model: VGG, config: ml_collections.ConfigDict, mesh: jax.shard
       val/top5_error, val/count} (a box net's: {val/loss, val/loc_error, val/count}, from
       vgg_jax.training.task).
     """
-    task_validation = tasks.validation_fn(model, config, mesh)
-    if task_validation is not None:
+    if (task_validation := tasks.validation_fn(model, config, mesh)) is not None:
         return task_validation
     d = config.data
     # The single-crop protocol at the paper's single test scale, without flips.
