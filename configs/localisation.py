@@ -85,8 +85,8 @@ def _digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.fc_features = 256
     config.model.compute_dtype = "float32"
     # Not the paper: batch norm (torchvision's vgg*_bn layout). Without it this narrow net
-    # stays at chance on the small cluttered digits for hundreds of steps (measured,
-    # docs/localisation.md), longer than the example's CPU budget.
+    # stays at chance on the small cluttered digits for some 300 steps and learns slowly
+    # after (measured, docs/localisation.md): too slow for the example's CPU budget.
     config.model.batch_norm = True
     # Not the paper either: no dropout. Under dropout 0.5 the narrow 256-wide fc6 and fc7
     # learn boxes poorly (protocol 1 error about 30% instead of under 1%, measured).

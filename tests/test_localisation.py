@@ -217,6 +217,7 @@ def test_the_imagenet_variants_follow_the_paper():
         assert config.train.learning_rate == 1e-3 and config.init_from_required
         assert (config.train.batch_size, config.train.momentum,
                 config.train.weight_decay, config.model.dropout_rate) == (256, 0.9, 5e-4, 0.5)
+        config.data.data_dir = "/data/tensorflow_datasets"
         config_checks.validate_config(config, check_data=False)
 
 

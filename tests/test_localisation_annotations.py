@@ -122,3 +122,30 @@ def test_the_digits_canvases_box_every_digits_ink(tmp_path):
         rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
         assert (cols.min(), rows.min(), cols.max(), rows.max()) == (xmin, ymin, xmax, ymax)
         assert 18 * 0.5 <= xmax - xmin + 1 <= 36 * 1.15 + 1
+
+
+class _RecordsOnly:
+    """A source that, like a TFDS split, knows its images' names only from their records."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return {"image": b"", "label": index % 2, "name": f"n0{index % 2}_{index}.JPEG"}
+
+    def __repr__(self):
+        return "RecordsOnly(3)"
+
+
+def test_a_tfds_splits_names_are_read_once_then_cached(tmp_path):
+    images = _RecordsOnly()
+    keys, labels = source.image_index(images, str(tmp_path))
+    assert keys == ["n00_0", "n01_1", "n00_2"] and labels.tolist() == [0, 1, 0]
+    assert images.reads == 3
+    again = _RecordsOnly()
+    keys_again, labels_again = source.image_index(again, str(tmp_path))
+    assert (keys_again, labels_again.tolist(), again.reads) == (keys, [0, 1, 0], 0)
