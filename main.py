@@ -21,6 +21,8 @@ from ml_collections import config_flags
 
 from vgg_jax import config_checks
 from vgg_jax.evaluation import run
+from vgg_jax.localisation import run as localisation_run
+from vgg_jax.models import is_box_regressor
 from vgg_jax.runtime import console, parallel, stop_signals, workdir_lock
 from vgg_jax.training import loop, warm_start
 from vgg_jax.weights import specs
@@ -196,6 +198,8 @@ def main(argv):
                      _MODE.value, jax.device_count(), jax.process_count(), workdir)
         if _MODE.value == "train":
             loop.train_and_evaluate(config, workdir)
+        elif is_box_regressor(config):  # a box net: the paper's localisation protocols
+            localisation_run.run_localisation(config, workdir, step=_STEP.value)
         else:
             run.run_evaluation(config, workdir, step=_STEP.value, weights=_weights())
     except config_checks.ConfigError as error:

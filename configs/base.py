@@ -65,6 +65,10 @@ def _model() -> ml_collections.ConfigDict:
     c.batch_norm = False
     # "auto": bfloat16 on GPU/TPU, float32 on CPU. Parameters are always float32.
     c.compute_dtype = "auto"
+    # "" = a classifier; "per_class" or "single_class" = a box net of the paper's Appendix A
+    # (fc8 regresses 4 numbers per class, PCR, or 4 shared by all, SCR): the localisation
+    # task, whose settings are configs/localisation.py's `localisation` section.
+    c.box_regression = ""
     return c
 
 

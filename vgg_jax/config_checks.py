@@ -21,9 +21,10 @@ from vgg_jax import preprocess
 from vgg_jax.config_values import ConfigError, require
 from vgg_jax.data import pipeline, sources
 from vgg_jax.evaluation import protocols
+from vgg_jax.localisation import training as localisation_training
 from vgg_jax.models import check_config as check_model_config
 from vgg_jax.models import check_frozen_layers
-from vgg_jax.training import checkpoint, loop, optim, writers
+from vgg_jax.training import checkpoint, loop, optim, task, writers
 
 __all__ = ["ConfigError", "command_line_mistake", "validate_config"]
 
@@ -55,8 +56,10 @@ def validate_config(
     checkpoint.check_config(config.checkpoint)
     writers.check_config(config.wandb)
     protocols.check_config(config.eval, config.data.image_size)
+    task.check_config(config)  # classification or localisation (config.model.box_regression)
     if check_data:  # a training run
         _check_starting_point(config)
+        localisation_training.check_data(config)  # canvases written, box files found
         _check_data_set(config)
 
 

@@ -3,6 +3,7 @@
   python -m vgg_jax.predict --weights=vgg16 cat.jpg dog.png      # torchvision's, from the hub
   python -m vgg_jax.predict --weights=runs/vgg_d --protocol=dense cat.jpg
   python -m vgg_jax.predict --weights=vgg16.safetensors cat.jpg  # (--workdir=DIR still works)
+  python -m vgg_jax.predict --weights=runs/loc --draw_boxes=boxes/ digit.jpg  # a box net
 
 The image is rescaled to the checkpoint's single test scale (Q = S, e.g. 256)
 and classified with one of the paper's protocols (default: the centre crop), with exactly
@@ -10,6 +11,10 @@ the views and flips evaluation makes under the checkpoint's config.eval (its fli
 dense_size_step); the top-k classes are printed with their probabilities, named with
 ImageNet's class names for a 1000-class net, the class folder names for a net trained on an
 image folder.
+
+With --draw_boxes=DIR and a box net's workdir (localisation, the paper's Appendix A), each
+image's top-5 guesses of protocol 2 (class, probability, box; ranked by the classification
+net the box net started from) are printed and drawn into DIR/<image name>_boxes.png.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +35,9 @@ from vgg_jax.data import decode, transforms
 from vgg_jax.data.class_names import class_names_for
 from vgg_jax.evaluation import protocols
 from vgg_jax.evaluation.run import load_net
+from vgg_jax.localisation import drawing
+from vgg_jax.localisation.image import localise_image
+from vgg_jax.localisation.run import classifier_path, load_box_net
 from vgg_jax.runtime import console
 
 
@@ -104,6 +113,55 @@ def predict(
     return results
 
 
+def localise(workdir: str, image_paths: Sequence[str], out_dir: str, top_k: int = 5, *,
+             step: int | str | None = None, scale: int | None = None) -> list[dict[str, Any]]:
+    """A box net's top guesses for each image (protocol 2), drawn into image files.
+
+    Args:
+      workdir: a box net's run directory.
+      image_paths: image files.
+      out_dir: where the drawn images go (created): <out_dir>/<image name>_boxes.png.
+      top_k: how many of the (up to 5) guesses to return and draw.
+      step: the box net's checkpoint step (None: best if any, else latest).
+      scale: one test scale Q (None: the run's config.eval.scales, else Q = S).
+
+    Returns:
+      One dict per image: {"path", "drawn", "guesses": [{"class", "name", "probability",
+      "box": [xmin, ymin, xmax, ymax] pixels, inclusive]}, ...]} best first, or {"path",
+      "error"} for a file that cannot be read.
+
+    Raises:
+      ValueError: for a workdir that holds no box net, or no classifier to rank with.
+    """
+    box_net, run_config = load_box_net(workdir, step)
+    classifier, classifier_run = load_net(classifier_path(run_config, run_config))
+    scales = ((int(scale),) if scale else tuple(int(q) for q in run_config.eval.get("scales", ()))
+              or (transforms.single_test_scale(*box_net.net.train_scale),))
+    names = class_names_for(classifier_run, classifier.model.num_classes)
+    os.makedirs(out_dir, exist_ok=True)
+    results = []
+    for path in image_paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            guesses = localise_image(
+                data, [box_net], classifier, scales,
+                classifier_flip=bool(classifier_run.eval.get("flip", True)),
+                dense_size_step=int(run_config.eval.get("dense_size_step", 32)),
+                min_iou=float(run_config.localisation.merge_min_iou))
+        except decode.DECODE_ERRORS as e:
+            results.append({"path": path, "error": f"cannot read image: {e}"})
+            continue
+        guesses = guesses[: max(1, int(top_k))]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        drawn = drawing.draw_guesses(data, guesses, names,
+                                     os.path.join(out_dir, f"{stem}_boxes.png"))
+        results.append({"path": path, "drawn": drawn, "guesses": [
+            {"class": g.label, "name": names[g.label], "probability": g.probability,
+             "box": [round(v, 1) for v in g.box]} for g in guesses]})
+    return results
+
+
 def format_predictions(results: Sequence[dict[str, Any]]) -> str:
     """Human-readable lines: each path, then its classes with probabilities.
 
@@ -119,8 +177,12 @@ def format_predictions(results: Sequence[dict[str, Any]]) -> str:
         if "error" in result:
             lines.append(f"  error: {result['error']}")
             continue
-        for rank, p in enumerate(result["predictions"], 1):
-            lines.append(f"  {rank}. {100 * p['probability']:6.2f}%  {p['name']} ({p['class']})")
+        for rank, p in enumerate(result.get("predictions") or result["guesses"], 1):
+            box = f"  box {p['box']}" if "box" in p else ""
+            lines.append(f"  {rank}. {100 * p['probability']:6.2f}%  {p['name']} ({p['class']})"
+                         f"{box}")
+        if "drawn" in result:
+            lines.append(f"  drawn: {result['drawn']}")
     return "\n".join(lines)
 
 
@@ -138,6 +200,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("scale", None, "Test scale Q, the rescaled shorter side "
                          "(default: the paper's single test scale of the net's training scale S).")
     flags.DEFINE_string("json", None, "Also write the predictions to this JSON file.")
+    flags.DEFINE_string("draw_boxes", None, "A box net's workdir (localisation): draw each "
+                        "image's top --top_k guesses (class, box) into DIR/<image>_boxes.png.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -150,8 +214,12 @@ def main(argv: Sequence[str]) -> None:
     if not images:
         sys.exit("Name at least one image file after the flags.")
     try:
-        results = predict(f.weights or f.workdir, images, f.top_k, step=f.step, protocol=f.protocol,
-                          scale=f.scale)
+        if f.draw_boxes:
+            results = localise(f.weights or f.workdir, images, f.draw_boxes, f.top_k,
+                               step=f.step, scale=f.scale)
+        else:
+            results = predict(f.weights or f.workdir, images, f.top_k, step=f.step,
+                              protocol=f.protocol, scale=f.scale)
     except ValueError as e:
         sys.exit(f"Prediction failed: {e}")
     print(format_predictions(results))

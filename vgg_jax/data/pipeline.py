@@ -212,6 +212,8 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    source: Any = None,
+    transform: transforms.TrainTransform | None = None,
 ) -> grain.IterDataset:
     """The endless, shuffled, augmented training stream of this process.
 
@@ -221,11 +223,16 @@ def train_dataset(
       seed: the data seed; the stream is a function of it alone (not of the workers).
       process_index: this process (jax.process_index()).
       process_count: the number of processes (jax.process_count()).
+      source: the training records (default: config.data's training split); localisation
+        passes its images joined with their boxes.
+      transform: the per-example augmentation (default: the paper's `TrainTransform`);
+        localisation's also makes each crop's box target.
 
     Returns:
       An IterDataset of per-process batches of global_batch_size // process_count:
       {"image": uint8 [b, S, S, 3], "label": int32 [b], "rgb_shift": float32 [b, 3],
-      "mask": bool [b]}, S = config.data.image_size. Its iterator is checkpointable.
+      "mask": bool [b]} and any entries `transform` adds, S = config.data.image_size. Its
+      iterator is checkpointable.
 
     Raises:
       ValueError: bad process arguments, or worker rings that the shared-memory file
@@ -233,7 +240,8 @@ def train_dataset(
     """
     _check_process(process_index, process_count)
     per_process = _per_process(global_batch_size, process_count, "global_batch_size")
-    source = sources_lib.make_source(data_config, str(data_config.train_split))
+    if source is None:
+        source = sources_lib.make_source(data_config, str(data_config.train_split))
     shuffle_seed, augment_seed = (
         int(s) for s in np.random.SeedSequence(seed).generate_state(_NUM_DERIVED_SEEDS)
     )
@@ -245,7 +253,7 @@ def train_dataset(
     # Endless; every epoch is a fresh permutation, and batches straddle epoch boundaries,
     # so no example is ever dropped.
     ds = train_stream.TrainBatches(
-        source, transforms.TrainAugmentation(data_config), batch_size=per_process,
+        source, transform or transforms.TrainAugmentation(data_config), batch_size=per_process,
         shuffle_seed=shuffle_seed, augment_seed=augment_seed, process_index=process_index,
         process_count=process_count, in_worker=_building_in_worker,
         ring_slots=slots, ring_registry=registry.id)

@@ -290,6 +290,15 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self._labels)
 
+    def file_names(self) -> list[str]:
+        """Every image's path relative to the split directory ("<class>/<file>"), in index
+        order, without reading any image (localisation joins boxes to images by name)."""
+        return [os.fsdecode(p) for p in self._paths]
+
+    def labels(self) -> np.ndarray:
+        """Every image's label, int32 [len(self)], in index order, without reading any image."""
+        return self._labels.copy()
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = os.path.join(self.split_dir, os.fsdecode(self._paths[int(index)]))
         with open(path, "rb") as f:

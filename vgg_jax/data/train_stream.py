@@ -175,18 +175,18 @@ class TrainBatches(grain.MapDataset):
 
     def _fill(self, images: np.ndarray, handed_over: Any, records: list[dict[str, Any]],
               positions: np.ndarray) -> dict[str, Any]:
-        shifts = np.empty((len(records), 3), np.float32)
-        notes = []
-        for slot, (record, position) in enumerate(zip(records, positions)):
-            rng = example_rng(self._augment_seed, int(position))
-            shifts[slot], note = self._transform.augment_into(
-                record["image"], record["name"], rng, images[slot])
-            notes.append(note)
-        notes = np.array(notes, dtype=np.bytes_)
+        entries = [
+            self._transform.augment_example(
+                record, example_rng(self._augment_seed, int(position)), images[slot])
+            for slot, (record, position) in enumerate(zip(records, positions))]
+        # Each entry stacked over the batch: the colour shift, the decoding note, and what
+        # else the task's examples carry (localisation's box targets).
+        stacked = {key: np.stack([entry[key] for entry in entries]) for key in entries[0]}
+        notes = stacked[transforms.DECODE_ERROR_KEY].astype(np.bytes_)
         return {
+            **stacked,
             IMAGE_KEY: handed_over,
             "label": np.array([r["label"] for r in records], np.int32),
-            "rgb_shift": shifts,
             "mask": notes == b"",
             transforms.DECODE_ERROR_KEY: notes,
         }

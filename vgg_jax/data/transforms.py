@@ -21,6 +21,7 @@ training's validation too) and `vgg_jax.predict` alike.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,8 @@ SINGLE_CROP, DENSE, MULTI_CROP = "single_crop", "dense", "multi_crop"
 # Training examples carry why their file could not be decoded (empty bytes when it could);
 # the pipeline turns it into one warning per file and removes the key from the batch.
 DECODE_ERROR_KEY = "decode_error"
+# The per-image colour shift of a training example (0-255 units).
+RGB_SHIFT_KEY = "rgb_shift"
 
 
 # --------------------------------------------------------------------------------------
@@ -119,6 +122,28 @@ def pca_colour_shift(
     return (shift * pixel_scale).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class CropPlacement:
+    """Where a training crop came from, for what moves with the pixels (boxes).
+
+    Attributes:
+      width, height: the source image's size.
+      rescaled_width, rescaled_height: its size rescaled to the training scale S.
+      left, top: the crop's corner in the rescaled image.
+      size: the crop's side.
+      flip: the crop was mirrored horizontally.
+    """
+
+    width: int
+    height: int
+    rescaled_width: int
+    rescaled_height: int
+    left: int
+    top: int
+    size: int
+    flip: bool
+
+
 def failure_note(name: str, error: Exception) -> str:
     """The one-line account of an undecodable file: its name and the decoder's error."""
     return f"{name} ({error.__class__.__name__}: {error})"
@@ -195,6 +220,18 @@ class TrainAugmentation:
           (rgb_shift float32 [3] in 0-255 units, zeros for an undecodable file; b"", or
           the `failure_note` of an undecodable file, UTF-8).
         """
+        rgb_shift, note, _ = self.augment_placed(data, name, rng, out)
+        return rgb_shift, note
+
+    def augment_placed(
+        self, data: bytes, name: str, rng: np.random.Generator, out: np.ndarray
+    ) -> tuple[np.ndarray, bytes, CropPlacement | None]:
+        """`augment_into`, also telling where the crop came from.
+
+        Returns:
+          (rgb_shift, note) as `augment_into`, and the crop's CropPlacement (None for an
+          undecodable file).
+        """
         scale = sample_scale(rng, self.scale_min, self.scale_max)
         # Drawn even when flipping is off, so that switching it changes nothing else.
         flip = bool(rng.integers(0, 2)) and self.random_flip
@@ -202,13 +239,36 @@ class TrainAugmentation:
             rng, self.colour_shift_std, self.eigenvalues, self.eigenvectors
         )
         try:
-            left, top = sample_crop_corner(rng, *decode.image_size(data), scale, self.crop_size)
+            width, height = decode.image_size(data)
+            left, top = sample_crop_corner(rng, width, height, scale, self.crop_size)
             decode.resample_crop(data, scale, left, top, self.crop_size, flip, out=out)
         except decode.DECODE_ERRORS as e:
             out[...] = 0
             return np.zeros(3, np.float32), failure_note(name, e).encode(
-                "utf-8", "backslashreplace")
-        return rgb_shift, b""
+                "utf-8", "backslashreplace"), None
+        placement = CropPlacement(width, height, *decode.rescaled_size(width, height, scale),
+                                  left, top, self.crop_size, flip)
+        return rgb_shift, b"", placement
+
+    def augment_example(
+        self, record: dict[str, Any], rng: np.random.Generator, out: np.ndarray
+    ) -> dict[str, Any]:
+        """Augments one record into `out` and returns the example's other entries.
+
+        The training stream (vgg_jax.data.train_stream) calls this for every example and
+        stacks each entry over the batch; a task whose examples carry more than the image
+        and its label (localisation's box targets) overrides it.
+
+        Args:
+          record: {"image": bytes, "label": int, "name": str, ...} from the source.
+          rng: this example's own generator.
+          out: the batch's slot for its image (see `augment_into`).
+
+        Returns:
+          {RGB_SHIFT_KEY: float32 [3], DECODE_ERROR_KEY: bytes} (see `augment_into`).
+        """
+        rgb_shift, note = self.augment_into(record["image"], record["name"], rng, out)
+        return {RGB_SHIFT_KEY: rgb_shift, DECODE_ERROR_KEY: note}
 
 
 def centre_view(data: bytes, scale: int, crop_size: int) -> np.ndarray:

@@ -1,4 +1,10 @@
-"""config.model's rules, the layers fine-tuning names, and the net a config describes."""
+"""config.model's rules, the layers fine-tuning names, and the net a config describes.
+
+The last layer (fc8) scores the classes, or, for the paper's localisation nets (Appendix A,
+`config.model.box_regression`), regresses boxes: 4 numbers (centre x, centre y, width,
+height) per class (per-class regression, PCR) or 4 shared by every class (single-class
+regression, SCR).
+"""
 
 from __future__ import annotations
 
@@ -53,6 +59,47 @@ def check_config(model_config: Any, image_size: int) -> None:
             f"config.model.compute_dtype={m.compute_dtype!r} is unknown; use one of "
             f"{COMPUTE_DTYPES}.")
     check_image_size(image_size, "config.data.image_size")
+    regression = m.get("box_regression", "")
+    require(regression in ("", *BOX_REGRESSIONS),
+            f"config.model.box_regression={regression!r} is unknown; use '' (a classifier), "
+            f"'{PER_CLASS}' (the paper's PCR, 4 outputs per class) or '{SINGLE_CLASS}' (SCR, 4 "
+            "outputs shared by every class).")
+
+
+# config.model.box_regression: fc8 regresses a box per class (PCR) or one box for all (SCR).
+PER_CLASS, SINGLE_CLASS = "per_class", "single_class"
+BOX_REGRESSIONS = (PER_CLASS, SINGLE_CLASS)
+# A box is (centre x, centre y, width, height).
+BOX_COORDINATES = 4
+
+
+def is_box_regressor(config: Any) -> bool:
+    """Whether a run config describes a localisation net (fc8 regresses boxes).
+
+    Args:
+      config: a full run config (configs saved before localisation existed have no field).
+
+    Returns:
+      True when config.model.box_regression is set.
+    """
+    return bool(config.model.get("box_regression", ""))
+
+
+def head_width(num_classes: int, box_regression: str = "") -> int:
+    """fc8's width: the classes, or the box outputs of a localisation net.
+
+    Args:
+      num_classes: the data set's classes.
+      box_regression: "" (a classifier), PER_CLASS or SINGLE_CLASS.
+
+    Returns:
+      num_classes, 4 * num_classes (PCR) or 4 (SCR).
+    """
+    if not box_regression:
+        return num_classes
+    return BOX_COORDINATES * (num_classes if box_regression == PER_CLASS else 1)
+
+
 def parameter_layers(version: str) -> tuple[str, ...]:
     """The layers with parameters of a configuration: its convs, then fc6, fc7, fc8.
 
@@ -142,7 +189,7 @@ def create_model_from_config(config: Any) -> VGG:
     training = {field: m[field] for field in _TRAINING_FIELDS if field in m}
     return create_model(
         m.version,
-        num_classes=m.num_classes,
+        num_classes=head_width(m.num_classes, m.get("box_regression", "")),
         image_size=config.data.image_size,
         width_divisor=m.width_divisor,
         fc_features=m.fc_features,

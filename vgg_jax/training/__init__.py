@@ -3,6 +3,7 @@
   loop.py                 set-up, resume, the step's phases, validation, the plateau rule
   state.py                the train state and its initialisation on the mesh
   step.py                 the jitted train step (loss, gradient, update)
+  task.py                 classification or localisation: what the loop takes from its task
   optim.py                the optax chain, the plateau schedule, the learning rate
   checkpoint.py           orbax checkpoints: save, restore, best and latest, resumability
   checkpoint_recovery.py  unfinished or damaged steps moved aside; the newest that restores

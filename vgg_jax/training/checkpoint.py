@@ -12,8 +12,9 @@ A checkpoint is a step directory under `<workdir>/checkpoints/` with up to five 
 
 Weight files converted from other frameworks hold only `params` and `meta`, and load the
 same way. Retention keeps the newest `max_to_keep` checkpoints and the `keep_best` ones with
-the lowest validation top-1 error; the newest is never deleted (orbax's `max_to_keep` with
-`best_fn` alone can drop it and make a resume go back in time).
+the lowest validation top-1 error (a box net's: localisation error); the newest is never
+deleted (orbax's `max_to_keep` with `best_fn` alone can drop it and make a resume go back
+in time).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from vgg_jax.config_values import require
 from vgg_jax.models import canonical_version
 from vgg_jax.training import metric_names
 
-# The metric that ranks checkpoints (lower is better).
-BEST_METRIC = metric_names.VAL_TOP1_ERROR
 CHECKPOINT_SUBDIR = "checkpoints"
 
 PARAMS, BATCH_STATS, TRAIN, DATA, META = "params", "batch_stats", "train", "data", "meta"
@@ -43,11 +42,20 @@ PARAMS, BATCH_STATS, TRAIN, DATA, META = "params", "batch_stats", "train", "data
 # shapes of the saved state, what a step means, and the data iterator's saved position.
 RESUME_FIELDS = (
     "model.version", "model.num_classes", "model.width_divisor", "model.fc_features",
-    "model.batch_norm",
+    "model.batch_norm", "model.box_regression",
     "data.image_size", "data.source", "data.name", "data.train_split", "data.num_workers",
     "train.batch_size", "train.grad_accum_steps", "train.frozen_layers", "seed",
 )
 _MISSING = object()
+
+
+def ranking_metric(metrics: Mapping[str, Any]) -> float | None:
+    """The value that ranks a checkpoint (lower is better): its validation's top-1 error,
+    or a box net's localisation error (metric_names.RANKING); None when it has neither."""
+    for name in metric_names.RANKING:
+        if name in metrics:
+            return float(metrics[name])
+    return None
 
 
 def checkpoint_dir(path: str) -> str:
@@ -83,7 +91,7 @@ def create_manager(
     Args:
       path: the workdir; checkpoints live in its `checkpoints/` subdirectory.
       max_to_keep: how many of the newest checkpoints to keep.
-      keep_best: how many checkpoints with the lowest validation top-1 error to keep.
+      keep_best: how many checkpoints with the lowest `ranking_metric` to keep.
 
     Returns:
       An orbax CheckpointManager.
@@ -92,7 +100,7 @@ def create_manager(
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=max_to_keep),
         checkpoint_managers.BestN(
-            get_metric_fn=lambda metrics: -metrics[BEST_METRIC],
+            get_metric_fn=lambda metrics: -ranking_metric(metrics),
             n=keep_best,
             keep_checkpoints_without_metrics=False,
         ),
@@ -150,8 +158,8 @@ def save(
       train: optimiser state, step, RNG and plateau state (omitted for weight files).
       data_iterator: the grain iterator whose position to save (omitted for weight files).
       meta: JSON-safe metadata; must hold "config".
-      metrics: evaluation metrics of this step; checkpoints with `BEST_METRIC` compete
-        for the best-checkpoint slots.
+      metrics: evaluation metrics of this step; checkpoints with a `ranking_metric`
+        compete for the best-checkpoint slots.
     """
     items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(dict(meta))}
     if batch_stats:
@@ -165,7 +173,7 @@ def save(
     manager.save(
         step,
         args=ocp.args.Composite(**items),
-        metrics=dict(metrics) if metrics and BEST_METRIC in metrics else None,
+        metrics=dict(metrics) if metrics and ranking_metric(metrics) is not None else None,
         force=True,
     )
 
@@ -273,7 +281,7 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
-    """The complete step with the lowest validation top-1 error.
+    """The complete step with the lowest validation top-1 error (`ranking_metric`).
 
     Args:
       manager: the run's checkpoint manager.
@@ -284,8 +292,8 @@ def best_step(manager: ocp.CheckpointManager) -> int | None:
     scored = []
     for step in complete_steps(manager):
         metrics = read_meta(manager, step).get("metrics") or {}
-        if BEST_METRIC in metrics:
-            scored.append((metrics[BEST_METRIC], -step))
+        if ranking_metric(metrics) is not None:
+            scored.append((ranking_metric(metrics), -step))
     return -min(scored)[1] if scored else None
 
 

@@ -23,12 +23,12 @@ from absl import logging
 from vgg_jax.config_values import require
 from vgg_jax.data import pipeline, sources, transforms
 from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
-from vgg_jax.evaluation.metrics import summarize
 from vgg_jax.evaluation.protocols import SINGLE_CROP, Protocol
 from vgg_jax.models import VGG, create_model_from_config
 from vgg_jax.runtime import device_prefetch, parallel, profiling, stop_signals, workdir_lock
 from vgg_jax.training import checkpoint, checkpoint_recovery, optim, warm_start, writers
 from vgg_jax.training import metric_names as names
+from vgg_jax.training import task as tasks
 from vgg_jax.training.state import TrainState, create_train_state
 from vgg_jax.training.step import jit_train_step
 
@@ -131,7 +131,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     handlers. Registers the release of each resource with `releases` as it is opened."""
     mesh = parallel.create_mesh()
     tc = config.train
-    counts = StepCounts.from_config(config)  # first: it checks the batch against the split
+    task = tasks.for_config(config)  # classification or localisation: records, loss, metrics
+    counts = StepCounts.from_config(config, len(task.train_source))  # checks batch vs split
     checkpoint_recovery.set_aside_unfinished(workdir)
     manager = checkpoint.create_manager(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
@@ -150,6 +151,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     train_iter = device_prefetch.on_devices(iter(pipeline.train_dataset(
         config.data, global_batch_size=counts.micro_batch, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
+        source=task.train_source, transform=task.train_transform,
     )), mesh, config.data.device_prefetch)
     releases.callback(train_iter.close)
 
@@ -172,7 +174,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     profiler = profiling.StepProfiler(workdir, tc.profile_first_step, tc.profile_num_steps)
     releases.callback(profiler.close)
     return _Loop(
-        config=config, counts=counts, train_step=jit_train_step(model, config.data),
+        config=config, task=task, counts=counts,
+        train_step=jit_train_step(model, config.data, task.step_sums),
         validate=validation_fn(model, config, mesh), train_iter=train_iter,
         manager=manager, state=state, plateau=plateau, step=start_step, last_eval=last_eval,
         last_saved=resume_step, validation_pending=validation_pending, writer=writer,
@@ -201,15 +204,21 @@ class StepCounts:
     total_steps: int
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> StepCounts:
-        """The counts of `config`'s run (reads the training split's size).
+    def from_config(cls, config: ml_collections.ConfigDict,
+                    num_train: int | None = None) -> StepCounts:
+        """The counts of `config`'s run.
+
+        Args:
+          config: the run config.
+          num_train: the training records (default: the training split's size, read).
 
         Raises:
           ConfigError: the batch is larger than the training split (an epoch
             would hold no step).
         """
         tc = config.train
-        num_train = pipeline.num_examples(config.data, config.data.train_split)
+        if num_train is None:
+            num_train = pipeline.num_examples(config.data, config.data.train_split)
         steps_per_epoch = num_train // tc.batch_size
         require(steps_per_epoch > 0,
                 f"config.train.batch_size={tc.batch_size} is larger than the training split "
@@ -230,8 +239,11 @@ def validation_fn(model: VGG, config: ml_collections.ConfigDict, mesh: jax.shard
 
     Returns:
       A function of the replicated variables returning {val/loss, val/top1_error,
-      val/top5_error, val/count}.
+      val/top5_error, val/count} (a box net's: {val/loss, val/loc_error, val/count}, from
+      vgg_jax.training.task).
     """
+    if (task_validation := tasks.validation_fn(model, config, mesh)) is not None:
+        return task_validation
     d = config.data
     # The single-crop protocol at the paper's single test scale, without flips.
     protocol = Protocol(SINGLE_CROP, (transforms.single_test_scale(d.train_scale_min,
@@ -301,6 +313,7 @@ class _Loop:
     step, log, finiteness check, validation, plateau rule, checkpoint, stop) as methods."""
 
     config: ml_collections.ConfigDict
+    task: tasks.Task
     counts: StepCounts
     train_step: Callable
     validate: Callable[[Mapping[str, Any]], dict[str, float]]
@@ -391,7 +404,8 @@ class _Loop:
         """Writes the training metrics since the last log (after the finiteness check)."""
         self._check_finite()
         elapsed = time.perf_counter() - self.log_start
-        scalars = _train_scalars(self.pending, self.counts.micro_batch, elapsed)
+        scalars = _train_scalars(self.pending, self.counts.micro_batch, elapsed,
+                                 self.task.train_metrics)
         scalars[names.LEARNING_RATE] = float(optim.get_learning_rate(self.state.opt_state))
         scalars[names.EPOCH] = self.step / self.counts.steps_per_epoch
         self.writer.write_scalars(self.step, scalars)
@@ -430,11 +444,9 @@ class _Loop:
             return
         finished = ((self.step == self.counts.total_steps and not self.validation_pending)
                     or self.stalled)
-        top1, top5 = self.last_eval[names.VAL_TOP1_ERROR], self.last_eval[names.VAL_TOP5_ERROR]
         self.writer.log_text(
             f"{'Finished' if finished else 'Stopped'} at step {self.step}; last validation: "
-            f"top-1 error {100 * top1:.2f}% (accuracy {100 * (1 - top1):.2f}%), top-5 error "
-            f"{100 * top5:.2f}%. Checkpoints: {self.manager.directory}")
+            f"{self.task.describe(self.last_eval)}. Checkpoints: {self.manager.directory}")
 
     def close(self) -> None:
         """Waits for the last checkpoint and releases files, workers and signal handlers.
@@ -475,13 +487,11 @@ def _check_finite(pending, step: int, last_saved: int | None) -> None:
         )
 
 
-def _train_scalars(pending, micro_batch: int, elapsed: float) -> dict[str, float]:
+def _train_scalars(pending, micro_batch: int, elapsed: float,
+                   task_metrics: Callable) -> dict[str, float]:
     host = jax.device_get(pending)
-    summary = summarize(host)
     return {
-        names.TRAIN_LOSS: summary["loss"],
-        names.TRAIN_TOP1_ERROR: summary["top1_error"],
-        names.TRAIN_TOP5_ERROR: summary["top5_error"],
+        **task_metrics(host),
         names.TRAIN_GRAD_NORM: float(np.mean([m["grad_norm"] for m in host])),
         names.TRAIN_SKIPPED_IMAGES: float(np.sum([m["skipped"] for m in host])),
         names.TRAIN_IMAGES_PER_SEC: len(pending) * micro_batch / max(elapsed, _TINY_SECONDS),

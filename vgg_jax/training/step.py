@@ -1,9 +1,10 @@
 """The train step of the paper's recipe (3.1): softmax cross-entropy on the normalised
-crops, one SGD update, jitted over the data mesh with the state donated."""
+crops (or, for a box net, the loss sums vgg_jax.training.task picks), one SGD update,
+jitted over the data mesh with the state donated."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +16,29 @@ from vgg_jax.models import VGG
 from vgg_jax.preprocess import normalize_images
 from vgg_jax.training.state import TrainState
 
+# (net outputs, batch, weights) -> metric sums holding "loss" (summed over the examples)
+# and "count" (their total weight): what a task makes its loss of.
+StepSums = Callable[[jax.Array, Mapping[str, jax.Array], jax.Array], dict[str, jax.Array]]
 
-def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
+
+def classification_step_sums(logits: jax.Array, batch: Mapping[str, jax.Array],
+                             weights: jax.Array) -> dict[str, jax.Array]:
+    """The paper's classification loss and errors of a batch (`metrics.classification_sums`)."""
+    return classification_sums(logits, batch["label"], weights)
+
+
+def make_train_step(model: VGG, data_config: ml_collections.ConfigDict,
+                    sums_fn: StepSums = classification_step_sums):
     """Returns the un-jitted train step: (state, batch) -> (new state, metric sums).
 
     The loss is the mean over the valid examples of the global batch; under jit with the
     batch sharded over devices XLA turns the gradient into an all-reduce, and the batch-norm
     statistics (means over the batch axis) into global ones, as on one device.
+
+    Args:
+      model: the net.
+      data_config: config.data (mean/std for the on-device normalisation).
+      sums_fn: the task's loss and metric sums (default: classification's).
     """
     mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
     frozen = frozenset(model.frozen_parameters)
@@ -42,7 +59,7 @@ def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
                 images, train=True, mask=batch["mask"], rngs={"dropout": dropout_key},
                 mutable=["batch_stats"],
             )
-            sums = classification_sums(logits, batch["label"], weights)
+            sums = sums_fn(logits, batch, weights)
             return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
 
         (loss, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
@@ -63,15 +80,17 @@ def make_train_step(model: VGG, data_config: ml_collections.ConfigDict):
     return train_step
 
 
-def jit_train_step(model: VGG, data_config: ml_collections.ConfigDict):
+def jit_train_step(model: VGG, data_config: ml_collections.ConfigDict,
+                   sums_fn: StepSums = classification_step_sums):
     """The train step as training runs it: jitted, with the state's buffers donated (the
     old state is dead after the step, so XLA updates parameters in place).
 
     Args:
       model: the net.
       data_config: config.data (mean/std for the on-device normalisation).
+      sums_fn: the task's loss and metric sums (default: classification's).
 
     Returns:
       A jitted (state, batch) -> (new state, metric sums).
     """
-    return jax.jit(make_train_step(model, data_config), donate_argnums=(0,))
+    return jax.jit(make_train_step(model, data_config, sums_fn), donate_argnums=(0,))

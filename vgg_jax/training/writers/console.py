@@ -15,7 +15,8 @@ from vgg_jax.training.writers.base import MetricWriter
 # Which metrics the end-of-evaluation console line shows, and how it labels them.
 # (label, metric suffix, shown as a percentage) of the per-evaluation console line.
 _SUMMARY_FIELDS = (
-    ("loss", "loss", False), ("top-1 err", "top1_error", True), ("top-5 err", "top5_error", True)
+    ("loss", "loss", False), ("top-1 err", "top1_error", True), ("top-5 err", "top5_error", True),
+    ("loc err", "loc_error", True),  # a box net's (localisation, Appendix A)
 )
 
 
