@@ -12,7 +12,7 @@ from PIL import Image
 
 from vgg_jax.data.transforms import CropPlacement
 from vgg_jax.localisation import boxes, dense, merging, metric, regression
-from vgg_jax.localisation.training import BOX_KEY, BOX_WEIGHT_KEY, BoxTrainTransform
+from vgg_jax.localisation.training import BOX_KEY, BOX_WEIGHT_KEY, BoxTrainAugmentation
 
 
 def test_pixel_and_edge_boxes_differ_by_the_last_pixel():
@@ -82,7 +82,7 @@ def test_the_training_target_matches_the_pixels_of_the_crop(seed):
     crop is where the target says (to within the resampling's blur of a pixel)."""
     config = small_data.data_config(train_scale_min=40, train_scale_max=48, random_flip=True,
                                     colour_shift_std=0.0)
-    transform = BoxTrainTransform(ml_collections.ConfigDict(
+    transform = BoxTrainAugmentation(ml_collections.ConfigDict(
         {"data": config, "localisation": {"min_visible": 0.5}}))
     box = (30, 12, 61, 40)
     record = {"image": _jpeg_with_rectangle(box), "name": "rect.png", "label": 0,

@@ -213,7 +213,7 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     source: Any = None,
-    transform: transforms.TrainTransform | None = None,
+    transform: transforms.TrainAugmentation | None = None,
 ) -> grain.IterDataset:
     """The endless, shuffled, augmented training stream of this process.
 
@@ -225,7 +225,7 @@ def train_dataset(
       process_count: the number of processes (jax.process_count()).
       source: the training records (default: config.data's training split); localisation
         passes its images joined with their boxes.
-      transform: the per-example augmentation (default: the paper's `TrainTransform`);
+      transform: the per-example augmentation (default: the paper's `TrainAugmentation`);
         localisation's also makes each crop's box target.
 
     Returns:

@@ -148,7 +148,7 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> LocalisationSo
     return joined
 
 
-class BoxTrainTransform(transforms.TrainTransform):
+class BoxTrainAugmentation(transforms.TrainAugmentation):
     """The paper's training augmentation, plus each crop's box target and weight.
 
     Adds to every example BOX_KEY (float32 [4], a centre box, fractions of the crop) and
@@ -260,5 +260,5 @@ def task_parts(config: ml_collections.ConfigDict) -> dict[str, Any]:
       {"train_source", "train_transform", "step_sums", "train_metrics", "describe"}.
     """
     return {"train_source": make_source(config, str(config.data.train_split)),
-            "train_transform": BoxTrainTransform(config), "step_sums": step_sums(config),
+            "train_transform": BoxTrainAugmentation(config), "step_sums": step_sums(config),
             "train_metrics": train_metrics, "describe": describe}

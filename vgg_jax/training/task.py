@@ -33,7 +33,7 @@ class Task:
     Attributes:
       name: "classification" or "localisation".
       train_source: the training records (random access).
-      train_transform: the per-crop augmentation (a `transforms.TrainTransform`).
+      train_transform: the per-crop augmentation (a `transforms.TrainAugmentation`).
       step_sums: the train step's loss and metric sums (`step.StepSums`).
       train_metrics: the steps' sums since the last log (host values) -> the logged
         training metrics (the loop adds images/s, gradient norm and skipped images).
@@ -42,7 +42,7 @@ class Task:
 
     name: str
     train_source: Any
-    train_transform: transforms.TrainTransform
+    train_transform: transforms.TrainAugmentation
     step_sums: StepSums
     train_metrics: Callable[[Sequence[Mapping[str, Any]]], dict[str, float]]
     describe: Callable[[Mapping[str, float]], str]
@@ -94,7 +94,7 @@ def for_config(config: ml_collections.ConfigDict) -> Task:
     return Task(
         name="classification",
         train_source=sources.make_source(config.data, str(config.data.train_split)),
-        train_transform=transforms.TrainTransform(config.data),
+        train_transform=transforms.TrainAugmentation(config.data),
         step_sums=classification_step_sums, train_metrics=classification_train_metrics,
         describe=describe_classification)
 
