@@ -201,10 +201,44 @@ def test_plateau_stop_ends_the_run_and_a_restart_keeps_it_ended(cache_dir, tmp_p
     assert "Stopping at step 44: validation stalled after the last learning-rate cut" in (
         result.stdout + result.stderr)
     assert _latest_step(workdir) == 44
-    again = _run(command)
+    # Rerun with more epochs: it says at once why it does not go on, restoring nothing.
+    again = _run(command + ["--config.train.num_epochs=5"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Resumed from step 44" in again.stderr
+    assert ("The plateau rule stopped this run at step 44 (validation stalled with no "
+            "learning-rate cut left, 0 made: the paper's end of training), so a larger "
+            "config.train.num_epochs does not continue it") in again.stderr
+    assert "Finished at step 44; last validation: top-1 error" in again.stderr
+    assert "Resumed from step" not in again.stderr
     assert _latest_step(workdir) == 44
+
+
+def test_a_finished_run_says_so_at_once_and_other_settings_stop_a_rerun_moving_nothing(
+        reference_run, cache_dir, tmp_path):
+    reference_dir, _ = reference_run
+    workdir = str(tmp_path / "rerun")
+    shutil.copytree(reference_dir, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    metrics_file = os.path.join(workdir, "metrics.jsonl")
+    steps, metrics = sorted(os.listdir(checkpoints)), open(metrics_file).read()
+    # The same command again: the run is over; it says so without restoring anything.
+    again = _run(_command(workdir, cache_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Finished at step 66; last validation: top-1 error" in again.stderr
+    assert "Resumed from step" not in again.stderr
+    # More epochs with clipping switched on: the optimiser keeps other arrays, so the
+    # checkpoints cannot continue under it. They are sound: nothing is moved, and the run
+    # stops before any work, naming the setting.
+    changed = _run(_command(workdir, cache_dir, "--config.train.num_epochs=4",
+                            "--config.train.grad_clip_norm=1.0"))
+    assert changed.returncode == 1
+    last_line = changed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"Config error: {workdir} holds a run saved with other "
+                                "settings, config.train.grad_clip_norm=1.0 (saved: 0.0), "
+                                "which change the arrays it keeps"), last_line
+    assert "Traceback" not in changed.stderr and "does not restore" not in changed.stderr
+    assert not os.path.exists(os.path.join(workdir, "checkpoints.damaged"))
+    assert sorted(os.listdir(checkpoints)) == steps
+    assert open(metrics_file).read() == metrics
 
 
 def _largest_file(directory):
