@@ -157,19 +157,19 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     model = create_model_from_config(config)
     tx = optim.create_optimizer(tc, frozen=model.frozen_parameters)
     fresh_state = functools.partial(create_train_state, model, tx, config.seed, mesh)
+    resuming = bool(checkpoint.complete_steps(manager))
+    if not resuming and config.init_from:
+        warm_start.check_transfer(config)  # from shapes, before the net is built
     # The run state's layout, from shapes alone (nothing compiled), to check the newest
     # checkpoint against this config before any work.
     run = RunState(train=jax.eval_shape(fresh_state), step=0, plateau=optim.plateau_init(tc),
                    data_position=b"")
-    resuming = bool(checkpoint.complete_steps(manager))
     newest = _newest_if_finished(manager, run, config, counts, workdir) if resuming else None
     # Every process takes the same road (the others would wait for it in a collective).
     if checkpoint_recovery.all_processes(newest is not None):
         for line in progress.outcome(newest, counts, workdir, config, rerun=True):
             logging.info(line)
         return newest
-    if not resuming and config.init_from:
-        warm_start.check_transfer(config)  # from shapes, before the net is built
 
     # Batches reach the devices on a background thread, `device_prefetch` ahead of the step;
     # the run state records the position of the batches consumed.
