@@ -21,12 +21,14 @@ out over the processes and pads every process's share to the same number of batc
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 from typing import Any
 
 import grain
+import grain.python
 import numpy as np
 
 from vgg_jax.config_values import require
@@ -70,6 +72,22 @@ def check_config(data_config: Any) -> None:
     require(data_config.device_prefetch >= 0,
             f"config.data.device_prefetch={data_config.device_prefetch} must be 0 (no "
             "prefetch thread) or more.")
+
+
+def finish_shared_memory_release() -> None:
+    """Waits until grain has unlinked the shared memory of every batch dropped so far; for
+    a process about to end at once (os._exit), after its pipelines were closed.
+
+    grain unlinks a received batch's block on a thread pool of its own
+    (`SharedMemoryArray.enable_async_del`), which such an exit would cut short, leaving the
+    blocks to the resource tracker (which reports them as leaked). The pool is closed: no
+    batch may be dropped afterwards.
+    """
+    # No public name reaches grain's deletion pool.
+    deletions = getattr(grain.python.SharedMemoryArray, "_del_thread_pool", None)
+    if deletions is not None:
+        deletions.close()
+        deletions.join()
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -153,15 +171,17 @@ def _to_iter_dataset(ds: grain.MapDataset, data_config: Any) -> grain.IterDatase
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
-            worker_init_fn=_init_worker,
+            # Recorded here: the workers' parent is this process, which iterates the
+            # pipeline (a worker that looked itself could find its parent already gone).
+            worker_init_fn=functools.partial(_init_worker, parent_pid=os.getpid()),
         )
     return it
 
 
-def _init_worker(worker_index: int, worker_count: int) -> None:
+def _init_worker(worker_index: int, worker_count: int, *, parent_pid: int) -> None:
     _ignore_stop_signals(worker_index, worker_count)
     # A worker ignores stop signals, so a trainer killed with SIGKILL would strand it.
-    orphan_watchdog.exit_with_parent()
+    orphan_watchdog.exit_with_parent(parent_pid)
 
 
 class WarnUndecodableOnce(grain.transforms.Map):

@@ -192,7 +192,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
         config, workdir, is_main_process=jax.process_index() == 0,
         total_steps=counts.total_steps, initial_step=run.step)
     releases.callback(writer.close)
-    preemption = stop_signals.StopSignals()
+    # A second Ctrl-C exits at once, after stopping the data workers.
+    preemption = stop_signals.StopSignals(
+        release=functools.partial(_close_data, train_iter, exiting=True))
     releases.callback(preemption.restore)
     profiler = profiling.StepProfiler(workdir, tc.profile_first_step, tc.profile_num_steps)
     releases.callback(profiler.close)
@@ -317,18 +319,20 @@ class _Resources:
             releases.callback(self.profiler.close)
 
 
-def _close_data(train_iter: device_prefetch.DevicePrefetcher) -> None:
+def _close_data(train_iter: device_prefetch.DevicePrefetcher, exiting: bool = False) -> None:
     """Stops the data stream and its workers.
 
     Every batch's shared-memory block is unlinked here, not left to the resource tracker's
     clean-up at exit (which reports it as leaked): on CPU, jax arrays alias the batches'
     shared memory, so they are collected before grain's workers stop; the batches grain
     read ahead become garbage in reference cycles when it closes, so they are collected
-    after.
+    after. `exiting`: the process ends at once next, so grain's unlinking is waited for.
     """
     gc.collect()
     train_iter.close()
     gc.collect()
+    if exiting:
+        pipeline.finish_shared_memory_release()
 
 
 @dataclasses.dataclass
