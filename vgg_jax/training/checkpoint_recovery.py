@@ -122,7 +122,7 @@ def _is_late_read_of_a_failed_restore(unraisable) -> bool:
     return inspect.iscoroutine(source) and code is not None and "orbax" in code.co_filename
 
 
-class _LateReadsOfFailedRestoresIgnored:
+class LateReadsOfFailedRestoresIgnored:
     """Silences, while it is entered, the reads a failed restore leaves in flight.
 
     When one array of a step fails to read, orbax's restore raises and closes its event
@@ -131,10 +131,11 @@ class _LateReadsOfFailedRestoresIgnored:
     failed too are collected with nobody to take their error. Both are reported through
     sys.unraisablehook as tracebacks, after the step's one-line warning; only these two
     kinds are dropped, every other unraisable exception is reported as before. On exit the
-    previous hook is back (unless something else replaced the filter meanwhile).
+    previous hook is back (unless something else replaced the filter meanwhile). Set
+    `failed` when a restore attempted under it failed.
     """
 
-    def __enter__(self) -> _LateReadsOfFailedRestoresIgnored:
+    def __enter__(self) -> LateReadsOfFailedRestoresIgnored:
         self.failed = False  # set by the caller when a restore failed
         self._previous = previous = sys.unraisablehook
 
@@ -194,7 +195,7 @@ def newest_that_restores(
     if not steps:
         return None
     # Around the attempts only: a failing read closes orbax's event loop before it raises.
-    with _LateReadsOfFailedRestoresIgnored() as late_reads:
+    with LateReadsOfFailedRestoresIgnored() as late_reads:
         for step in reversed(steps):
             error: BaseException | None = None
             mismatch = ""

@@ -244,16 +244,18 @@ def _newest_if_finished(manager, like: RunState, config: ml_collections.ConfigDi
     started), so that a damaged last step is left to the restore's walk, which moves it
     aside and redoes it from the step before."""
     step, found, mismatch = checkpoint.complete_steps(manager)[-1], None, ""
-    try:
-        found = run_state.read(manager, step, like, config, workdir, arrays=False)
-        if progress.finished(found, counts):
-            run_state.read(manager, step, like, config, workdir)
-        else:
-            found = None
-    except ConfigError as error:
-        mismatch = str(error)
-    except Exception:  # damaged: moved aside by the restore, which then tries older steps
-        found = None
+    # Around the attempts: a failing read closes orbax's event loop before it raises.
+    with checkpoint_recovery.LateReadsOfFailedRestoresIgnored() as late_reads:
+        try:
+            found = run_state.read(manager, step, like, config, workdir, arrays=False)
+            if progress.finished(found, counts):
+                run_state.read(manager, step, like, config, workdir)
+            else:
+                found = None
+        except ConfigError as error:
+            mismatch = str(error)
+        except Exception:  # damaged: moved aside by the restore's walk over the steps
+            found, late_reads.failed = None, True
     # Every process stops on a mismatch that any of them found.
     mismatch = parallel.first_failure("resume.newest", mismatch)
     if mismatch:

@@ -226,32 +226,47 @@ def _differences(fields, saved_config: Mapping[str, Any],
     return differences
 
 
-def _leaves(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
-    """Path -> (shape, dtype) of every array of a tree, with orbax's saved trees and live
-    ones spelling their paths alike (dict keys, field names and indices as strings)."""
+# How a node without arrays (optax's EmptyState, MaskedNode; orbax writes None) shows in
+# a layout.
+_EMPTY = "no arrays"
+
+
+def _layout(tree: Any, saved: bool) -> dict[tuple[str, ...], Any]:
+    """Path -> (shape, dtype) of every array of a tree, and -> _EMPTY for every node
+    without arrays, so that two trees have equal layouts exactly when orbax can restore
+    one into the other. `saved`: the tree is orbax's metadata of a saved item (containers
+    as dicts and lists, empty nodes as None); otherwise it is put in that form first."""
+    if not saved:
+        tree = ocp.tree.serialize_tree(tree, keep_empty_nodes=True)
+
+    def empty(node) -> bool:
+        return node is None or (isinstance(node, (tuple, list, dict)) and not node)
+
     def key(entry) -> str:
         for attribute in ("key", "name", "idx"):
             if hasattr(entry, attribute):
                 return str(getattr(entry, attribute))
         return str(entry)
 
-    return {tuple(key(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {tuple(key(k) for k in path): _EMPTY if empty(leaf) else
+            (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=empty)[0]}
 
 
 def _check_layout(manager: ocp.CheckpointManager, step: int, train: TrainState,
                   saved_config: Mapping[str, Any], config: ml_collections.ConfigDict,
                   workdir: str) -> None:
     """Raises ConfigError when the step's saved arrays (their paths, shapes and dtypes, from
-    its metadata: no array is read) differ from those this config builds; orbax would
-    otherwise fail deep inside, or worse restore the saved shapes into the new net."""
+    its metadata: no array is read) or the places of its empty nodes differ from those
+    this config builds; orbax would otherwise fail deep inside, or worse restore the saved
+    shapes into the new net."""
     metadata = manager.item_metadata(step)
     for item, built in ((checkpoint.PARAMS, train.params),
                         (checkpoint.BATCH_STATS, train.batch_stats),
                         (checkpoint.TRAIN, _train_item(train))):
         saved_tree = metadata.get(item)
-        saved = _leaves(getattr(saved_tree, "tree", saved_tree) or {})
-        wanted = _leaves(built or {})
+        saved = _layout(getattr(saved_tree, "tree", saved_tree) or {}, saved=True)
+        wanted = _layout(built or {}, saved=False)
         if saved == wanted:
             continue
         path = min(set(saved.items()) ^ set(wanted.items()))[0]
