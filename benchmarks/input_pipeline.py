@@ -29,8 +29,8 @@ photo-like the timed files are.
    CPU per image of the pipeline's processes, consumer included), which other programs
    on a shared machine disturb far less; and where the rest goes, per image: reading the
    file, the rest of building a batch (epoch order, per-example generators, labels), the
-   hand-off through a worker's shared-memory ring (against a fresh block per batch), the
-   consuming process.
+   hand-off of a batch from a worker (grain's fresh shared-memory block for the images,
+   the rest pickled), the consuming process.
 3. An extrapolation (not a measurement) to 14 workers per accelerator, each on a core of
    its own at the pipeline's images per CPU-second, next to the 4,500 images/s one
    H100/H200 trains VGG at, and to 8 such accelerators (36,000 images/s).
@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.speed import photos
 from configs import base
-from vgg_jax.data import batch_ring, decode, pipeline, sources, train_stream, transforms
+from vgg_jax.data import decode, pipeline, sources, train_stream, transforms
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -272,14 +272,13 @@ def pipeline_rate(root: str, scale_range: tuple[int, int], workers: int, batch_s
 
 
 def overhead_breakdown(root: str, scale_range: tuple[int, int], batch_size: int,
-                       count: int, take: pipeline.TakeFromRing) -> dict[str, float]:
+                       count: int) -> dict[str, float]:
     """CPU ms per image of each part of the training stream, in this process, no workers:
     reading the file, the transform (into a batch slot, as the pipeline runs it), the rest
-    of building a batch (epoch order, per-example generators, labels, notes), the hand-off
-    through a worker's shared-memory ring (slot wait, pickling, copying out: both sides,
-    here in one process), and, for comparison, what a fresh shared-memory block per batch
-    would cost instead (the page faults of its first touch). `take` is the consuming side
-    of this process's ring, one for the whole run (the ring outlives a call)."""
+    of building a batch (epoch order, per-example generators, labels, notes), and the
+    hand-off of a worker's batch as grain makes it (the images copied into a fresh
+    shared-memory block, whose pages fault in at first touch, the rest pickled, the block
+    opened, read and freed on the consuming side: both sides, here in one process)."""
     config = folder_config(root, scale_range, 0)
     source = sources.make_source(config, str(config.train_split))
     transform = transforms.TrainAugmentation(config)
@@ -288,42 +287,36 @@ def overhead_breakdown(root: str, scale_range: tuple[int, int], batch_size: int,
     rng = np.random.default_rng(0)
     num_batches = max(1, count // batch_size)
     images = num_batches * batch_size
-    streams = {in_worker: train_stream.TrainBatches(
+    stream = train_stream.TrainBatches(
         source, transform, batch_size=batch_size, shuffle_seed=0, augment_seed=1,
-        process_index=0, process_count=1, in_worker=lambda in_worker=in_worker: in_worker,
-        ring_slots=batch_ring.slots_for_buffer(int(config.prefetch_buffer_size)),
-        ring_registry=take.registry.id) for in_worker in (False, True)}
+        process_index=0, process_count=1)
 
     def ms(work: Callable[[], Any], images: int = count) -> float:
         start = time.process_time()
         work()
         return 1e3 * (time.process_time() - start) / images
 
-    def batches(in_worker: bool) -> None:
+    def batches() -> None:
         for b in range(num_batches):
-            batch = streams[in_worker][b]
-            if in_worker:  # As grain hands it over: pickled, then taken out of the ring.
-                take.map(pickle.loads(pickle.dumps(batch)))
+            stream[b]
 
-    def fresh_blocks() -> None:
-        batch = np.zeros((batch_size, CROP_SIZE, CROP_SIZE, 3), np.uint8)
-        for _ in range(num_batches):
-            block = grain.python.SharedMemoryArray(batch.shape, batch.dtype)
-            block[...] = batch
-            block.unlink_on_del()
-            del block
+    built = [stream[b] for b in range(num_batches)]  # First-use costs outside the timing.
 
-    for in_worker in streams:  # First-use costs (epoch order, the ring) outside the timing.
-        batches(in_worker)
+    def hand_over() -> None:
+        for batch in built:
+            block = grain.python.SharedMemoryArray(batch["image"].shape, batch["image"].dtype)
+            block[...] = batch["image"]
+            received = pickle.loads(pickle.dumps({**batch, "image": block}))
+            np.array(received["image"])  # the consumer reads every byte (a device transfer)
+            received["image"].unlink_on_del()
+            del block, received
+
     read = ms(lambda: [source[i % len(source)] for i in range(count)])
     transform_ms = ms(lambda: [transform.augment_into(r["image"], r["name"], rng, out)
                                for r in records])
-    private = ms(lambda: batches(False), images)
-    ring = ms(lambda: batches(True), images)
-    copy = ms(lambda: [np.array(out) for _ in range(images)], images)
     return {"read_ms": read, "transform_ms": transform_ms,
-            "batch_assembly_ms": private - read - transform_ms,
-            "ring_handoff_ms": ring - private, "fresh_block_ms": ms(fresh_blocks, images) - copy}
+            "batch_assembly_ms": ms(batches, images) - read - transform_ms,
+            "handoff_ms": ms(hand_over, images)}
 
 
 # --------------------------------------------------------------------------------------
@@ -438,9 +431,8 @@ def run_all(root: str, images: list[bytes], undecodable: list[str]) -> dict[str,
             tf_ratio = [o / t for o, t in zip(fig["ours"], fig["tf"])]
             line += f" {min(tf_ratio):>4.2f}-{max(tf_ratio):<4.2f}"
         print(line)
-    take = pipeline.TakeFromRing(batch_ring.RingRegistry())
     breakdown = {name: overhead_breakdown(root, scale_range, FLAGS.batch_size,
-                                          max(FLAGS.batch_size, len(images)), take)
+                                          max(FLAGS.batch_size, len(images)))
                  for name, scale_range in SCALE_SETTINGS.items()}
     print("CPU ms per image, in one process: " + "; ".join(
         f"{name}: " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in b.items())

@@ -252,9 +252,9 @@ def test_a_gpu_shape_worker_needs_its_ring_of_batches():
 
     data = vgg_d.get_config().data
     data.image_size, data.prefetch_buffer_size = 224, 2
-    # 7 slots (2 x 2 buffered + 3) of 256 x 224 x 224 x 3 bytes, plus a 64-byte header:
-    # the 14 workers of the GPU run hold 3.5 GiB at once.
-    assert pipeline.worker_shared_memory_bytes(data, 256) == 7 * 256 * 224 * 224 * 3 + 64
+    # 5 batches (2 x 2 buffered + the one being made) of 256 x 224 x 224 x 3 bytes: the 14
+    # workers of the GPU run hold 2.5 GiB at once.
+    assert pipeline.worker_shared_memory_bytes(data, 256) == 5 * 256 * 224 * 224 * 3
 
 
 def test_json_out_rewrites_the_file_whole_at_every_figure(tmp_path):

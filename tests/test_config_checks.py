@@ -10,7 +10,7 @@ from configs import base, quickstart, small_datasets, vgg_a, vgg_a_lrn, vgg_b, v
 from vgg_jax.config_checks import ConfigError, command_line_mistake, validate_config
 from vgg_jax.data import testing, transforms
 from vgg_jax.training import checkpoint
-from vgg_jax.training.checkpoint import check_resumable
+from vgg_jax.training.run_state import check_resumable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

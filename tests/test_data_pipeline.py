@@ -1,7 +1,9 @@
 """The grain pipelines: determinism, worker independence, resume, sharding, eval padding."""
 
+import itertools
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import pytest
 import small_data
 from PIL import Image
 
-from vgg_jax.data import pipeline, testing
+from vgg_jax.data import pipeline, testing, train_stream
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 7, 5  # 14 training and 10 (then 9) validation images
 
@@ -90,6 +92,35 @@ def test_restored_iterator_continues_the_exact_stream(folder, tmp_path, workers)
     again = iter(pipeline.train_dataset(config, global_batch_size=4, seed=0))
     again.set_state(state)
     _assert_same(_take(again, 3), reference[5:8])
+
+
+def test_a_restore_in_mid_stream_with_workers_continues_the_stream(folder):
+    config = _config(folder)
+    reference = _take(iter(pipeline.train_dataset(config, global_batch_size=3, seed=0)), 12)
+    iterator = iter(pipeline.train_dataset(_config(folder, num_workers=2),
+                                           global_batch_size=3, seed=0))
+    batches = _take(iterator, 4)
+    state = iterator.get_state()
+    _assert_same(batches + _take(iterator, 8), reference)
+    # The workers have built ahead; a restore discards those batches.
+    iterator.set_state(state)
+    _assert_same(_take(iterator, 8), reference[4:])
+
+
+def test_neighbouring_examples_draw_unrelated_numbers():
+    draws = [train_stream.example_rng(7, g).integers(0, 2**32, 16) for g in range(100)]
+    for a, b in itertools.pairwise(draws):
+        assert not set(a.tolist()) & set(b.tolist())
+
+
+def test_batches_shared_memory_cannot_hold_fail_before_any_worker_starts(folder):
+    config = _config(folder, num_workers=2)
+    stats = os.statvfs(pipeline.SHARED_MEMORY_FOLDER)
+    image_bytes = config.image_size ** 2 * 3
+    # Batches that alone take twice what the file system has free.
+    batch = 2 * stats.f_bavail * stats.f_frsize // image_bytes + 1
+    with pytest.raises(ValueError, match=r"shared memory .* lower config.data.num_workers"):
+        pipeline.train_dataset(config, global_batch_size=batch, seed=0)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -1,6 +1,7 @@
 """main.py end to end in real subprocesses: the quickstart path, resume after SIGKILL,
 preemption by SIGTERM, and the divergence guard."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,11 @@ import pytest
 from vgg_jax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# How long a killed run's workers and resource tracker may take to end (the watchdog polls
+# every 0.5 s; a loaded machine is slower).
+_ORPHANS_EXIT_S = 15
+# How often a test reads the memory maps of a run it is about to kill.
+_MAPS_EVERY_S = 0.1
 # A tiny quickstart: width/16 net A, three short epochs (66 steps) of the real digits pipeline.
 SMALL_RUN = [
     "--config.model.width_divisor=16",
@@ -113,32 +119,78 @@ def _live_processes_of_session(session_id):
     return found
 
 
+def _data_workers(pids):
+    """The processes among `pids` that multiprocessing spawned (grain's data workers)."""
+    workers = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    workers.append(pid)
+        except OSError:  # ended meanwhile
+            continue
+    return workers
+
+
+def _shared_memory_mapped_by(pids):
+    """The inodes of the /dev/shm entries that `pids` map: multiprocessing's semaphores
+    (sem.mp-*, mapped under the temporary name glibc created them with), grain's batch
+    blocks (psm_*), multiprocessing's heap arenas."""
+    inodes = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                lines = f.read().splitlines()
+        except OSError:  # ended meanwhile
+            continue
+        for line in lines:
+            fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                inodes.add(int(fields[4]))
+    return inodes
+
+
+def _assert_nothing_of_the_run_is_left(session_id, shared_memory):
+    """Waits for the processes of a killed run's session to end (the workers notice their
+    parent's death within a second and exit; then the resource tracker frees what they
+    held and exits too), kills any that do not, and checks that none of the /dev/shm
+    entries the run mapped (by inode) is left."""
+    deadline = time.time() + _ORPHANS_EXIT_S
+    while _live_processes_of_session(session_id) and time.time() < deadline:
+        time.sleep(0.2)
+    stranded = _live_processes_of_session(session_id)
+    for pid in stranded:  # so a failure does not strand them for the rest of the session
+        os.kill(pid, signal.SIGKILL)
+    assert not stranded, f"processes of the killed run still alive: {stranded}"
+    left = []
+    for name in os.listdir("/dev/shm"):
+        with contextlib.suppress(OSError):  # another program's entry, gone meanwhile
+            if os.stat(f"/dev/shm/{name}").st_ino in shared_memory:
+                left.append(name)
+    assert not left, f"shared memory of the killed run left in /dev/shm: {left}"
+
+
 def test_sigkill_then_resume_is_bit_identical(reference_run, cache_dir, tmp_path):
     reference_dir, _ = reference_run
     workdir = str(tmp_path / "killed")
-    # Its own session, so that every process the run starts (grain workers, the
-    # multiprocessing resource tracker) can be found after the kill.
-    process = subprocess.Popen(_command(workdir, cache_dir), cwd=ROOT, env=_env(),
-                               start_new_session=True,
+    # Two workers (the stream is the same for any number); its own session, so that every
+    # process the run starts (workers, the multiprocessing resource tracker) can be found
+    # after the kill.
+    command = _command(workdir, cache_dir, "--config.data.num_workers=2")
+    process = subprocess.Popen(command, cwd=ROOT, env=_env(), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    deadline, shared_memory = time.time() + 240, set()
     while _latest_step(workdir) < 10 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+        shared_memory |= _shared_memory_mapped_by(_live_processes_of_session(process.pid))
+        time.sleep(_MAPS_EVERY_S)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = _latest_step(workdir)
     assert 10 <= killed_at < 66, f"the run was not killed mid-way (latest step {killed_at})"
-    # The workers notice their parent's death within a second and exit; then the resource
-    # tracker frees their shared memory and exits too.
-    deadline = time.time() + 10
-    while _live_processes_of_session(process.pid) and time.time() < deadline:
-        time.sleep(0.2)
-    stranded = _live_processes_of_session(process.pid)
-    for pid in stranded:  # so a failure does not strand them for the rest of the session
-        os.kill(pid, signal.SIGKILL)
-    assert not stranded, f"processes of the killed run still alive: {stranded}"
+    assert shared_memory, "no shared memory of the run was seen"
+    _assert_nothing_of_the_run_is_left(process.pid, shared_memory)
 
-    result = _run(_command(workdir, cache_dir))
+    result = _run(command)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from step" in result.stderr
     # The killed run's records after the checkpoint were redone, and are logged once.
@@ -148,6 +200,33 @@ def test_sigkill_then_resume_is_bit_identical(reference_run, cache_dir, tmp_path
     for resumed, reference in zip(jax.tree.leaves(_final_params(workdir)),
                                   jax.tree.leaves(_final_params(reference_dir))):
         np.testing.assert_array_equal(resumed, reference)
+
+
+@pytest.mark.parametrize("workers_started", [1, 2])
+def test_no_process_or_shared_memory_outlives_a_trainer_killed_as_a_worker_starts(
+        cache_dir, tmp_path, workers_started):
+    # The moment a spawned worker exists it is still importing its modules (seconds), and
+    # only then runs its init function and the watchdog: a trainer killed in between must
+    # not leave it behind, re-parented, waiting on its queue for ever.
+    workdir = str(tmp_path / "killed_at_start")
+    process = subprocess.Popen(
+        _command(workdir, cache_dir, "--config.data.num_workers=2",
+                 "--config.wandb.mode=disabled"),
+        cwd=ROOT, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    deadline, shared_memory, workers, looked = time.time() + 240, set(), [], 0.0
+    while len(workers) < workers_started and process.poll() is None and time.time() < deadline:
+        pids = _live_processes_of_session(process.pid)
+        workers = _data_workers(pids)
+        if len(workers) >= workers_started or time.time() > looked + _MAPS_EVERY_S:
+            shared_memory |= _shared_memory_mapped_by(pids)
+            looked = time.time()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(workers) == workers_started, "the run ended before its workers started"
+    assert shared_memory, "no shared memory of the run was seen"
+    _assert_nothing_of_the_run_is_left(process.pid, shared_memory)
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
@@ -201,10 +280,44 @@ def test_plateau_stop_ends_the_run_and_a_restart_keeps_it_ended(cache_dir, tmp_p
     assert "Stopping at step 44: validation stalled after the last learning-rate cut" in (
         result.stdout + result.stderr)
     assert _latest_step(workdir) == 44
-    again = _run(command)
+    # Rerun with more epochs: it says at once why it does not go on, restoring nothing.
+    again = _run(command + ["--config.train.num_epochs=5"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Resumed from step 44" in again.stderr
+    assert ("The plateau rule stopped this run at step 44 (validation stalled with no "
+            "learning-rate cut left, 0 made: the paper's end of training), so a larger "
+            "config.train.num_epochs does not continue it") in again.stderr
+    assert "Finished at step 44; last validation: top-1 error" in again.stderr
+    assert "Resumed from step" not in again.stderr
     assert _latest_step(workdir) == 44
+
+
+def test_a_finished_run_says_so_at_once_and_other_settings_stop_a_rerun_moving_nothing(
+        reference_run, cache_dir, tmp_path):
+    reference_dir, _ = reference_run
+    workdir = str(tmp_path / "rerun")
+    shutil.copytree(reference_dir, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    metrics_file = os.path.join(workdir, "metrics.jsonl")
+    steps, metrics = sorted(os.listdir(checkpoints)), open(metrics_file).read()
+    # The same command again: the run is over; it says so without restoring anything.
+    again = _run(_command(workdir, cache_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Finished at step 66; last validation: top-1 error" in again.stderr
+    assert "Resumed from step" not in again.stderr
+    # More epochs with clipping switched on: the optimiser keeps other arrays, so the
+    # checkpoints cannot continue under it. They are sound: nothing is moved, and the run
+    # stops before any work, naming the setting.
+    changed = _run(_command(workdir, cache_dir, "--config.train.num_epochs=4",
+                            "--config.train.grad_clip_norm=1.0"))
+    assert changed.returncode == 1
+    last_line = changed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"Config error: {workdir} holds a run saved with other "
+                                "settings, config.train.grad_clip_norm=1.0 (saved: 0.0), "
+                                "which change the arrays it keeps"), last_line
+    assert "Traceback" not in changed.stderr and "does not restore" not in changed.stderr
+    assert not os.path.exists(os.path.join(workdir, "checkpoints.damaged"))
+    assert sorted(os.listdir(checkpoints)) == steps
+    assert open(metrics_file).read() == metrics
 
 
 def _largest_file(directory):
@@ -318,6 +431,9 @@ def test_a_second_ctrl_c_exits_at_once_quietly_with_status_130(cache_dir, tmp_pa
     assert process.returncode == 130, stderr[-3000:]
     assert "Ctrl-C again: stopped without saving." in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    # What the run held in shared memory was freed by it, not by the resource tracker
+    # after it (which reports it as leaked).
+    assert "leaked" not in stderr, stderr[-3000:]
     deadline = time.time() + 10
     while _live_processes_of_session(process.pid) and time.time() < deadline:
         time.sleep(0.2)

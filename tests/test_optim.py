@@ -1,5 +1,7 @@
 """Tests of the paper's optimiser and plateau schedule (vgg_jax/training/optim.py)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,16 +252,16 @@ def test_nan_counts_as_no_improvement():
     assert cut_indices(decisions) == [2]
 
 
-def test_state_round_trips_through_a_pytree_flatten():
+def test_state_round_trips_through_json():
     config = train_config(plateau_patience=2)
     errors = [0.5, 0.4, 0.45, 0.45, 0.3, 0.35, 0.35, 0.4, 0.4]
     state = optim.plateau_init(config)
+    assert optim.PlateauState.from_json(json.loads(json.dumps(state.to_json()))) == state
     for metric in errors[:4]:
         state, _ = optim.plateau_update(state, metric, config)
-    leaves, treedef = jax.tree.flatten(state)
-    # As a checkpoint would: host numpy copies, rebuilt into the same structure.
-    restored = jax.tree.unflatten(treedef, [np.asarray(leaf) for leaf in leaves])
-    assert isinstance(restored, optim.PlateauState)
+    # As the checkpoint stores it: JSON text in the run state's metadata.
+    restored = optim.PlateauState.from_json(json.loads(json.dumps(state.to_json())))
+    assert restored == state
     assert optim.plateau_lr_scale(restored, config) == pytest.approx(0.1)
     a, b = state, restored
     for metric in errors[4:]:
@@ -267,6 +269,20 @@ def test_state_round_trips_through_a_pytree_flatten():
         b, decision_b = optim.plateau_update(b, metric, config)
         assert decision_a == decision_b
     assert decision_a.num_reductions == 3
+
+
+def test_each_decision_is_explained_in_one_line():
+    config = train_config(plateau_patience=2, plateau_max_reductions=1, learning_rate=0.01)
+    _, decisions = run_plateau([0.5, 0.5, 0.5, 0.5, 0.5], plateau_patience=2,
+                               plateau_max_reductions=1, learning_rate=0.01)
+    lines = [optim.explain(d, config) for d in decisions]
+    assert lines[0] == "Plateau rule: val/top1_error 0.5 is the best so far."
+    assert "for 1 validation (it cuts at 2)" in lines[1]
+    assert lines[2].endswith("learning rate cut to 1.00e-03 (cut 1 of 1).")
+    assert "not improved on its best, 0.5, by 0.001 (relative) for 2 validations" in lines[2]
+    assert lines[4].endswith("with no learning-rate cut left (1 made, "
+                             "config.train.plateau_max_reductions=1): training stops here.")
+    assert all("\n" not in line for line in lines)
 
 
 @pytest.mark.parametrize("patience", [0, -1])

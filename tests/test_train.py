@@ -1,5 +1,6 @@
 """The train step, evaluation sums, data parallelism and checkpoints, on small shapes."""
 
+import dataclasses
 import glob
 import gzip
 import json
@@ -20,7 +21,7 @@ from configs import quickstart
 from vgg_jax import models
 from vgg_jax.config_values import ConfigError
 from vgg_jax.runtime import parallel, profiling
-from vgg_jax.training import checkpoint, loop, optim, writers
+from vgg_jax.training import checkpoint, loop, optim, progress, run_state, writers
 from vgg_jax.training.state import create_train_state
 from vgg_jax.training.step import jit_train_step
 
@@ -126,43 +127,85 @@ def test_no_recompilation_after_the_first_step():
     assert step._cache_size() == 1
 
 
+def test_the_step_counts_optimiser_steps_and_micro_batches_have_their_own_index():
+    config = _config()
+    config.model.dropout_rate = 0.5
+    config.train.grad_accum_steps = 2
+    mesh = parallel.create_mesh()
+    model = models.create_model_from_config(config)
+    state = create_train_state(model, optim.create_optimizer(config.train), config.seed, mesh)
+    step = jit_train_step(model, config.data, grad_accum_steps=2)
+    batch = parallel.shard_batch(_batch(), mesh)
+    initial = jax.device_get(state.params)  # the step donates (deletes) its input state
+    first, metrics_1 = step(state, batch)
+    # The first micro-batch of optimiser step 1: no step done yet, parameters unchanged.
+    assert (int(first.step), int(optim.micro_batch_index(first.opt_state))) == (0, 1)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(first.params), initial)
+    second, metrics_2 = step(first, batch)
+    assert (int(second.step), int(optim.micro_batch_index(second.opt_state))) == (1, 0)
+    assert not np.array_equal(second.params["fc8"]["kernel"], initial["fc8"]["kernel"])
+    # The same batch and parameters, but each micro-batch draws its own dropout masks.
+    assert float(metrics_1["loss"]) != float(metrics_2["loss"])
+
+
+def test_an_epoch_of_very_few_steps_is_warned_about_in_one_line(caplog):
+    # The fine-tuning recipe on 72 images in batches of 64: one step per epoch, so the
+    # plateau rule (patience 3, 3 cuts) can end the 20-epoch run after 13 steps.
+    config = _config()
+    config.train.batch_size, config.train.num_epochs = 64, 20
+    config.train.plateau_patience, config.train.plateau_max_reductions = 3, 3
+    few = loop.StepCounts(train_images=72, accum_steps=1, micro_batch=64, steps_per_epoch=1,
+                          total_steps=20)
+    with caplog.at_level("WARNING"):
+        progress.warn_if_few_steps(few, config)
+        progress.warn_if_few_steps(dataclasses.replace(few, train_images=1437,
+                                                       steps_per_epoch=22, total_steps=440),
+                                   config)
+    (record,) = caplog.records
+    assert "Only 1 optimiser step(s) between validations (72 training images, batch 64" in (
+        record.getMessage())
+    assert "stop the run after 13 steps of the 20 asked for" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+
 def _grain_iterator():
     dataset = grain.MapDataset.range(100).shuffle(seed=0).to_iter_dataset()
     return iter(dataset)
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_the_run_state_round_trips_through_a_checkpoint(tmp_path):
     config = _config()
     mesh = parallel.create_mesh()
     _, state, step = _setup(config, mesh)
     state, _ = step(state, parallel.shard_batch(_batch(), mesh))
-    plateau = optim.plateau_init(config.train)
+    assert int(state.step) == 1  # one optimiser step
+    plateau, _ = optim.plateau_update(optim.plateau_init(config.train), 0.5, config.train)
     iterator = _grain_iterator()
     consumed = [next(iterator) for _ in range(5)]
+    run = run_state.RunState(
+        train=state, step=1, plateau=plateau, data_position=json.dumps(
+            iterator.get_state()).encode(), last_validation=run_state.Validation(
+            1, {"val/top1_error": 0.5, "val/top5_error": 0.25}))
     manager = checkpoint.create_manager(str(tmp_path))
-    train_item = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-                  "plateau": jax.device_get(plateau)}
-    checkpoint.save(manager, 1, params=state.params, train=train_item, data_iterator=iterator,
-                    meta={"config": checkpoint.config_to_json(config), "metrics": {}})
+    run_state.save(manager, run, config, epoch=0)
     manager.wait_until_finished()
     expected_next = [next(iterator) for _ in range(3)]
 
     _, fresh, _ = _setup(config, mesh)
+    like = run_state.RunState(train=fresh, step=0, plateau=optim.plateau_init(config.train),
+                              data_position=b"")
+    restored = run_state.read(manager, 1, like, config, str(tmp_path))
+    for a, b in zip(jax.tree.leaves(restored.train), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(restored.train.opt_state) == jax.tree.structure(state.opt_state)
+    assert (restored.step, restored.plateau, restored.last_validation) == (
+        1, plateau, run.last_validation)
+    assert not restored.validation_pending
     fresh_iterator = _grain_iterator()
-    params, restored_train, meta, batch_stats = checkpoint.restore_training(
-        manager, 1, params_target=fresh.params,
-        train_target={"step": fresh.step, "opt_state": fresh.opt_state, "rng": fresh.rng,
-                      "plateau": jax.device_get(plateau)},
-        data_iterator=fresh_iterator)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(restored_train["opt_state"]), jax.tree.leaves(state.opt_state)):
-        np.testing.assert_array_equal(a, b)
-    assert jax.tree.structure(restored_train["opt_state"]) == jax.tree.structure(state.opt_state)
-    assert int(restored_train["step"]) == 1
+    fresh_iterator.set_state(json.loads(restored.data_position))
     assert [next(fresh_iterator) for _ in range(3)] == expected_next
-    assert consumed and meta["config"]["model"]["version"] == "A"
-    assert batch_stats == {}  # a net without batch norm saves none
+    assert consumed and checkpoint.read_meta(manager, 1)["validation"]["val/top1_error"] == 0.5
+    assert restored.train.batch_stats == {}  # a net without batch norm saves none
 
     variables, loaded_config = checkpoint.load_variables(str(tmp_path))
     for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params)):
@@ -177,13 +220,49 @@ def test_retention_keeps_the_newest_and_the_best(tmp_path):
     errors = {2: 0.5, 4: 0.2, 6: 0.4, 8: 0.45}
     for step in range(1, 9):
         metrics = {"val/top1_error": errors[step]} if step in errors else {}
-        checkpoint.save(manager, step, params=params, meta={"config": {}, "metrics": metrics},
-                        metrics=metrics)
+        checkpoint.save(manager, step, params=params,
+                        meta={"config": {}, checkpoint.VALIDATION: metrics}, metrics=metrics)
         manager.wait_until_finished()
     assert sorted(manager.all_steps()) == [4, 7, 8]
     assert checkpoint.best_step(manager) == 4
     assert checkpoint.resolve_step(manager, "latest") == 8
     manager.close()
+
+
+def test_best_is_a_validated_step_whose_single_crop_evaluation_reproduces_its_validation(
+        tmp_path):
+    """Three one-step epochs validated every second epoch, a checkpoint every step: steps 1
+    and 3 are saved between validations and carry no metrics, so "best" (the default of
+    --mode=eval) is step 2, and evaluating it single-crop gives its validation's error."""
+    from vgg_jax.data import testing
+    from vgg_jax.evaluation import run as evaluation
+
+    testing.write_folder(str(tmp_path / "data"), {"train": 8, "val": 3}, size=(40, 40))
+    config = _config()
+    config.data.source, config.data.data_dir = "folder", str(tmp_path / "data")
+    config.data.num_workers = 0
+    config.model.num_classes = 2
+    config.train.batch_size, config.train.num_epochs = 16, 3
+    config.train.eval_every_epochs, config.train.checkpoint_every_steps = 2, 1
+    config.checkpoint.max_to_keep, config.eval.batch_size = 3, 4
+    config.progress_bar, config.wandb.mode = False, "disabled"
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config, workdir)
+    (validation,) = [r for r in writers.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+                     if "val/top1_error" in r]
+    assert validation["step"] == 2
+    manager = checkpoint.create_manager(workdir)
+    assert manager.all_steps() == [1, 2, 3]
+    assert [checkpoint.VALIDATION in checkpoint.read_meta(manager, step)
+            for step in (1, 2, 3)] == [False, True, False]
+    assert checkpoint.resolve_step(manager, "best") == checkpoint.resolve_step(manager, None) == 2
+    manager.close()
+    config.eval.protocol = "single_crop"
+    (row,) = evaluation.run_evaluation(config, workdir)
+    evaluated = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert evaluated["steps"] == [2]
+    assert row.images == 6
+    assert row.top1_error == pytest.approx(100 * validation["val/top1_error"], abs=1e-9)
 
 
 def test_an_incomplete_step_directory_is_ignored_on_resume(tmp_path):
@@ -371,7 +450,7 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
     sender.join()
     manager = checkpoint.create_manager(str(tmp_path / "resumed"))
     assert manager.all_steps() == [1]
-    assert checkpoint.read_meta(manager, 1)["validation_pending"]
+    assert checkpoint.read_meta(manager, 1)[run_state.RUN]["validation_pending"]
     manager.close()
     assert [r["step"] for r in records("resumed", "train/loss")] == [1]
     assert records("resumed", "val/loss") == []  # saved, not validated

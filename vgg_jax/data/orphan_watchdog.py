@@ -8,9 +8,13 @@ process holding its pipe has exited. Workers ignore SIGTERM and SIGINT (the trai
 stops them itself), so nothing else would end them.
 
 A daemon thread in the worker notices the death by the worker's parent PID changing (the
-kernel re-parents an orphan), and exits the process at once. Polling rather than
-`prctl(PR_SET_PDEATHSIG)`: the kernel sends that signal when the *thread* that forked the
-worker ends, and grain may start workers from a short-lived thread.
+kernel re-parents an orphan), and exits the process at once. The parent's PID is the one
+the pipeline recorded when it was built, not the worker's own first look at it: a spawned
+worker imports its modules for seconds before its init function runs, and a trainer
+killed meanwhile has already left it re-parented, to a PID that would never change again.
+Polling rather than `prctl(PR_SET_PDEATHSIG)`: the kernel sends that signal when the
+*thread* that forked the worker ends, and grain may start workers from a short-lived
+thread.
 """
 
 from __future__ import annotations
@@ -33,16 +37,19 @@ def _watch(parent_pid: int, poll_seconds: float) -> None:
     os._exit(ORPHAN_EXIT_STATUS)
 
 
-def exit_with_parent(poll_seconds: float = POLL_SECONDS) -> threading.Thread:
-    """Starts the watchdog thread in the calling (worker) process.
+def exit_with_parent(parent_pid: int, poll_seconds: float = POLL_SECONDS) -> threading.Thread:
+    """Starts the watchdog thread in the calling (worker) process; a worker whose parent
+    is gone already exits within `poll_seconds`.
 
     Args:
+      parent_pid: the process that started this worker (recorded there: `os.getpid()` in
+        the process that builds and iterates the pipeline).
       poll_seconds: the interval between checks of the parent PID.
 
     Returns:
       The started daemon thread.
     """
     thread = threading.Thread(
-        target=_watch, args=(os.getppid(), poll_seconds), name="orphan-watchdog", daemon=True)
+        target=_watch, args=(parent_pid, poll_seconds), name="orphan-watchdog", daemon=True)
     thread.start()
     return thread

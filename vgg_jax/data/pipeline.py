@@ -3,8 +3,8 @@
 Training stream (per process):
 
   TrainBatches (batch k: epoch permutations, per-example generators, the transform)
-         -> workers (mp_prefetch; each builds whole batches in its shared-memory ring)
-         -> TakeFromRing -> WarnUndecodableOnce      (in the consuming process)
+         -> workers (mp_prefetch; each builds whole batches, handed over in shared memory)
+         -> WarnUndecodableOnce                      (in the consuming process)
 
 Batch k is a pure function of (seed, k) (vgg_jax.data.train_stream): the stream is
 deterministic, the same for any worker count (each worker computes whole batches, and
@@ -21,15 +21,18 @@ out over the processes and pads every process's share to the same number of batc
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
 from typing import Any
 
 import grain
+import grain.python
 import numpy as np
 
 from vgg_jax.config_values import require
-from vgg_jax.data import batch_ring, orphan_watchdog, train_stream, transforms
+from vgg_jax.data import orphan_watchdog, train_stream, transforms
 from vgg_jax.data import sources as sources_lib
 
 logger = logging.getLogger(__name__)
@@ -40,9 +43,14 @@ _NUM_DERIVED_SEEDS = 2
 _RGB_CHANNELS = 3
 # Arrays smaller than this travel from a worker pickled, not in shared memory.
 _MIN_SHARED_MEMORY_BYTES = 1 << 16
-# True inside a grain worker process (set by its init function), which builds its batches
-# in its shared-memory ring (vgg_jax.data.batch_ring); never in the consuming process.
-_in_worker_process = False
+# Batches of one worker in shared memory at a time, counted from grain's documented bound
+# on its hand-off queue (per_worker_buffer_size, b): up to b in the queue, as many read
+# ahead in the consuming process, and the one being taken: 2 b + 1. An estimate for a
+# check that fails early, not a bound anything waits on.
+_BUFFERS_IN_SHARED_MEMORY, _BATCHES_BEYOND_BUFFERS = 2, 1
+# Where Linux keeps POSIX shared memory (the blocks grain hands batches over in).
+SHARED_MEMORY_FOLDER = "/dev/shm"
+_MIB = 1 << 20
 
 
 def check_config(data_config: Any) -> None:
@@ -64,6 +72,22 @@ def check_config(data_config: Any) -> None:
     require(data_config.device_prefetch >= 0,
             f"config.data.device_prefetch={data_config.device_prefetch} must be 0 (no "
             "prefetch thread) or more.")
+
+
+def finish_shared_memory_release() -> None:
+    """Waits until grain has unlinked the shared memory of every batch dropped so far; for
+    a process about to end at once (os._exit), after its pipelines were closed.
+
+    grain unlinks a received batch's block on a thread pool of its own
+    (`SharedMemoryArray.enable_async_del`), which such an exit would cut short, leaving the
+    blocks to the resource tracker (which reports them as leaked). The pool is closed: no
+    batch may be dropped afterwards.
+    """
+    # No public name reaches grain's deletion pool.
+    deletions = getattr(grain.python.SharedMemoryArray, "_del_thread_pool", None)
+    if deletions is not None:
+        deletions.close()
+        deletions.join()
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -91,6 +115,36 @@ def _check_process(process_index: int, process_count: int) -> None:
         )
 
 
+def check_shared_memory(num_workers: int, worker_bytes: int,
+                        folder: str = SHARED_MEMORY_FOLDER) -> None:
+    """Fails at once when the workers' batches in flight cannot fit in shared memory.
+
+    A worker hands each batch over in a shared-memory block of its own, whose pages are
+    only allocated when written: blocks the file system cannot hold would kill the worker
+    with SIGBUS at the first batch past the limit (a container's /dev/shm is often 64 MB).
+
+    Args:
+      num_workers: grain worker processes.
+      worker_bytes: what one worker holds at most (`worker_shared_memory_bytes`).
+      folder: where POSIX shared memory lives; nothing is checked if it does not exist.
+
+    Raises:
+      ValueError: one sentence with the sizes and the fixes.
+    """
+    if not num_workers or not os.path.isdir(folder):
+        return
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    if num_workers * worker_bytes > free:
+        raise ValueError(
+            f"The {num_workers} data workers need about "
+            f"{num_workers * worker_bytes / _MIB:,.0f} MiB of shared memory "
+            f"({worker_bytes / _MIB:,.1f} MiB of batches in flight each), but {folder} has "
+            f"{free / _MIB:,.0f} MiB free; lower config.data.num_workers, "
+            "config.data.prefetch_buffer_size or the batch size, or give the machine more "
+            "shared memory (a container's --shm-size).")
+
+
 def _to_iter_dataset(ds: grain.MapDataset, data_config: Any) -> grain.IterDataset:
     """Batched MapDataset -> IterDataset with the configured worker processes (one thread
     of this process when config.data.num_workers is 0) and prefetching."""
@@ -99,60 +153,33 @@ def _to_iter_dataset(ds: grain.MapDataset, data_config: Any) -> grain.IterDatase
     processes = num_workers > 0
     # Each thread produces whole batches; one per process: grain's default (16 threads,
     # 500 elements) would hold hundreds of batches of images in memory per worker. A
-    # worker process needs no thread of its own: its hand-off queue (per_worker_buffer_size)
-    # is its buffer, and the slots of its shared-memory ring (vgg_jax.data.batch_ring) are
-    # counted for that queue and grain's read-ahead in this process; a thread's buffer in
-    # the worker would hold slots beyond them.
+    # worker process decodes in its main thread: its hand-off queue
+    # (per_worker_buffer_size) is its buffer, and a thread's buffer in it would only hold
+    # more batches in memory.
     num_threads = 0 if processes else max(1, num_workers)
     read_options = grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=0 if processes else buffer)
     it = ds.to_iter_dataset(read_options)
     if processes:
         # grain copies every array of a worker's element into a shared-memory block of its
-        # own by default; the images travel in the worker's ring, and the small entries
-        # (labels, masks, shifts, notes) are cheaper pickled than faulted in afresh.
+        # own by default; the small entries (labels, masks, shifts, notes) are cheaper
+        # pickled than faulted in afresh, and only the images travel in a block.
         it = grain.experimental.WithOptionsIterDataset(
             it, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_MEMORY_BYTES))
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
-            worker_init_fn=_init_worker,
+            # Recorded here: the workers' parent is this process, which iterates the
+            # pipeline (a worker that looked itself could find its parent already gone).
+            worker_init_fn=functools.partial(_init_worker, parent_pid=os.getpid()),
         )
     return it
 
 
-def _building_in_worker() -> bool:
-    """True inside a grain worker process, which builds batches in its shared-memory ring."""
-    return _in_worker_process
-
-
-def _init_worker(worker_index: int, worker_count: int) -> None:
-    global _in_worker_process
-    _in_worker_process = True
+def _init_worker(worker_index: int, worker_count: int, *, parent_pid: int) -> None:
     _ignore_stop_signals(worker_index, worker_count)
     # A worker ignores stop signals, so a trainer killed with SIGKILL would strand it.
-    orphan_watchdog.exit_with_parent()
-
-
-class TakeFromRing(grain.transforms.Map):
-    """Copies a worker's batch images out of its shared-memory ring, freeing the slot.
-
-    Runs where batches are consumed, and holds the pipeline's `batch_ring.RingRegistry`:
-    the workers' rings stay mapped while the pipeline lives and are unmapped with it.
-    Batches built in this process (no workers) pass unchanged.
-
-    Args:
-      registry: the registry whose id the pipeline's workers put in their `RingSlot`s.
-    """
-
-    def __init__(self, registry: batch_ring.RingRegistry):
-        self.registry = registry
-
-    def map(self, batch: dict[str, Any]) -> dict[str, Any]:
-        images = batch[train_stream.IMAGE_KEY]
-        if not isinstance(images, batch_ring.RingSlot):
-            return batch
-        return {**batch, train_stream.IMAGE_KEY: images.take()}
+    orphan_watchdog.exit_with_parent(parent_pid)
 
 
 class WarnUndecodableOnce(grain.transforms.Map):
@@ -191,7 +218,8 @@ def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
 
 
 def worker_shared_memory_bytes(data_config: Any, per_process_batch: int) -> int:
-    """The shared memory one training data worker process holds at most (its batch ring).
+    """The shared memory one training data worker process holds at most: the batches in
+    flight from it, each in a block of its own (`check_shared_memory`).
 
     Args:
       data_config: config.data (crop size, prefetch_buffer_size).
@@ -200,9 +228,11 @@ def worker_shared_memory_bytes(data_config: Any, per_process_batch: int) -> int:
     Returns:
       Bytes of /dev/shm per worker; config.data.num_workers times this must fit there.
     """
-    slots = batch_ring.slots_for_buffer(int(data_config.prefetch_buffer_size))
     size = int(data_config.image_size)
-    return batch_ring.ring_bytes(slots, per_process_batch * size * size * _RGB_CHANNELS)
+    batch_bytes = per_process_batch * size * size * _RGB_CHANNELS
+    batches = _BUFFERS_IN_SHARED_MEMORY * int(data_config.prefetch_buffer_size) + (
+        _BATCHES_BEYOND_BUFFERS)
+    return batches * batch_bytes
 
 
 def train_dataset(
@@ -235,8 +265,8 @@ def train_dataset(
       iterator is checkpointable.
 
     Raises:
-      ValueError: bad process arguments, or worker rings that the shared-memory file
-        system cannot hold (one sentence with the fixes).
+      ValueError: bad process arguments, or workers whose batches in flight the
+        shared-memory file system cannot hold (one sentence with the fixes).
     """
     _check_process(process_index, process_count)
     per_process = _per_process(global_batch_size, process_count, "global_batch_size")
@@ -245,20 +275,15 @@ def train_dataset(
     shuffle_seed, augment_seed = (
         int(s) for s in np.random.SeedSequence(seed).generate_state(_NUM_DERIVED_SEEDS)
     )
-    slots = batch_ring.slots_for_buffer(int(data_config.prefetch_buffer_size))
-    size = int(data_config.image_size)
-    batch_ring.check_shared_memory(int(data_config.num_workers), slots,
-                                   per_process * size * size * _RGB_CHANNELS)
-    registry = batch_ring.RingRegistry()
+    check_shared_memory(int(data_config.num_workers),
+                        worker_shared_memory_bytes(data_config, per_process))
     # Endless; every epoch is a fresh permutation, and batches straddle epoch boundaries,
     # so no example is ever dropped.
     ds = train_stream.TrainBatches(
         source, transform or transforms.TrainAugmentation(data_config), batch_size=per_process,
         shuffle_seed=shuffle_seed, augment_seed=augment_seed, process_index=process_index,
-        process_count=process_count, in_worker=_building_in_worker,
-        ring_slots=slots, ring_registry=registry.id)
-    return _to_iter_dataset(ds, data_config).map(TakeFromRing(registry)).map(
-        WarnUndecodableOnce())
+        process_count=process_count)
+    return _to_iter_dataset(ds, data_config).map(WarnUndecodableOnce())
 
 
 def num_examples(data_config: Any, split: str) -> int:

@@ -14,26 +14,21 @@ single-process stream.
 Why whole batches rather than grain's per-example chain (shuffle, repeat, random_map,
 slice, batch): the per-example work around the transform is then a few array operations
 per batch instead of five Python layers per example, and each crop is written straight
-into its slot of the batch, in a worker process a slot of shared memory that the worker
-reuses (vgg_jax.data.batch_ring), so no batch is stacked or copied on its way and no page
-is faulted in afresh for it (measurements in docs/input_pipeline.md, "Throughput").
+into its slot of the batch, so no batch is stacked on its way (measurements in
+docs/input_pipeline.md, "Throughput").
 """
 
 from __future__ import annotations
 
 import collections
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import grain
 import numpy as np
 
-from vgg_jax.data import batch_ring, transforms
+from vgg_jax.data import transforms
 
-# The batch entry that travels in a worker's shared-memory ring (images); the small ones
-# travel pickled, where shared memory would cost more than it saves.
-IMAGE_KEY = "image"
 # A batch straddles two epochs now and then (more when the split is smaller than a batch):
 # the orders of the last few epochs are kept, each 4 bytes per example (5 MB on ImageNet).
 _CACHED_EPOCHS = 3
@@ -109,16 +104,10 @@ class TrainBatches(grain.MapDataset):
       augment_seed: the seed of the per-example generators.
       process_index: this process.
       process_count: the number of processes.
-      in_worker: tells whether this runs in a grain worker process, which builds the
-        images in a slot of its shared-memory ring (vgg_jax.data.batch_ring) and hands
-        over only a `RingSlot`.
-      ring_slots: the slots of each worker's ring (`batch_ring.slots_for_buffer`).
-      ring_registry: the id of the consuming pipeline's `batch_ring.RingRegistry`.
     """
 
     def __init__(self, source: Any, transform: transforms.TrainAugmentation, *, batch_size: int,
-                 shuffle_seed: int, augment_seed: int, process_index: int, process_count: int,
-                 in_worker: Callable[[], bool], ring_slots: int, ring_registry: int):
+                 shuffle_seed: int, augment_seed: int, process_index: int, process_count: int):
         super().__init__()
         self._source = source
         self._transform = transform
@@ -127,9 +116,6 @@ class TrainBatches(grain.MapDataset):
         self._augment_seed = augment_seed
         self._process_index = process_index
         self._process_count = process_count
-        self._in_worker = in_worker
-        self._ring_slots = ring_slots
-        self._ring_registry = ring_registry
 
     def __len__(self) -> int:
         return sys.maxsize  # Endless: epochs follow each other.
@@ -160,21 +146,7 @@ class TrainBatches(grain.MapDataset):
 
     def _augment(self, records: list[dict[str, Any]], positions: np.ndarray) -> dict[str, Any]:
         size = self._transform.crop_size
-        shape = (len(records), size, size, 3)
-        if not self._in_worker():
-            images = np.empty(shape, np.uint8)
-            return self._fill(images, images, records, positions)
-        images, slot = batch_ring.worker_slot(
-            shape, np.uint8, self._ring_slots, self._ring_registry)
-        try:
-            return self._fill(images, slot, records, positions)
-        except BaseException:
-            # Not handed over: free the slot, or a restarted stream would wait for it.
-            batch_ring.abandon_worker_slot(slot)
-            raise
-
-    def _fill(self, images: np.ndarray, handed_over: Any, records: list[dict[str, Any]],
-              positions: np.ndarray) -> dict[str, Any]:
+        images = np.empty((len(records), size, size, 3), np.uint8)
         entries = [
             self._transform.augment_example(
                 record, example_rng(self._augment_seed, int(position)), images[slot])
@@ -185,7 +157,7 @@ class TrainBatches(grain.MapDataset):
         notes = stacked[transforms.DECODE_ERROR_KEY].astype(np.bytes_)
         return {
             **stacked,
-            IMAGE_KEY: handed_over,
+            IMAGE_KEY: images,
             "label": np.array([r["label"] for r in records], np.int32),
             "mask": notes == b"",
             transforms.DECODE_ERROR_KEY: notes,

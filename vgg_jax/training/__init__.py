@@ -4,8 +4,11 @@
   state.py                the train state and its initialisation on the mesh
   step.py                 the jitted train step (loss, gradient, update)
   task.py                 classification or localisation: what the loop takes from its task
-  optim.py                the optax chain, the plateau schedule, the learning rate
-  checkpoint.py           orbax checkpoints: save, restore, best and latest, resumability
+  run_state.py            the run state (train state, plateau, data position, last
+                          validation, step), saved and restored whole; mismatches named
+  progress.py             the run's step counts, when it is finished, the lines that say so
+  optim.py                the optax chain, the plateau rule, the learning rate
+  checkpoint.py           orbax checkpoints: save, restore, best (validated) and latest
   checkpoint_recovery.py  unfinished or damaged steps moved aside; the newest that restores
   warm_start.py           starting from another net's checkpoint: layers copied or skipped
   metric_names.py         the names of the logged metrics

@@ -5,16 +5,19 @@ A checkpoint is a step directory under `<workdir>/checkpoints/` with up to five 
   params       the network parameters (with batch_stats, all that evaluation, prediction
                and transfer read);
   batch_stats  the running batch-norm statistics, for nets with batch norm only;
-  train   optimiser state, step counter, RNG key and learning-rate plateau state;
+  train   optimiser state, step counter and RNG key;
   data    the grain iterator's position (one file per process), so the data stream resumes
           exactly where it stopped;
-  meta    JSON: the run's config, the epoch, and the metrics of the last evaluation.
+  meta    JSON: the run's config, the epoch, the rest of the run state
+          (vgg_jax.training.run_state), and, on a step that was validated, its validation's
+          metrics ("validation").
 
 Weight files converted from other frameworks hold only `params` and `meta`, and load the
-same way. Retention keeps the newest `max_to_keep` checkpoints and the `keep_best` ones with
-the lowest validation top-1 error (a box net's: localisation error); the newest is never
-deleted (orbax's `max_to_keep` with `best_fn` alone can drop it and make a resume go back
-in time).
+same way. Retention keeps the newest `max_to_keep` checkpoints and the `keep_best`
+validated ones with the lowest validation top-1 error (a box net's: localisation error); the
+newest is never deleted (orbax's `max_to_keep` with `best_fn` alone can drop it and make a
+resume go back in time). "best" is always a validated step: a checkpoint saved between
+validations carries no metrics.
 """
 
 from __future__ import annotations
@@ -32,21 +35,13 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 from vgg_jax.config_values import require
-from vgg_jax.models import canonical_version
 from vgg_jax.training import metric_names
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
 PARAMS, BATCH_STATS, TRAIN, DATA, META = "params", "batch_stats", "train", "data", "meta"
-# Fields a resumed run must share with the run that saved the checkpoint: they fix the
-# shapes of the saved state, what a step means, and the data iterator's saved position.
-RESUME_FIELDS = (
-    "model.version", "model.num_classes", "model.width_divisor", "model.fc_features",
-    "model.batch_norm", "model.box_regression",
-    "data.image_size", "data.source", "data.name", "data.train_split", "data.num_workers",
-    "train.batch_size", "train.grad_accum_steps", "train.frozen_layers", "seed",
-)
-_MISSING = object()
+# The meta entry holding the metrics of the step's own validation (validated steps only).
+VALIDATION = "validation"
 
 
 def ranking_metric(metrics: Mapping[str, Any]) -> float | None:
@@ -155,11 +150,12 @@ def save(
       step: the step number, the directory name.
       params: parameters pytree.
       batch_stats: running batch-norm statistics; None or empty for nets without.
-      train: optimiser state, step, RNG and plateau state (omitted for weight files).
+      train: optimiser state, step and RNG (omitted for weight files).
       data_iterator: the grain iterator whose position to save (omitted for weight files).
       meta: JSON-safe metadata; must hold "config".
-      metrics: evaluation metrics of this step; checkpoints with a `ranking_metric`
-        compete for the best-checkpoint slots.
+      metrics: the metrics of this step's own validation, None for a step saved between
+        validations; checkpoints with a `ranking_metric` compete for the best-checkpoint
+        slots.
     """
     items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(dict(meta))}
     if batch_stats:
@@ -274,24 +270,25 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
       step: a complete step.
 
     Returns:
-      The metadata dict ("config", "epoch", "metrics").
+      The metadata dict ("config", "epoch", "run", and "validation" on a validated step).
     """
     restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
     return restored[META]
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
-    """The complete step with the lowest validation top-1 error (`ranking_metric`).
+    """The complete, validated step with the lowest validation error (`ranking_metric`; the
+    later one of equals).
 
     Args:
       manager: the run's checkpoint manager.
 
     Returns:
-      A step number, or None if no complete step was evaluated.
+      A step number, or None if no complete step was validated.
     """
     scored = []
     for step in complete_steps(manager):
-        metrics = read_meta(manager, step).get("metrics") or {}
+        metrics = read_meta(manager, step).get(VALIDATION) or {}
         if ranking_metric(metrics) is not None:
             scored.append((ranking_metric(metrics), -step))
     return -min(scored)[1] if scored else None
@@ -303,7 +300,7 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | str | None) -> int:
     Args:
       manager: the run's checkpoint manager.
       step: a step number (int or digits), "best", "latest", or None (best if any step
-        was evaluated, else latest).
+        was validated, else latest).
 
     Returns:
       The step number.
@@ -320,7 +317,7 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | str | None) -> int:
         if found is not None:
             return found
         if step == "best":
-            raise ValueError(f"No evaluated checkpoint in {manager.directory}; "
+            raise ValueError(f"No validated checkpoint in {manager.directory}; "
                              "use a step number or 'latest'.")
         return max(steps)
     if step == "latest":
@@ -346,7 +343,7 @@ def load_variables(
 
     Args:
       path: a workdir, or a directory of step checkpoints.
-      step: a step number, "latest", "best", or None (best if any was evaluated, else latest).
+      step: a step number, "latest", "best", or None (best if any was validated, else latest).
 
     Returns:
       ({"params": params[, "batch_stats": running statistics]} as host arrays, the run's
@@ -365,7 +362,7 @@ def load_checkpoint(path: str, step: int | str | None = None, *,
 
     Args:
       path: a workdir, or a directory of step checkpoints.
-      step: a step number, "latest", "best", or None (best if any was evaluated, else latest).
+      step: a step number, "latest", "best", or None (best if any was validated, else latest).
       shapes_only: read the variables' shapes and dtypes (jax.ShapeDtypeStruct leaves)
         from the checkpoint's metadata, not their values.
       config_only: read the run config alone (the variables are None).
@@ -435,7 +432,7 @@ def save_variables(directory: str, variables: Mapping[str, Any], config, step: i
     manager.save(
         step,
         args=ocp.args.Composite(**items, **{
-            META: ocp.args.JsonSave({"config": config_to_json(config), "metrics": {}}),
+            META: ocp.args.JsonSave({"config": config_to_json(config)}),
         }),
         force=True,
     )
@@ -458,32 +455,3 @@ def check_config(checkpoint_config: ml_collections.ConfigDict) -> None:
             f"config.checkpoint.max_to_keep={c.max_to_keep} must be at least 1 (the newest "
             "checkpoint is what a resume needs).")
     require(c.keep_best >= 0, f"config.checkpoint.keep_best={c.keep_best} must be 0 or more.")
-
-
-def check_resumable(saved_config: Mapping[str, Any], config: ml_collections.ConfigDict,
-                    workdir: str) -> None:
-    """Checks that a run can resume from a checkpoint saved under `saved_config`.
-
-    Args:
-      saved_config: the config stored with the checkpoint (JSON: tuples are lists).
-      config: this run's config.
-      workdir: the run's directory, for the message.
-
-    Raises:
-      ConfigError: naming every field of RESUME_FIELDS whose value differs.
-    """
-    differences, current_config = [], config.to_dict()
-    for path in RESUME_FIELDS:
-        saved, current = saved_config, current_config
-        for key in path.split("."):
-            saved = saved.get(key, _MISSING) if isinstance(saved, Mapping) else _MISSING
-            current = current.get(key, _MISSING) if isinstance(current, Mapping) else _MISSING
-        if saved is _MISSING or current is _MISSING:
-            continue  # a field older checkpoints did not record
-        if path == "model.version":
-            saved, current = canonical_version(saved), canonical_version(current)
-        if json.loads(json.dumps(saved)) != json.loads(json.dumps(current)):
-            differences.append(f"config.{path}={current!r} (saved: {saved!r})")
-    require(not differences,
-            f"{workdir} holds a run saved with other settings, {'; '.join(differences)}; "
-            "rerun with the saved values to resume it, or pass a new --workdir.")

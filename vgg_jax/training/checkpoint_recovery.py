@@ -8,11 +8,14 @@ Two kinds of broken step directory under `<workdir>/checkpoints/`:
   step, so the run could never save that step again ("Checkpoint for step N already
   exists"). `set_aside_unfinished` moves such directories before the manager is built.
 * damaged: a finished step whose files no longer restore (truncated or deleted data
-  files, a disk error). `newest_that_restores` tries the steps from the newest down and
-  moves each one that fails.
+  files, a disk error). `newest_that_restores` tries the steps from the newest down, once,
+  and moves each one that fails.
 
 Both go to `<workdir>/checkpoints.damaged/<step>` (`<step>.1`, ... if that exists), with
 one warning line each, so that nothing a user might still want is lost.
+
+A step that reads but does not fit the run (saved under other settings) is not damage:
+the restore raises ConfigError, and `newest_that_restores` stops there, moving nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vgg_jax.config_values import ConfigError
+from vgg_jax.runtime import parallel
 from vgg_jax.training.checkpoint import CHECKPOINT_SUBDIR, COMPLETE_MARKER, complete_steps
 
 DAMAGED_SUBDIR = "checkpoints.damaged"
@@ -117,7 +122,7 @@ def _is_late_read_of_a_failed_restore(unraisable) -> bool:
     return inspect.iscoroutine(source) and code is not None and "orbax" in code.co_filename
 
 
-class _LateReadsOfFailedRestoresIgnored:
+class LateReadsOfFailedRestoresIgnored:
     """Silences, while it is entered, the reads a failed restore leaves in flight.
 
     When one array of a step fails to read, orbax's restore raises and closes its event
@@ -126,10 +131,11 @@ class _LateReadsOfFailedRestoresIgnored:
     failed too are collected with nobody to take their error. Both are reported through
     sys.unraisablehook as tracebacks, after the step's one-line warning; only these two
     kinds are dropped, every other unraisable exception is reported as before. On exit the
-    previous hook is back (unless something else replaced the filter meanwhile).
+    previous hook is back (unless something else replaced the filter meanwhile). Set
+    `failed` when a restore attempted under it failed.
     """
 
-    def __enter__(self) -> _LateReadsOfFailedRestoresIgnored:
+    def __enter__(self) -> LateReadsOfFailedRestoresIgnored:
         self.failed = False  # set by the caller when a restore failed
         self._previous = previous = sys.unraisablehook
 
@@ -150,9 +156,16 @@ class _LateReadsOfFailedRestoresIgnored:
             sys.unraisablehook = self._previous
 
 
-def _all_processes(ok: bool) -> bool:
+def all_processes(ok: bool) -> bool:
     """True if `ok` holds on every process (a step one process cannot read is damaged
-    for all: they must resume from the same step)."""
+    for all: they must resume from the same step).
+
+    Args:
+      ok: this process's outcome.
+
+    Returns:
+      Whether every process's outcome is True (the same answer on all of them).
+    """
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
@@ -166,12 +179,15 @@ def newest_that_restores(
 
     Args:
       manager: the run's checkpoint manager.
-      restore: reads one step (raises if the step's files are damaged).
+      restore: reads one step; raises ConfigError if the step does not fit the run, and
+        anything else if its files are damaged.
 
     Returns:
       (step, what `restore` returned), or None when the run has no checkpoint.
 
     Raises:
+      ConfigError: a step does not fit the run (the first process's sentence, on every
+        process); nothing is moved.
       ValueError: when checkpoints exist but none restores (all were moved aside).
     """
     directory = str(manager.directory)
@@ -179,14 +195,21 @@ def newest_that_restores(
     if not steps:
         return None
     # Around the attempts only: a failing read closes orbax's event loop before it raises.
-    with _LateReadsOfFailedRestoresIgnored() as late_reads:
+    with LateReadsOfFailedRestoresIgnored() as late_reads:
         for step in reversed(steps):
             error: BaseException | None = None
+            mismatch = ""
             try:
                 restored: Any = restore(step)
-            except Exception as caught:  # any failure to read a step: try the one before
+            except ConfigError as caught:  # the step is sound: this run cannot continue it
+                mismatch = str(caught)
+            except Exception as caught:  # any other failure to read a step: damage
                 error = caught
-            if _all_processes(error is None):
+            # Every process stops on a mismatch that any of them found.
+            mismatch = parallel.first_failure(f"resume.{step}", mismatch)
+            if mismatch:
+                raise ConfigError(mismatch)
+            if all_processes(error is None):
                 return step, restored
             late_reads.failed = True
             if jax.process_index() == 0:

@@ -2,14 +2,17 @@
 
 The loop follows the paper's recipe (3.1): mini-batch SGD with momentum and weight decay,
 dropout on FC6/FC7, the learning rate divided by 10 when validation top-1 error stalls.
-Everything a resume needs (parameters, optimiser and plateau state, step, RNG, the data
-iterator's position) is checkpointed together, so a killed run continues exactly.
+What the loop carries from step to step is one `run_state.RunState` (train state, plateau
+state, data position, the last validation, the step), saved and restored whole, so a
+killed run continues exactly; the loop itself holds only resources (`_Resources`: the
+compiled step, the data stream, the checkpoint manager, writers, signal handlers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import time
 from collections.abc import Callable, Mapping
@@ -20,22 +23,30 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vgg_jax.config_values import require
+from vgg_jax.config_values import ConfigError, require
 from vgg_jax.data import pipeline, sources, transforms
 from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
 from vgg_jax.evaluation.protocols import SINGLE_CROP, Protocol
 from vgg_jax.models import VGG, create_model_from_config
 from vgg_jax.runtime import device_prefetch, parallel, profiling, stop_signals, workdir_lock
-from vgg_jax.training import checkpoint, checkpoint_recovery, optim, warm_start, writers
+from vgg_jax.training import (
+    checkpoint,
+    checkpoint_recovery,
+    optim,
+    progress,
+    run_state,
+    warm_start,
+    writers,
+)
 from vgg_jax.training import metric_names as names
 from vgg_jax.training import task as tasks
+from vgg_jax.training.progress import StepCounts
+from vgg_jax.training.run_state import RunState, Validation
 from vgg_jax.training.state import TrainState, create_train_state
 from vgg_jax.training.step import jit_train_step
 
 # Guards the images/s division when a log interval measured no time.
 _TINY_SECONDS = 1e-9
-# Checkpoint metadata: true when a stop saved an epoch end before its due validation.
-_VALIDATION_PENDING = "validation_pending"
 
 
 def check_config(train_config: ml_collections.ConfigDict) -> None:
@@ -116,117 +127,88 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # or a test calling train_and_evaluate goes on and would keep them.
     with contextlib.ExitStack() as releases:
         loop = _set_up(config, workdir, releases)
+        if isinstance(loop, RunState):  # finished before: nothing was started
+            return progress.last_metrics(loop)
         releases.pop_all()  # from here on the loop holds them, and its close releases them
     try:
         loop.run()
     finally:
         loop.close()
-    return loop.last_eval
+    return progress.last_metrics(loop.run_state)
 
 
 def _set_up(config: ml_collections.ConfigDict, workdir: str,
-            releases: contextlib.ExitStack) -> _Loop:
-    """The phases before the loop: mesh, checkpoints, net, optimiser, data, resume or weight
-    transfer, the learning rate pushed from the plateau schedule, writers and signal
-    handlers. Registers the release of each resource with `releases` as it is opened."""
+            releases: contextlib.ExitStack) -> _Loop | RunState:
+    """The phases before the loop: mesh, checkpoints, net, optimiser, data, resume or warm
+    start, the learning rate pushed from the plateau schedule, writers and signal
+    handlers. Registers the release of each resource with `releases` as it is opened.
+
+    Returns the saved run state instead when the run finished before (at its last step,
+    or stopped by the plateau rule): it is reported at once, and nothing is built."""
     mesh = parallel.create_mesh()
     tc = config.train
     task = tasks.for_config(config)  # classification or localisation: records, loss, metrics
-    counts = StepCounts.from_config(config, len(task.train_source))  # checks batch vs split
+    # First: it checks the batch against the training split.
+    counts = StepCounts.from_config(config, len(task.train_source))
+    progress.warn_if_few_steps(counts, config)
     checkpoint_recovery.set_aside_unfinished(workdir)
     manager = checkpoint.create_manager(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best
     )
     releases.callback(manager.close)
-    resume_step = _check_resume(manager, config, workdir)
-    if resume_step is None and config.init_from:
-        warm_start.check_transfer(config)  # from shapes, before the net is built
-
     model = create_model_from_config(config)
     tx = optim.create_optimizer(tc, frozen=model.frozen_parameters)
-    state = create_train_state(model, tx, config.seed, mesh)
-    plateau = optim.plateau_init(tc)
+    fresh_state = functools.partial(create_train_state, model, tx, config.seed, mesh)
+    resuming = bool(checkpoint.complete_steps(manager))
+    if not resuming and config.init_from:
+        warm_start.check_transfer(config)  # from shapes, before the net is built
+    # The run state's layout, from shapes alone (nothing compiled), to check the newest
+    # checkpoint against this config before any work.
+    run = RunState(train=jax.eval_shape(fresh_state), step=0, plateau=optim.plateau_init(tc),
+                   data_position=b"")
+    newest = _newest_if_finished(manager, run, config, counts, workdir) if resuming else None
+    # Every process takes the same road (the others would wait for it in a collective).
+    if checkpoint_recovery.all_processes(newest is not None):
+        for line in progress.outcome(newest, counts, workdir, config, task.describe,
+                                     rerun=True):
+            logging.info(line)
+        return newest
+
     # Batches reach the devices on a background thread, `device_prefetch` ahead of the step;
-    # checkpoints record the position of the batches consumed.
+    # the run state records the position of the batches consumed.
     train_iter = device_prefetch.on_devices(iter(pipeline.train_dataset(
         config.data, global_batch_size=counts.micro_batch, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         source=task.train_source, transform=task.train_transform,
     )), mesh, config.data.device_prefetch)
     releases.callback(train_iter.close)
-
-    last_eval, validation_pending = {}, False
-    if resume_step is not None:
-        resume_step, state, plateau, last_eval, validation_pending = _restore(
-            manager, state, plateau, train_iter)
+    run = dataclasses.replace(run, train=fresh_state(), data_position=train_iter.get_state())
+    if resuming:
+        run = _restore(manager, run, config, workdir)
+        train_iter.set_state(run.data_position)
     elif config.init_from:
-        state = _initialise_from(state, config, mesh)
+        run = dataclasses.replace(run, train=_initialise_from(run.train, config, mesh))
     # The learning rate lives in the optimiser state, set from the plateau schedule.
-    state = _set_learning_rate(state, optim.plateau_lr_scale(plateau, tc), tc)
+    run = dataclasses.replace(run, train=_set_learning_rate(
+        run.train, optim.plateau_lr_scale(run.plateau, tc), tc))
 
-    start_step = resume_step or 0
     writer = writers.create_writer(
         config, workdir, is_main_process=jax.process_index() == 0,
-        total_steps=counts.total_steps, initial_step=start_step)
+        total_steps=counts.total_steps, initial_step=run.step)
     releases.callback(writer.close)
-    preemption = stop_signals.StopSignals()
+    # A second Ctrl-C exits at once, after stopping the data workers.
+    preemption = stop_signals.StopSignals(
+        release=functools.partial(_close_data, train_iter, exiting=True))
     releases.callback(preemption.restore)
     profiler = profiling.StepProfiler(workdir, tc.profile_first_step, tc.profile_num_steps)
     releases.callback(profiler.close)
-    return _Loop(
-        config=config, task=task, counts=counts,
-        train_step=jit_train_step(model, config.data, task.step_sums),
-        validate=validation_fn(model, config, mesh), train_iter=train_iter,
-        manager=manager, state=state, plateau=plateau, step=start_step, last_eval=last_eval,
-        last_saved=resume_step, validation_pending=validation_pending, writer=writer,
-        preemption=preemption, profiler=profiler,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class StepCounts:
-    """The run's step counts, fixed by its config. A step is one optimiser update: under
-    gradient accumulation it runs `accum_steps` train-step calls on micro-batches, and every
-    count the user sees (progress, log and checkpoint cadences, metrics' step, epoch,
-    checkpoint numbers) is in these steps.
-
-    Attributes:
-      accum_steps: train-step calls per optimiser step (config.train.grad_accum_steps).
-      micro_batch: images per train-step call (the batch over the accumulation steps).
-      steps_per_epoch: optimiser steps in one epoch (every training image once, in whole
-        steps).
-      total_steps: optimiser steps in the whole run.
-    """
-
-    accum_steps: int
-    micro_batch: int
-    steps_per_epoch: int
-    total_steps: int
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict,
-                    num_train: int | None = None) -> StepCounts:
-        """The counts of `config`'s run.
-
-        Args:
-          config: the run config.
-          num_train: the training records (default: the training split's size, read).
-
-        Raises:
-          ConfigError: the batch is larger than the training split (an epoch
-            would hold no step).
-        """
-        tc = config.train
-        if num_train is None:
-            num_train = pipeline.num_examples(config.data, config.data.train_split)
-        steps_per_epoch = num_train // tc.batch_size
-        require(steps_per_epoch > 0,
-                f"config.train.batch_size={tc.batch_size} is larger than the training split "
-                f"({num_train} images in {config.data.train_split!r}), so an epoch would hold "
-                f"no step; use a batch of at most {num_train}.")
-        return cls(accum_steps=tc.grad_accum_steps,
-                   micro_batch=tc.batch_size // tc.grad_accum_steps,
-                   steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * tc.num_epochs)
+    resources = _Resources(
+        config=config, workdir=workdir, task=task, counts=counts,
+        train_step=jit_train_step(model, config.data, sums_fn=task.step_sums,
+                                  grad_accum_steps=tc.grad_accum_steps),
+        validate=validation_fn(model, config, mesh), train_iter=train_iter, manager=manager,
+        writer=writer, preemption=preemption, profiler=profiler)
+    return _Loop(resources, run)
 
 
 def validation_fn(model: VGG, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -262,34 +244,41 @@ def validation_fn(model: VGG, config: ml_collections.ConfigDict, mesh: jax.shard
     return validate
 
 
-def _check_resume(manager, config: ml_collections.ConfigDict, workdir: str) -> int | None:
-    """The step to resume from (None for a fresh run), once the saved run is known to be
-    continuable under `config`."""
-    found = checkpoint_recovery.newest_that_restores(
-        manager, lambda step: checkpoint.read_meta(manager, step))
-    if found is None:
-        return None
-    resume_step, meta = found
-    # Before any work: a resume under other settings would fail deep in orbax or grain,
-    # or worse, go on with a wrong step count.
-    checkpoint.check_resumable(meta.get("config") or {}, config, workdir)
-    return resume_step
+def _newest_if_finished(manager, like: RunState, config: ml_collections.ConfigDict,
+                        counts: StepCounts, workdir: str) -> RunState | None:
+    """The newest checkpoint's run state if it ends the run (None otherwise), once it is
+    known to fit this config (ConfigError otherwise): from its metadata, then, if
+    finished, read whole into the arrays' shapes alone (nothing compiled, no worker
+    started), so that a damaged last step is left to the restore's walk, which moves it
+    aside and redoes it from the step before."""
+    step, found, mismatch = checkpoint.complete_steps(manager)[-1], None, ""
+    # Around the attempts: a failing read closes orbax's event loop before it raises.
+    with checkpoint_recovery.LateReadsOfFailedRestoresIgnored() as late_reads:
+        try:
+            found = run_state.read(manager, step, like, config, workdir, arrays=False)
+            if progress.finished(found, counts):
+                run_state.read(manager, step, like, config, workdir)
+            else:
+                found = None
+        except ConfigError as error:
+            mismatch = str(error)
+        except Exception:  # damaged: moved aside by the restore's walk over the steps
+            found, late_reads.failed = None, True
+    # Every process stops on a mismatch that any of them found.
+    mismatch = parallel.first_failure("resume.newest", mismatch)
+    if mismatch:
+        raise ConfigError(mismatch)
+    return found
 
 
-def _restore(manager, state: TrainState, plateau, train_iter):
-    """Restores state, plateau state and data position of the newest step that restores
-    (moving damaged newer ones aside); returns (its step, state, plateau, the metrics of
-    its last validation, whether a stop saved it before its due validation)."""
-    step, (params, train, meta, batch_stats) = checkpoint_recovery.newest_that_restores(
-        manager, lambda step: checkpoint.restore_training(
-            manager, step, params_target=state.params,
-            train_target=_train_item(state, plateau), data_iterator=train_iter,
-            batch_stats_target=state.batch_stats))
-    state = state.replace(params=params, step=train["step"], opt_state=train["opt_state"],
-                          rng=train["rng"], batch_stats=batch_stats)
+def _restore(manager, like: RunState, config: ml_collections.ConfigDict,
+             workdir: str) -> RunState:
+    """The run state of the newest step that restores, walking the steps from the newest
+    down once: damaged ones are moved aside, a mismatch stops the run (ConfigError)."""
+    step, run = checkpoint_recovery.newest_that_restores(
+        manager, lambda step: run_state.read(manager, step, like, config, workdir))
     logging.info("Resumed from step %d of %s.", step, manager.directory)
-    return (step, state, train["plateau"], meta.get("metrics") or {},
-            bool(meta.get(_VALIDATION_PENDING)))
+    return run
 
 
 def _initialise_from(state: TrainState, config: ml_collections.ConfigDict, mesh) -> TrainState:
@@ -307,173 +296,187 @@ def _set_learning_rate(state: TrainState, lr_scale: float, tc) -> TrainState:
         state.opt_state, tc.learning_rate * lr_scale))
 
 
-@dataclasses.dataclass
-class _Loop:
-    """The training loop: the state it carries from step to step, and its phases (train
-    step, log, finiteness check, validation, plateau rule, checkpoint, stop) as methods."""
+@dataclasses.dataclass(frozen=True)
+class _Resources:
+    """What the loop runs with: its config and step counts, the compiled step and
+    validation, and what it holds open (data stream, checkpoints, writers, signal
+    handlers, profiler)."""
 
     config: ml_collections.ConfigDict
+    workdir: str
     task: tasks.Task
     counts: StepCounts
     train_step: Callable
     validate: Callable[[Mapping[str, Any]], dict[str, float]]
-    train_iter: Any
+    train_iter: device_prefetch.DevicePrefetcher
     manager: Any
     writer: writers.MetricWriter
     preemption: stop_signals.StopSignals
     profiler: profiling.StepProfiler
-    state: TrainState
-    plateau: optim.PlateauState
-    step: int
-    last_eval: dict[str, float]
-    last_saved: int | None
-    # A stop at an epoch end saved before the epoch's validation: the resumed run runs it.
-    validation_pending: bool = False
-    pending: list[Mapping[str, jax.Array]] = dataclasses.field(default_factory=list)
-    log_start: float = dataclasses.field(default_factory=time.perf_counter)
-    stalled: bool = False
-
-    def run(self) -> None:
-        """Steps until the last epoch, a stall after the last learning-rate cut, or a stop
-        signal; saves the final step and reports the outcome."""
-        tc, total = self.config.train, self.counts.total_steps
-        # A run that already stopped on the plateau rule stays stopped when restarted.
-        self.stalled = bool(np.asarray(self.plateau.should_stop))
-        if self.validation_pending:
-            # The stopped run saved this epoch end before validating it; validating now,
-            # before the next step, gives the plateau rule what the uninterrupted run had.
-            self._validate_and_adjust()
-            self.validation_pending = False
-            self.log_start = time.perf_counter()
-            self._say_if_stalled()
-        while self.step < total and not self.stalled:
-            self._train_step()
-            preempted = self.preemption.reached(self.step)
-            epoch_end = self.step % self.counts.steps_per_epoch == 0
-            if self.step % tc.log_every_steps == 0 or epoch_end:
-                self._log()
-            due = epoch_end and self._epoch() % tc.eval_every_epochs == 0
-            if due and not preempted:
-                self._validate_and_adjust()
-                self._save()
-            elif self.step % tc.checkpoint_every_steps == 0 or preempted:
-                self._check_finite()
-                # A stop saves first: a validation (minutes on 50k images) could outlast a
-                # preemption's grace period. The resumed run validates before going on.
-                self.validation_pending = due
-                self._save()
-            if not self.pending:
-                # Logged at this step: the next interval's images/s starts after the
-                # validation and saving above, which are not training time.
-                self.log_start = time.perf_counter()
-            if self._say_if_stalled():
-                break
-            if preempted:
-                later = " (its validation runs first)" if self.validation_pending else ""
-                self.writer.log_text(f"{self.preemption.signal_name}: saved step {self.step}; "
-                                     f"rerun the same command to resume{later}.")
-                break
-        if self.step == total and self.last_saved != self.step:
-            self._save()
-        if self.step == total or self.stalled:
-            self.writer.end_at(self.step)  # the real end: the bar is complete there
-        self._report()
-
-    def _say_if_stalled(self) -> bool:
-        if self.stalled:
-            self.writer.log_text(f"Stopping at step {self.step}: validation stalled after "
-                                 "the last learning-rate cut.")
-        return self.stalled
-
-    def _epoch(self) -> int:
-        return self.step // self.counts.steps_per_epoch
-
-    def _train_step(self) -> None:
-        """One optimiser step: `accum_steps` micro-batches (the optimiser state accumulates
-        their gradients and updates on the last), so a checkpoint, taken only between
-        steps, never holds a partial accumulation."""
-        self.profiler.before_step(self.step + 1)
-        for _ in range(self.counts.accum_steps):
-            self.state, metrics = self.train_step(self.state, next(self.train_iter))
-            self.pending.append(metrics)
-        self.profiler.after_step(self.step + 1, (self.state, metrics))
-        self.step += 1
-        self.writer.advance(self.step)
-
-    def _log(self) -> None:
-        """Writes the training metrics since the last log (after the finiteness check)."""
-        self._check_finite()
-        elapsed = time.perf_counter() - self.log_start
-        scalars = _train_scalars(self.pending, self.counts.micro_batch, elapsed,
-                                 self.task.train_metrics)
-        scalars[names.LEARNING_RATE] = float(optim.get_learning_rate(self.state.opt_state))
-        scalars[names.EPOCH] = self.step / self.counts.steps_per_epoch
-        self.writer.write_scalars(self.step, scalars)
-        self.pending, self.log_start = [], time.perf_counter()
-
-    def _check_finite(self) -> None:
-        _check_finite(self.pending, self.step, self.last_saved)
-
-    def _validate_and_adjust(self) -> None:
-        """Validation, then the plateau rule: it may cut the learning rate or stop the run."""
-        tc = self.config.train
-        self.last_eval = self.validate(self.state.variables)
-        self.writer.write_scalars(self.step, {**self.last_eval, names.EPOCH: self._epoch()})
-        self.plateau, decision = optim.plateau_update(
-            self.plateau, optim.monitored_metric(self.last_eval, tc), tc)
-        if decision.reduced:
-            self.writer.log_text(f"Validation stalled: learning rate cut to "
-                                 f"{tc.learning_rate * decision.lr_scale:.2e}.")
-        self.state = _set_learning_rate(self.state, decision.lr_scale, tc)
-        self.stalled = decision.should_stop
-
-    def _save(self) -> None:
-        checkpoint.save(
-            self.manager, self.step, params=self.state.params,
-            batch_stats=self.state.batch_stats,
-            train=_train_item(self.state, self.plateau),
-            data_iterator=self.train_iter,
-            meta={"config": checkpoint.config_to_json(self.config), "epoch": self._epoch(),
-                  "metrics": dict(self.last_eval), _VALIDATION_PENDING: self.validation_pending},
-            metrics=self.last_eval,
-        )
-        self.last_saved = self.step
-
-    def _report(self) -> None:
-        if not self.last_eval:
-            return
-        finished = ((self.step == self.counts.total_steps and not self.validation_pending)
-                    or self.stalled)
-        self.writer.log_text(
-            f"{'Finished' if finished else 'Stopped'} at step {self.step}; last validation: "
-            f"{self.task.describe(self.last_eval)}. Checkpoints: {self.manager.directory}")
 
     def close(self) -> None:
         """Waits for the last checkpoint and releases files, workers and signal handlers.
 
         Every release runs even when an earlier one raises (a failed asynchronous save
-        re-raises in `wait_until_finished`): workers and signal handlers are never left behind.
+        re-raises in `wait_until_finished`): workers and signal handlers are never left
+        behind.
         """
         with contextlib.ExitStack() as releases:  # runs its callbacks last-in, first-out
             releases.callback(self.preemption.restore)
-            releases.callback(self.train_iter.close)
-            releases.callback(self._drop_batches)
+            releases.callback(_close_data, self.train_iter)
             releases.callback(self.writer.close)
             releases.callback(self.manager.close)
             releases.callback(self.manager.wait_until_finished)
             releases.callback(self.profiler.close)
 
-    def _drop_batches(self) -> None:
-        # On CPU, jax arrays alias the batches' shared memory; collect them before grain's
-        # workers stop, so every shared-memory block is unlinked rather than leaked.
-        self.pending = []
-        gc.collect()
+
+def _close_data(train_iter: device_prefetch.DevicePrefetcher, exiting: bool = False) -> None:
+    """Stops the data stream and its workers.
+
+    Every batch's shared-memory block is unlinked here, not left to the resource tracker's
+    clean-up at exit (which reports it as leaked): on CPU, jax arrays alias the batches'
+    shared memory, so they are collected before grain's workers stop; the batches grain
+    read ahead become garbage in reference cycles when it closes, so they are collected
+    after. `exiting`: the process ends at once next, so grain's unlinking is waited for.
+    """
+    gc.collect()
+    train_iter.close()
+    gc.collect()
+    if exiting:
+        pipeline.finish_shared_memory_release()
 
 
-def _train_item(state: TrainState, plateau) -> dict[str, Any]:
-    # The plateau state is tiny and host-side: numpy, so every process holds the same copy.
-    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-            "plateau": jax.device_get(plateau)}
+@dataclasses.dataclass
+class _LogInterval:
+    """The training metrics since the last log line, and when that interval began."""
+
+    pending: list[Mapping[str, jax.Array]] = dataclasses.field(default_factory=list)
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+class _Loop:
+    """The training loop: its resources and the run state it carries from step to step, and
+    its phases (train step, log, finiteness check, validation, plateau rule, checkpoint,
+    stop) as methods.
+
+    Args:
+      resources: what the loop runs with.
+      run: the run state to continue from.
+    """
+
+    def __init__(self, resources: _Resources, run: RunState):
+        self.res = resources
+        self.run_state = run
+        self.interval = _LogInterval()
+
+    def run(self) -> None:
+        """Steps until the last epoch, a stall after the last learning-rate cut, or a stop
+        signal; saves the final step and reports the outcome."""
+        tc, counts = self.res.config.train, self.res.counts
+        if self.run_state.validation_pending:
+            # The stopped run saved this epoch end before validating it; validating now,
+            # before the next step, gives the plateau rule what the uninterrupted run had.
+            self._validate_and_adjust()
+            self.interval = _LogInterval()
+        while not progress.finished(self.run_state, counts):
+            self._train_step()
+            step = self.run_state.step
+            preempted = self.res.preemption.reached(step)
+            epoch_end = step % counts.steps_per_epoch == 0
+            if step % tc.log_every_steps == 0 or epoch_end:
+                self._log()
+            due = epoch_end and self._epoch() % tc.eval_every_epochs == 0
+            if due and not preempted:
+                self._validate_and_adjust()
+                self._save()
+            elif step % tc.checkpoint_every_steps == 0 or preempted:
+                self._check_finite()
+                # A stop saves first: a validation (minutes on 50k images) could outlast a
+                # preemption's grace period. The resumed run validates before going on.
+                self.run_state = dataclasses.replace(self.run_state, validation_pending=due)
+                self._save()
+            if not self.interval.pending:
+                # Logged at this step: the next interval's images/s starts after the
+                # validation and saving above, which are not training time.
+                self.interval = _LogInterval()
+            if preempted:
+                later = " (its validation runs first)" if self.run_state.validation_pending else ""
+                self.res.writer.log_text(f"{self.res.preemption.signal_name}: saved step "
+                                         f"{step}; rerun the same command to resume{later}.")
+                break
+        self._finish()
+
+    def _finish(self) -> None:
+        run = self.run_state
+        if run.plateau.should_stop:
+            self.res.writer.log_text(f"Stopping at step {run.step}: validation stalled after "
+                                     "the last learning-rate cut.")
+        elif progress.finished(run, self.res.counts) and self.res.manager.latest_step() != run.step:
+            self._save()
+        if progress.finished(run, self.res.counts):
+            self.res.writer.end_at(run.step)  # the real end: the bar is complete there
+        for line in progress.outcome(run, self.res.counts, self.res.workdir, self.res.config,
+                                     self.res.task.describe):
+            self.res.writer.log_text(line)
+
+    def _epoch(self) -> int:
+        return self.run_state.step // self.res.counts.steps_per_epoch
+
+    def _train_step(self) -> None:
+        """One optimiser step: `accum_steps` micro-batches (the optimiser state accumulates
+        their gradients and updates on the last), so a checkpoint, taken only between
+        steps, never holds a partial accumulation."""
+        step = self.run_state.step + 1
+        self.res.profiler.before_step(step)
+        state = self.run_state.train
+        for _ in range(self.res.counts.accum_steps):
+            state, metrics = self.res.train_step(state, next(self.res.train_iter))
+            self.interval.pending.append(metrics)
+        self.res.profiler.after_step(step, (state, metrics))
+        self.run_state = dataclasses.replace(
+            self.run_state, train=state, step=step,
+            data_position=self.res.train_iter.get_state())
+        self.res.writer.advance(step)
+
+    def _log(self) -> None:
+        """Writes the training metrics since the last log (after the finiteness check)."""
+        self._check_finite()
+        elapsed = time.perf_counter() - self.interval.start
+        scalars = _train_scalars(self.interval.pending, self.res.counts.micro_batch, elapsed,
+                                 self.res.task.train_metrics)
+        scalars[names.LEARNING_RATE] = float(optim.get_learning_rate(
+            self.run_state.train.opt_state))
+        scalars[names.EPOCH] = self.run_state.step / self.res.counts.steps_per_epoch
+        self.res.writer.write_scalars(self.run_state.step, scalars)
+        self.interval = _LogInterval()
+
+    def _check_finite(self) -> None:
+        _check_finite(self.interval.pending, self.run_state.step, self.res.manager.latest_step())
+
+    def _validate_and_adjust(self) -> None:
+        """Validation, then the plateau rule: it may cut the learning rate or stop the run,
+        and says why in one line."""
+        tc, run = self.res.config.train, self.run_state
+        metrics = self.res.validate(run.train.variables)
+        self.res.writer.write_scalars(run.step, {**metrics, names.EPOCH: self._epoch()})
+        plateau, decision = optim.plateau_update(run.plateau, optim.monitored_metric(metrics, tc),
+                                                 tc)
+        if decision.stalled:
+            self.res.writer.log_text(optim.explain(decision, tc))
+        train = run.train
+        if decision.reduced:
+            train = _set_learning_rate(train, decision.lr_scale, tc)
+        self.run_state = dataclasses.replace(
+            run, train=train, plateau=plateau, last_validation=Validation(run.step, metrics),
+            validation_pending=False)
+
+    def _save(self) -> None:
+        run_state.save(self.res.manager, self.run_state, self.res.config, self._epoch())
+
+    def close(self) -> None:
+        """Waits for the last checkpoint and releases files, workers and signal handlers."""
+        self.interval = _LogInterval()  # drops the last metrics' device arrays
+        self.res.close()
 
 
 def _check_finite(pending, step: int, last_saved: int | None) -> None:

@@ -8,17 +8,18 @@ accumulation. The learning rate lives in the optimiser state
 jit-compiled train step being traced again.
 
 Schedule: the paper divided the learning rate by 10 when the validation accuracy stopped
-improving, three times in total. `plateau_init` / `plateau_update` run that state machine
-on the host once per evaluation, on top of optax's own `optax.contrib.reduce_on_plateau`;
-the host then pushes the new rate into the optimiser state with `set_learning_rate`.
+improving, three times in total. `plateau_init` / `plateau_update` state that rule in plain
+Python, run on the host once per validation (its state is a few numbers, saved with the
+run state); the host then pushes the new rate into the optimiser state with
+`set_learning_rate`, and `explain` says in one line what the rule decided and why.
 
 Typical use in a training loop:
 
     tx = create_optimizer(config.train)
     opt_state = tx.init(params)
-    plateau = plateau_init(config.train)       # store it in the checkpoint
+    plateau = plateau_init(config.train)       # saved with the run state
     ...
-    # after each evaluation:
+    # after each validation:
     plateau, decision = plateau_update(plateau, val_metrics[config.train.plateau_monitor],
                                        config.train)
     if decision.reduced:
@@ -30,7 +31,8 @@ Typical use in a training loop:
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import math
 from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
@@ -40,14 +42,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax.config_values import ConfigError
+from vgg_jax.config_values import require
 from vgg_jax.training import metric_names
 
 # Name of the hyperparameter that `optax.inject_hyperparams` keeps in the optimiser state.
 _LEARNING_RATE = "learning_rate"
-# The plateau state machine works in float32 whatever the parameters' dtype, so its
-# state has the same structure and dtypes in every run (and in every checkpoint).
-_PLATEAU_DTYPE = jnp.float32
+# The field of `optax.MultiStepsState` that counts the micro-batches of the step in progress.
+_MICRO_BATCH_INDEX = "mini_step"
 
 
 # --------------------------------------------------------------------------------------
@@ -86,21 +87,12 @@ def check_config(train_config: ml_collections.ConfigDict) -> None:
     Raises:
       ConfigError: one sentence naming the first bad field and its valid range.
     """
-    if train_config.learning_rate <= 0:
-        raise ConfigError(
-            f"config.train.learning_rate={train_config.learning_rate} must be positive."
-        )
-    if not 0 <= train_config.momentum < 1:
-        raise ConfigError(f"config.train.momentum={train_config.momentum} must be in [0, 1).")
-    if train_config.weight_decay < 0:
-        raise ConfigError(
-            f"config.train.weight_decay={train_config.weight_decay} must be >= 0."
-        )
-    if train_config.grad_clip_norm < 0:
-        raise ConfigError(
-            f"config.train.grad_clip_norm={train_config.grad_clip_norm} must be >= 0 "
-            "(0 disables clipping)."
-        )
+    t = train_config
+    require(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate} must be positive.")
+    require(0 <= t.momentum < 1, f"config.train.momentum={t.momentum} must be in [0, 1).")
+    require(t.weight_decay >= 0, f"config.train.weight_decay={t.weight_decay} must be >= 0.")
+    require(t.grad_clip_norm >= 0, f"config.train.grad_clip_norm={t.grad_clip_norm} must be "
+            ">= 0 (0 disables clipping).")
     _check_plateau_config(train_config)
 
 
@@ -214,6 +206,23 @@ def get_learning_rate(opt_state: Any) -> jax.Array:
     return value
 
 
+def micro_batch_index(opt_state: Any) -> jax.Array | int:
+    """The position, within its optimiser step, of the micro-batch the next update takes.
+
+    Under gradient accumulation (`optax.MultiSteps`) one optimiser step takes
+    `grad_accum_steps` update calls, one per micro-batch; the optimiser state counts them
+    (MultiSteps' `mini_step`, back to 0 once the step's last micro-batch is applied).
+
+    Args:
+      opt_state: the state of `create_optimizer(...)`.
+
+    Returns:
+      0 .. grad_accum_steps - 1 (an int32 array); the int 0 without accumulation.
+    """
+    value = optax.tree_utils.tree_get(opt_state, _MICRO_BATCH_INDEX)
+    return 0 if value is None else value
+
+
 def _like(reference: Any, value: float) -> Any:
     """`value` as an array with the dtype, weak type and sharding of `reference`.
 
@@ -259,31 +268,57 @@ def set_learning_rate(opt_state: Any, learning_rate: float) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-class PlateauState(NamedTuple):
-    """The plateau schedule's state: a pytree of arrays, to be saved in checkpoints.
+@dataclasses.dataclass(frozen=True)
+class PlateauState:
+    """The plateau rule's state: a few plain numbers, saved with the run state.
 
     Attributes:
-      plateau: optax's `ReduceLROnPlateauState`, the state machine proper.
-      num_reductions: int32 scalar, cuts applied so far (at most plateau_max_reductions).
-      should_stop: bool scalar, set once the metric stalled after the last allowed cut.
+      best: the lowest monitored value so far (inf before the first validation).
+      stalled: validations in a row without improvement since the last improvement or cut.
+      num_reductions: cuts applied so far (at most plateau_max_reductions).
+      should_stop: set once the metric stalled after the last allowed cut; stays set.
     """
 
-    plateau: optax.contrib.ReduceLROnPlateauState
-    num_reductions: jax.Array
-    should_stop: jax.Array
+    best: float = math.inf
+    stalled: int = 0
+    num_reductions: int = 0
+    should_stop: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The state as JSON values (`best` is None before the first validation)."""
+        return {"best": None if math.isinf(self.best) else self.best, "stalled": self.stalled,
+                "num_reductions": self.num_reductions, "should_stop": self.should_stop}
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> PlateauState:
+        """The state `to_json` wrote.
+
+        Args:
+          values: the dict `to_json` returned (read back from JSON).
+
+        Returns:
+          The PlateauState.
+        """
+        best = values["best"]
+        return cls(best=math.inf if best is None else float(best), stalled=int(values["stalled"]),
+                   num_reductions=int(values["num_reductions"]),
+                   should_stop=bool(values["should_stop"]))
 
 
 class PlateauDecision(NamedTuple):
-    """What one evaluation means for the learning rate (plain Python values).
+    """What one validation means for the learning rate, and why.
 
     Attributes:
       lr_scale: multiply config.train.learning_rate by this from now on
         (plateau_factor ** num_reductions).
-      reduced: True if this evaluation caused a cut (call `set_learning_rate`).
+      reduced: True if this validation caused a cut (call `set_learning_rate`).
       num_reductions: cuts so far, this one included.
-      should_stop: True once the metric has gone `plateau_patience` evaluations without
+      should_stop: True once the metric has gone `plateau_patience` validations without
         improvement after the last allowed cut: the paper's end of training.
       best_metric: the best monitored value so far (the reference for improvement).
+      metric: this validation's monitored value.
+      stalled: validations in a row without improvement, this one included (0 after an
+        improvement; `plateau_patience` when it cut or stopped).
     """
 
     lr_scale: float
@@ -291,98 +326,42 @@ class PlateauDecision(NamedTuple):
     num_reductions: int
     should_stop: bool
     best_metric: float
+    metric: float
+    stalled: int
 
 
 def _check_plateau_config(train_config: ml_collections.ConfigDict) -> None:
     patience = train_config.plateau_patience
-    if isinstance(patience, bool) or int(patience) != patience or patience < 1:
-        # optax cuts when its plateau count *equals* patience and resets the count on
-        # improvement first, so patience=0 cuts on every evaluation, improvement or not.
-        raise ConfigError(
-            "config.train.plateau_patience must be an integer >= 1 (the number of "
-            "consecutive evaluations without improvement before the learning rate is cut); "
-            f"got {patience!r}. 0 would cut at every evaluation, even after an improvement."
-        )
-    if not 0 < train_config.plateau_factor < 1:
-        raise ConfigError(
-            f"config.train.plateau_factor must be in (0, 1), got {train_config.plateau_factor}."
-        )
-    # At 1 the bar (1 - threshold) * best is 0 * inf = NaN before the first evaluation,
-    # and no evaluation could ever count as an improvement.
-    if not 0 < train_config.plateau_threshold < 1:
-        raise ConfigError(
+    require(not isinstance(patience, bool) and int(patience) == patience and patience >= 1,
+            "config.train.plateau_patience must be an integer >= 1 (the number of consecutive "
+            f"validations without improvement before the learning rate is cut); got {patience!r}.")
+    require(0 < train_config.plateau_factor < 1,
+            f"config.train.plateau_factor must be in (0, 1), got {train_config.plateau_factor}.")
+    # At 1 the bar (1 - threshold) * best is 0 * inf = NaN before the first validation,
+    # and no validation could ever count as an improvement.
+    require(0 < train_config.plateau_threshold < 1,
             "config.train.plateau_threshold (relative improvement needed) must be in (0, 1), "
-            f"got {train_config.plateau_threshold}."
-        )
+            f"got {train_config.plateau_threshold}.")
     max_reductions = train_config.plateau_max_reductions
-    if int(max_reductions) != max_reductions or max_reductions < 0:
-        raise ConfigError(
-            f"config.train.plateau_max_reductions must be an integer >= 0, got {max_reductions!r}."
-        )
-    if train_config.plateau_monitor not in metric_names.MONITORABLE:
-        raise ConfigError(
+    require(int(max_reductions) == max_reductions and max_reductions >= 0,
+            f"config.train.plateau_max_reductions must be an integer >= 0, got {max_reductions!r}.")
+    require(train_config.plateau_monitor in metric_names.MONITORABLE,
             f"config.train.plateau_monitor={train_config.plateau_monitor!r} must be one of the "
             f"validation metrics to minimise {metric_names.MONITORABLE} (the paper: "
-            "'val/top1_error'): the plateau schedule cuts when it stops decreasing."
-        )
-
-
-def _reduce_on_plateau(factor: float, patience: int, threshold: float):
-    # optax's `patience` is exactly our promise: its plateau count is reset by an
-    # improvement, incremented otherwise, and the scale is cut when the count *reaches*
-    # `patience` (then reset to 0). So optax patience=N cuts after N consecutive
-    # evaluations without improvement (PyTorch's ReduceLROnPlateau would need N-1).
-    # No cooldown and no min_scale: our wrapper counts the cuts and turns the cut after
-    # the last allowed one into "stop".
-    return optax.contrib.reduce_on_plateau(
-        factor=factor,
-        patience=patience,
-        rtol=threshold,
-        atol=0.0,
-        cooldown=0,
-        accumulation_size=1,
-    )
-
-
-def _plateau_args(train_config: ml_collections.ConfigDict) -> tuple[float, int, float]:
-    return (
-        float(train_config.plateau_factor),
-        int(train_config.plateau_patience),
-        float(train_config.plateau_threshold),
-    )
-
-
-@functools.cache
-def _plateau_step(factor: float, patience: int, threshold: float):
-    """A compiled optax plateau update, cached per setting (eager lax.cond recompiles)."""
-    transform = _reduce_on_plateau(factor, patience, threshold)
-
-    @jax.jit
-    def step(plateau, value):
-        # reduce_on_plateau is an optax transform: the "updates" it scales are irrelevant
-        # here, only its state and the `value` it is given matter.
-        _, new_plateau = transform.update(jnp.zeros((), _PLATEAU_DTYPE), plateau, value=value)
-        return new_plateau
-
-    return step
+            "'val/top1_error'): the plateau schedule cuts when it stops decreasing.")
 
 
 def plateau_init(train_config: ml_collections.ConfigDict) -> PlateauState:
     """Creates the plateau schedule's state for a fresh run.
 
     Args:
-      train_config: `config.train`; reads the plateau_* fields.
+      train_config: `config.train` (the rule's fields are read at each update).
 
     Returns:
-      A PlateauState (a pytree of scalar arrays, to be checkpointed with the train state).
+      A PlateauState: no validation seen, no cut.
     """
-    # The state's dtypes follow the "params" passed to init: a float32 scalar.
-    plateau = _reduce_on_plateau(*_plateau_args(train_config)).init(jnp.zeros((), _PLATEAU_DTYPE))
-    return PlateauState(
-        plateau=plateau,
-        num_reductions=jnp.zeros((), jnp.int32),
-        should_stop=jnp.zeros((), jnp.bool_),
-    )
+    del train_config  # the fresh state is the same for every setting
+    return PlateauState()
 
 
 def plateau_lr_scale(state: PlateauState, train_config: ml_collections.ConfigDict) -> float:
@@ -395,61 +374,88 @@ def plateau_lr_scale(state: PlateauState, train_config: ml_collections.ConfigDic
     Returns:
       plateau_factor ** (cuts so far).
     """
-    return float(train_config.plateau_factor) ** int(state.num_reductions)
+    return float(train_config.plateau_factor) ** state.num_reductions
 
 
 def plateau_update(
     state: PlateauState, metric: float, train_config: ml_collections.ConfigDict
 ) -> tuple[PlateauState, PlateauDecision]:
-    """Feeds one evaluation's monitored metric to the plateau schedule (on the host).
+    """Feeds one validation's monitored metric to the plateau rule.
 
-    Semantics (the metric is minimised, e.g. val/top1_error):
-      * the evaluation *improves* if metric < (1 - plateau_threshold) * best, where best is
-        the lowest value seen so far (the first evaluation always improves; a NaN never
-        does). An improvement resets the count of stalled evaluations;
-      * after `plateau_patience` consecutive evaluations without improvement, the learning
+    The rule (the metric is minimised, e.g. val/top1_error):
+      * a validation *improves* if metric < (1 - plateau_threshold) * best, where best is
+        the lowest value seen so far (the first validation always improves; a NaN never
+        does). An improvement sets best and resets the count of stalled validations;
+      * after `plateau_patience` consecutive validations without improvement, the learning
         rate is cut by `plateau_factor` and the count restarts from 0 (best is kept);
       * at most `plateau_max_reductions` cuts; the next time the count reaches patience
         after the last cut, `should_stop` becomes True (and stays True), with no cut.
 
-    With patience=2, threshold=1e-3, errors 0.50, 0.40, 0.40, 0.40 cut at the 4th
-    evaluation: the 3rd and 4th did not beat 0.40 * 0.999.
+    So patience N cuts after N stalled validations (PyTorch's ReduceLROnPlateau would need
+    patience N - 1 for that). With patience=2, threshold=1e-3, errors 0.50, 0.40, 0.40,
+    0.40 cut at the 4th validation: the 3rd and 4th did not beat 0.40 * 0.999.
 
     Args:
       state: the current PlateauState (from `plateau_init` or a checkpoint).
-      metric: the monitored value of this evaluation (config.train.plateau_monitor).
-      train_config: `config.train`; the same plateau_* fields as at `plateau_init`.
+      metric: the monitored value of this validation (config.train.plateau_monitor).
+      train_config: `config.train`; reads the plateau_* fields.
 
     Returns:
       (new state, PlateauDecision). When `decision.reduced`, set the learning rate to
       config.train.learning_rate * decision.lr_scale with `set_learning_rate`.
     """
-    if bool(state.should_stop):
-        return state, _decision(state, train_config, reduced=False)
-    step = _plateau_step(*_plateau_args(train_config))
-    plateau = step(state.plateau, jnp.asarray(metric, _PLATEAU_DTYPE))
-    # With cooldown=0 and no min_scale, optax's scale drops exactly when it cuts.
-    optax_cut = bool(plateau.scale < state.plateau.scale)
-    num_reductions = int(state.num_reductions)
-    max_reductions = int(train_config.plateau_max_reductions)
-    reduced = optax_cut and num_reductions < max_reductions
-    should_stop = optax_cut and not reduced
+    metric = float(metric)
+    if state.should_stop:
+        return state, _decision(state, train_config, metric, reduced=False,
+                                stalled=state.stalled)
+    improved = metric < (1 - float(train_config.plateau_threshold)) * state.best
+    best = metric if improved else state.best
+    stalled = 0 if improved else state.stalled + 1
+    reduced = should_stop = False
+    if stalled >= int(train_config.plateau_patience):
+        reduced = state.num_reductions < int(train_config.plateau_max_reductions)
+        should_stop = not reduced
     new_state = PlateauState(
-        plateau=plateau,
-        num_reductions=jnp.asarray(num_reductions + int(reduced), jnp.int32),
-        should_stop=jnp.asarray(should_stop, jnp.bool_),
-    )
-    return new_state, _decision(new_state, train_config, reduced=reduced)
+        best=best, stalled=0 if reduced or should_stop else stalled,
+        num_reductions=state.num_reductions + int(reduced), should_stop=should_stop)
+    return new_state, _decision(new_state, train_config, metric, reduced=reduced,
+                                stalled=stalled)
 
 
-def _decision(state: PlateauState, train_config, *, reduced: bool) -> PlateauDecision:
+def _decision(state: PlateauState, train_config, metric: float, *, reduced: bool,
+              stalled: int) -> PlateauDecision:
     return PlateauDecision(
-        lr_scale=plateau_lr_scale(state, train_config),
-        reduced=reduced,
-        num_reductions=int(state.num_reductions),
-        should_stop=bool(state.should_stop),
-        best_metric=float(state.plateau.best_value),
-    )
+        lr_scale=plateau_lr_scale(state, train_config), reduced=reduced,
+        num_reductions=state.num_reductions, should_stop=state.should_stop,
+        best_metric=state.best, metric=metric, stalled=stalled)
+
+
+def explain(decision: PlateauDecision, train_config: ml_collections.ConfigDict) -> str:
+    """One line saying what the plateau rule decided at a validation and why.
+
+    Args:
+      decision: from `plateau_update`.
+      train_config: `config.train`; reads learning_rate and the plateau_* fields.
+
+    Returns:
+      The line: an improvement, a stall counted towards patience, a cut, or the stop.
+    """
+    t = train_config
+    name, value = t.plateau_monitor, f"{decision.metric:.4g}"
+    if decision.stalled == 0:
+        return f"Plateau rule: {name} {value} is the best so far."
+    unchanged = (f"{name} {value} has not improved on its best, {decision.best_metric:.4g}, "
+                 f"by {t.plateau_threshold:g} (relative) for {decision.stalled} validation"
+                 f"{'s' if decision.stalled > 1 else ''}")
+    if decision.reduced:
+        return (f"Plateau rule: {unchanged}: learning rate cut to "
+                f"{t.learning_rate * decision.lr_scale:.2e} (cut {decision.num_reductions} of "
+                f"{t.plateau_max_reductions}).")
+    if decision.should_stop:
+        return (f"Plateau rule: {unchanged} with no learning-rate cut left "
+                f"({decision.num_reductions} made, config.train.plateau_max_reductions="
+                f"{t.plateau_max_reductions}): training stops here.")
+    return f"Plateau rule: {unchanged} (it cuts at {t.plateau_patience})."
 
 
 def monitored_metric(metrics: Mapping[str, Any], train_config: ml_collections.ConfigDict) -> float:

@@ -14,11 +14,13 @@ import optax
 from vgg_jax.evaluation.metrics import classification_sums
 from vgg_jax.models import VGG
 from vgg_jax.preprocess import normalize_images
+from vgg_jax.training import optim
 from vgg_jax.training.state import TrainState
 
 # (net outputs, batch, weights) -> metric sums holding "loss" (summed over the examples)
 # and "count" (their total weight): what a task makes its loss of.
 StepSums = Callable[[jax.Array, Mapping[str, jax.Array], jax.Array], dict[str, jax.Array]]
+
 
 
 def classification_step_sums(logits: jax.Array, batch: Mapping[str, jax.Array],
@@ -27,24 +29,33 @@ def classification_step_sums(logits: jax.Array, batch: Mapping[str, jax.Array],
     return classification_sums(logits, batch["label"], weights)
 
 
-def make_train_step(model: VGG, data_config: ml_collections.ConfigDict,
-                    sums_fn: StepSums = classification_step_sums):
+def make_train_step(model: VGG, data_config: ml_collections.ConfigDict, *,
+                    sums_fn: StepSums = classification_step_sums, grad_accum_steps: int = 1):
     """Returns the un-jitted train step: (state, batch) -> (new state, metric sums).
 
     The loss is the mean over the valid examples of the global batch; under jit with the
     batch sharded over devices XLA turns the gradient into an all-reduce, and the batch-norm
-    statistics (means over the batch axis) into global ones, as on one device.
+    statistics (means over the batch axis) into global ones, as on one device. Under
+    gradient accumulation the step takes one micro-batch; the state's step advances on the
+    last micro-batch of each optimiser step.
 
     Args:
       model: the net.
       data_config: config.data (mean/std for the on-device normalisation).
       sums_fn: the task's loss and metric sums (default: classification's).
+      grad_accum_steps: micro-batches per optimiser step (config.train.grad_accum_steps).
+
+    Returns:
+      The step function.
     """
     mean_rgb, std_rgb = tuple(data_config.mean_rgb), tuple(data_config.std_rgb)
     frozen = frozenset(model.frozen_parameters)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        # A fresh dropout key for every micro-batch of the run, whatever its step.
+        micro_batches_done = state.step * grad_accum_steps + optim.micro_batch_index(
+            state.opt_state)
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), micro_batches_done)
         weights = batch["mask"].astype(jnp.float32)
         images = normalize_images(
             batch["image"], mean_rgb, std_rgb, batch["rgb_shift"], model.dtype)
@@ -81,7 +92,7 @@ def make_train_step(model: VGG, data_config: ml_collections.ConfigDict,
 
 
 def jit_train_step(model: VGG, data_config: ml_collections.ConfigDict,
-                   sums_fn: StepSums = classification_step_sums):
+                   *, sums_fn: StepSums = classification_step_sums, grad_accum_steps: int = 1):
     """The train step as training runs it: jitted, with the state's buffers donated (the
     old state is dead after the step, so XLA updates parameters in place).
 
@@ -89,8 +100,10 @@ def jit_train_step(model: VGG, data_config: ml_collections.ConfigDict,
       model: the net.
       data_config: config.data (mean/std for the on-device normalisation).
       sums_fn: the task's loss and metric sums (default: classification's).
+      grad_accum_steps: micro-batches per optimiser step (config.train.grad_accum_steps).
 
     Returns:
       A jitted (state, batch) -> (new state, metric sums).
     """
-    return jax.jit(make_train_step(model, data_config, sums_fn), donate_argnums=(0,))
+    return jax.jit(make_train_step(model, data_config, sums_fn=sums_fn,
+                                   grad_accum_steps=grad_accum_steps), donate_argnums=(0,))
