@@ -157,7 +157,7 @@ class TrainBatches(grain.MapDataset):
         notes = stacked[transforms.DECODE_ERROR_KEY].astype(np.bytes_)
         return {
             **stacked,
-            IMAGE_KEY: images,
+            "image": images,
             "label": np.array([r["label"] for r in records], np.int32),
             "mask": notes == b"",
             transforms.DECODE_ERROR_KEY: notes,
