@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import logging as logging_lib
 import os
 import shutil
 import sys
@@ -36,7 +37,7 @@ from jax.experimental import multihost_utils
 
 from vgg_jax.config_values import ConfigError
 from vgg_jax.runtime import parallel
-from vgg_jax.training.checkpoint import CHECKPOINT_SUBDIR, COMPLETE_MARKER, complete_steps
+from vgg_jax.weights.run_checkpoint import CHECKPOINT_SUBDIR, COMPLETE_MARKER, complete_steps
 
 DAMAGED_SUBDIR = "checkpoints.damaged"
 
@@ -122,17 +123,40 @@ def _is_late_read_of_a_failed_restore(unraisable) -> bool:
     return inspect.iscoroutine(source) and code is not None and "orbax" in code.co_filename
 
 
+# How asyncio reports a task or future whose error nobody took, and how tensorstore words
+# a failed read (its only mark: such a future carries no traceback).
+_NEVER_RETRIEVED = ("Task exception was never retrieved",
+                    "Future exception was never retrieved")
+_TENSORSTORE_READ_ERROR = "Error reading"
+
+
+class _AbandonedReadRecordsDropped(logging_lib.Filter):
+    """Drops asyncio's log records about a failed restore's abandoned reads."""
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        abandoned_read = (str(record.msg).startswith(_NEVER_RETRIEVED) and error is not None
+                          and _TENSORSTORE_READ_ERROR in str(error))
+        return not abandoned_read
+
+
+_ABANDONED_READ_RECORDS = _AbandonedReadRecordsDropped()
+
+
 class LateReadsOfFailedRestoresIgnored:
-    """Silences, while it is entered, the reads a failed restore leaves in flight.
+    """Silences the reads a failed restore leaves in flight: while it is entered, and for
+    the rest of the process once a restore under it failed.
 
     When one array of a step fails to read, orbax's restore raises and closes its event
-    loop while tensorstore still completes the step's other reads: each completion then
-    finds the loop closed ("RuntimeError: Event loop is closed"), and read coroutines that
-    failed too are collected with nobody to take their error. Both are reported through
-    sys.unraisablehook as tracebacks, after the step's one-line warning; only these two
-    kinds are dropped, every other unraisable exception is reported as before. On exit the
-    previous hook is back (unless something else replaced the filter meanwhile). Set
-    `failed` when a restore attempted under it failed.
+    loop while tensorstore still completes the step's other reads, whenever it gets to
+    them (seconds later on a busy machine): each completion then finds the loop closed
+    ("RuntimeError: Event loop is closed", through sys.unraisablehook), and the reads
+    that failed too are collected with nobody to take their error (orbax coroutines
+    through sys.unraisablehook, asyncio tasks and futures through asyncio's logger). Only
+    these kinds are dropped; every other report goes through as before. Set `failed` when
+    a restore attempted under it failed: the filters then stay, since the late reads may
+    arrive at any time after; otherwise the previous hook is back on exit (unless something
+    else replaced the filter meanwhile).
     """
 
     def __enter__(self) -> LateReadsOfFailedRestoresIgnored:
@@ -145,13 +169,16 @@ class LateReadsOfFailedRestoresIgnored:
 
         self._hook = hook
         sys.unraisablehook = hook
+        logging_lib.getLogger("asyncio").addFilter(_ABANDONED_READ_RECORDS)
         return self
 
     def __exit__(self, *exc_info) -> None:
         if self.failed:
-            # The coroutines a failed restore abandoned are collected now, under the filter,
-            # rather than at some later collection with the previous hook back.
+            # The reads a failed restore abandoned are collected now rather than at some
+            # later collection; those still in flight arrive later, still filtered.
             gc.collect()
+            return
+        logging_lib.getLogger("asyncio").removeFilter(_ABANDONED_READ_RECORDS)
         if sys.unraisablehook is self._hook:
             sys.unraisablehook = self._previous
 
