@@ -24,7 +24,7 @@ from vgg_jax.evaluation import run
 from vgg_jax.localisation import run as localisation_run
 from vgg_jax.models import is_box_regressor
 from vgg_jax.runtime import console, parallel, stop_signals, workdir_lock
-from vgg_jax.training import loop, warm_start
+from vgg_jax.training import loop, progress, warm_start
 from vgg_jax.weights import specs
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -159,7 +159,7 @@ def _agreed_config_error(config, mistake: str) -> str:
     """
     if not mistake and config is not None and _MODE.value == "train":
         try:
-            loop.check_batch_split(config.train, jax.device_count(), jax.process_count())
+            progress.check_batch_split(config.train, jax.device_count(), jax.process_count())
         except config_checks.ConfigError as error:
             mistake = str(error)
     line = ""

@@ -40,8 +40,9 @@ def torch_train_step_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
       imported, or {"no_cuda": message} when `require_cuda` is set and torch sees no GPU.
     """
     try:
+        # torch is optional and heavy, and this child process must not load jax's CUDA
+        # libraries beside it (module doc): imported here, in the child only.
         import torch
-        import torch.nn as nn
         from torchvision.models import vgg as tv
     except Exception as error:  # ImportError, or a torchvision built for another torch
         return {"import_error": f"{type(error).__name__}: {error}"}
@@ -59,8 +60,27 @@ def torch_train_step_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
         # JAX runs fp32 convolutions/matmuls as TF32 on GPU by default; so does this.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    letter, divisor = spec["version"], spec["width_divisor"]
-    layers = [v if v == "M" else max(v // divisor, 1) for v in tv.cfgs[letter]]
+    model, standard = _torchvision_vgg(spec, device)
+    timing = _time_train_step(model, spec, device, bf16)
+    return {
+        "torch_version": torch.__version__,
+        "model": tv.__name__ + "." + (
+            spec["torchvision_name"] if standard else f"VGG(cfg {spec['version']})"),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": "bfloat16 autocast" if bf16 else "float32",
+        **timing,
+    }
+
+
+def _torchvision_vgg(spec: dict[str, Any], device: Any) -> tuple[Any, bool]:
+    """torchvision's VGG of the spec's configuration, in training mode and channels_last on
+    `device`; and whether it is torchvision's own standard net (else the head is rebuilt)."""
+    import torch  # optional and heavy; see torch_train_step_benchmark
+    import torch.nn as nn
+    from torchvision.models import vgg as tv
+
+    divisor = spec["width_divisor"]
+    layers = [v if v == "M" else max(v // divisor, 1) for v in tv.cfgs[spec["version"]]]
     model = tv.VGG(tv.make_layers(layers), num_classes=spec["num_classes"],
                    dropout=spec["dropout"])
     window = spec["head_window"]
@@ -75,7 +95,17 @@ def torch_train_step_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
             nn.Linear(channels * window * window, fc), nn.ReLU(True), nn.Dropout(spec["dropout"]),
             nn.Linear(fc, fc), nn.ReLU(True), nn.Dropout(spec["dropout"]),
             nn.Linear(fc, spec["num_classes"]))
-    model = model.to(device, memory_format=torch.channels_last).train()
+    return model.to(device, memory_format=torch.channels_last).train(), standard
+
+
+def _time_train_step(model: Any, spec: dict[str, Any], device: Any,
+                     bf16: bool) -> dict[str, Any]:
+    """Compiles (or not) and times the SGD step of `model` on a synthetic uint8 batch:
+    the first step, then the median of `spec["steps"]` after `spec["warmup"]`."""
+    import torch  # optional and heavy; see torch_train_step_benchmark
+    import torch.nn as nn
+
+    cuda = device.type == "cuda"
     optimizer_options = {"fused": True} if cuda else {"foreach": True}
     optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=spec["momentum"],
                                 weight_decay=spec["weight_decay"], **optimizer_options)
@@ -90,22 +120,18 @@ def torch_train_step_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
             logits = model(x.contiguous(memory_format=torch.channels_last))
         return loss_fn(logits.float(), labels)
 
-    compiled_note = "eager"
-    loss_impl = forward_loss
+    loss_impl, mode = forward_loss, "eager"
     if spec["compile"]:
-        loss_impl = torch.compile(forward_loss)
-        compiled_note = "torch.compile"
+        loss_impl, mode = torch.compile(forward_loss), "torch.compile"
 
     def step(images, labels):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_impl(images, labels)
         loss.backward()
         optimizer.step()
-        return loss
-
-    def sync():
         if cuda:
             torch.cuda.synchronize()
+        return loss
 
     batch, size = spec["batch"], spec["image_size"]
     generator = torch.Generator().manual_seed(0)
@@ -120,31 +146,19 @@ def torch_train_step_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
             raise
         print(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
               "timing eager PyTorch instead.", flush=True)
-        loss_impl, compiled_note = forward_loss, "eager (torch.compile failed)"
+        loss_impl, mode = forward_loss, "eager (torch.compile failed)"
         step(images, labels)
-    sync()
     first_step_s = time.perf_counter() - start
     for _ in range(spec["warmup"]):
         step(images, labels)
-    sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(spec["steps"]):
         start = time.perf_counter()
         step(images, labels)
-        sync()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {
-        "torch_version": torch.__version__,
-        "model": tv.__name__ + "." + (
-            spec["torchvision_name"] if standard else f"VGG(cfg {letter})"),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "mode": compiled_note,
-        "precision": "bfloat16 autocast" if bf16 else "float32",
-        "first_step_s": first_step_s,
-        "step_s_median": median,
-        "images_per_s": batch / median,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-    }
+    return {"mode": mode, "first_step_s": first_step_s, "step_s_median": median,
+            "images_per_s": batch / median,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}

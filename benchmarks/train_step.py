@@ -43,6 +43,8 @@ from benchmarks.speed import (
     step,
     torch_compare,
 )
+from vgg_jax import config_checks
+from vgg_jax.runtime import parallel
 
 # The largest-batch budget counts from here (the process's start, imports done).
 _STARTED = time.monotonic()
@@ -216,8 +218,6 @@ def main(argv: list[str]) -> None:
 
     import jax
 
-    from vgg_jax import config_checks
-    from vgg_jax.runtime import parallel
 
     record = compiles.CompileRecord()
     out.extra = lambda: {"compiles": record.summary()}

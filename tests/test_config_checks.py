@@ -9,8 +9,8 @@ import pytest
 from configs import base, quickstart, small_datasets, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
 from vgg_jax.config_checks import ConfigError, command_line_mistake, validate_config
 from vgg_jax.data import testing, transforms
-from vgg_jax.training import checkpoint
 from vgg_jax.training.run_state import check_resumable
+from vgg_jax.weights import run_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,7 +145,7 @@ def test_class_count_must_match_the_data(tmp_path):
 
 
 def test_a_resume_under_other_settings_names_every_difference():
-    saved = checkpoint.config_to_json(vgg_a.get_config())
+    saved = run_checkpoint.config_to_json(vgg_a.get_config())
     config = vgg_a.get_config()
     config.model.version = "a"  # the same net, spelled otherwise
     config.train.num_epochs = 100  # may change: the run goes on longer

@@ -18,8 +18,7 @@ import torchvision_reference as reference
 from vgg_jax import convert
 from vgg_jax.evaluation.run import load_net
 from vgg_jax.models import create_model
-from vgg_jax.training import checkpoint
-from vgg_jax.weights import weight_files
+from vgg_jax.weights import run_checkpoint, weight_files
 
 WIDTH_DIVISOR, FC_FEATURES = reference.WIDTH_DIVISOR, reference.FC_FEATURES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +45,7 @@ def test_cli_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path):
     np.savez(path, **sd)
     out = str(tmp_path / "converted")
     assert "--mode=eval" in _convert(path, "--version", "vgg11", "--out", out)
-    variables, config = checkpoint.load_variables(out)
+    variables, config, _ = run_checkpoint.load_checkpoint(out)
     assert config.model.version == "A" and config.data.image_size == 32
     assert (config.model.width_divisor, config.model.fc_features) == (WIDTH_DIVISOR, FC_FEATURES)
     np.testing.assert_allclose(config.data.mean_rgb, (123.675, 116.28, 103.53))
@@ -65,7 +64,7 @@ def test_cli_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path):
                    "norm\\) but --version=vgg11 was asked for; pass --version=vgg11_bn, or "
                    "leave --version out.$")
     _convert(bn_path, f"--out={tmp_path / 'bn'}")  # the net is read from the file
-    variables, config = checkpoint.load_variables(str(tmp_path / "bn"))
+    variables, config, _ = run_checkpoint.load_checkpoint(str(tmp_path / "bn"))
     assert config.model.batch_norm
     jax.tree.map(np.testing.assert_array_equal, variables,
                  convert.from_torchvision(bn_sd, "vgg11_bn"))
@@ -98,7 +97,7 @@ def _run_of_our_own(path: str) -> dict:
         mean_rgb=RUN_MEAN, std_rgb=RUN_STD, image_size=64, train_scale_min=RUN_SCALES[0],
         train_scale_max=RUN_SCALES[1], source="digits")
     variables = convert.from_torchvision(reference.state_dict("A", image_size=64), "A")
-    checkpoint.save_variables(path, variables, config)
+    run_checkpoint.save_variables(path, variables, config)
     return variables
 
 
@@ -158,7 +157,7 @@ def test_safetensors_export_loads_into_timms_own_vgg(tmp_path):
 
     config = base.get_config()
     config.model.version, config.model.num_classes, config.model.fc_features = "D", 10, 64
-    checkpoint.save_variables(str(tmp_path / "run"), variables, config)
+    run_checkpoint.save_variables(str(tmp_path / "run"), variables, config)
     out = str(tmp_path / "vgg16.safetensors")
     convert.export_file(str(tmp_path / "run"), out)
     net = timm.create_model("vgg16", num_classes=10, pretrained=False)
@@ -180,7 +179,7 @@ def test_export_of_a_net_torchvision_lacks_fails_in_one_line(tmp_path):
 
     config = base.get_config()
     config.model.version = "C"
-    checkpoint.save_variables(str(tmp_path), {"params": {"w": np.zeros(1, np.float32)}}, config)
+    run_checkpoint.save_variables(str(tmp_path), {"params": {"w": np.zeros(1, np.float32)}}, config)
     _convert(f"--workdir={tmp_path}", f"--out={tmp_path / 'c.pth'}",
              fails="^Conversion failed: torchvision has no VGG of configuration C")
 

@@ -23,8 +23,7 @@ from vgg_jax.evaluation.protocols import Protocol, class_probabilities
 from vgg_jax.evaluation.run import load_net, run_evaluation
 from vgg_jax.models import create_model
 from vgg_jax.runtime import parallel
-from vgg_jax.training import checkpoint
-from vgg_jax.weights import torchvision_format, weight_files
+from vgg_jax.weights import run_checkpoint, torchvision_format, weight_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
@@ -288,7 +287,7 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
     testing.write_folder(str(tmp_path / "data"), {"train": 1, "val": 1}, size=(40, 56),
                          classes=tuple(f"c{i}" for i in range(NUM_CLASSES)))
     workdir = str(tmp_path / "run")
-    checkpoint.save_variables(workdir, net.variables, config)
+    run_checkpoint.save_variables(workdir, net.variables, config)
 
     config.eval.protocol = "dense+multi_crop"
     config.eval.multi_crop_grid = 2
@@ -315,7 +314,7 @@ def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, net):
     jittered_config = config.copy_and_resolve_references()
     jittered_config.data.train_scale_max = 48
     jittered = str(tmp_path / "jittered")
-    checkpoint.save_variables(jittered, net.variables, jittered_config)
+    run_checkpoint.save_variables(jittered, net.variables, jittered_config)
     config.eval.ensemble = (jittered,)
     with pytest.raises(ValueError, match="config.eval.scales"):
         run_evaluation(config, workdir)
@@ -342,7 +341,7 @@ def test_weights_evaluate_as_their_checkpoint_does(tmp_path, net):
     described.data.image_size = 32
     described.data.mean_rgb = tuple(255 * m for m in imagenet.TORCHVISION_MEAN)
     described.data.std_rgb = tuple(255 * s for s in imagenet.TORCHVISION_STD)
-    checkpoint.save_variables(str(tmp_path / "run"), net.variables, described)
+    run_checkpoint.save_variables(str(tmp_path / "run"), net.variables, described)
     file_net, run_net = load_net(weights)[0], load_net(str(tmp_path / "run"))[0]
     assert (file_net.name, file_net.train_scale, file_net.step) == ("A (vgg11)", (256, 256), 0)
     assert file_net.model.image_size == 32 and file_net.version == "A"
@@ -388,7 +387,7 @@ def test_a_batch_norm_checkpoint_evaluates_with_its_running_averages(tmp_path):
     config.model.compute_dtype = "float32"
     config.data.image_size = 32
     config.data.mean_rgb, config.data.std_rgb = MEAN, STD
-    checkpoint.save_variables(str(tmp_path), variables, config)
+    run_checkpoint.save_variables(str(tmp_path), variables, config)
 
     net, _ = load_net(str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, net.variables, variables)

@@ -18,7 +18,8 @@ from vgg_jax.localisation import boxes, dense, run, training
 from vgg_jax.localisation.evaluator import BoxNet, LocalisationEvaluator
 from vgg_jax.localisation.source import LocalisationSource
 from vgg_jax.models import BOX_COORDINATES, PER_CLASS, create_model
-from vgg_jax.training import checkpoint, loop
+from vgg_jax.training import loop
+from vgg_jax.weights import run_checkpoint
 
 # Tiny canvases: the first 40 digits of each split (every class among them), one canvas each.
 _DIGITS = 40
@@ -76,7 +77,7 @@ def test_the_box_net_trains_validates_and_ranks_its_checkpoints(trained):
     assert all("train/loc_error" in r and "train/dropped_crops" in r for r in trained_records)
     assert not any("train/top1_error" in r for r in records)
     # Checkpoints are ranked by the localisation error (the best step has the lowest).
-    _, run_config = checkpoint.load_variables(trained["box_net"], "best")
+    _, run_config, _ = run_checkpoint.load_checkpoint(trained["box_net"], "best")
     assert run_config.model.box_regression == PER_CLASS
 
 
@@ -87,8 +88,8 @@ def test_a_resume_continues_bit_exactly(trained, tmp_path):
     loop.train_and_evaluate(
         _tiny("digits", data_dir, init_from=classifier, **{"train.num_epochs": 1}), workdir)
     loop.train_and_evaluate(_tiny("digits", data_dir, init_from=classifier), workdir)
-    resumed, _ = checkpoint.load_variables(workdir, "latest")
-    reference, _ = checkpoint.load_variables(trained["box_net"], "latest")
+    resumed, _, _ = run_checkpoint.load_checkpoint(workdir, "latest")
+    reference, _, _ = run_checkpoint.load_checkpoint(trained["box_net"], "latest")
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, b)
 

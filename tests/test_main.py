@@ -1,3 +1,4 @@
+
 """main.py end to end in real subprocesses: the quickstart path, resume after SIGKILL,
 preemption by SIGTERM, and the divergence guard."""
 
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from vgg_jax.training import checkpoint
+from vgg_jax.weights import run_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # How long a killed run's workers and resource tracker may take to end (the watchdog polls
@@ -65,7 +66,7 @@ def reference_run(tmp_path_factory, cache_dir):
 
 
 def _final_params(workdir):
-    variables, _ = checkpoint.load_variables(workdir, "latest")
+    variables, _, _ = run_checkpoint.load_checkpoint(workdir, "latest")
     return variables["params"]
 
 
@@ -84,6 +85,9 @@ def test_quickstart_pipeline_end_to_end(reference_run, cache_dir):
     assert sorted(os.listdir(os.path.join(digits, "train"))) == [str(c) for c in range(10)]
     assert sorted(os.listdir(os.path.join(digits, "val"))) == [str(c) for c in range(10)]
     # Per-epoch lines with train/val loss and top-1/top-5 error.
+    output = result.stdout + result.stderr
+    # The silence of the first step's compilation is announced, before any step is logged.
+    assert 0 <= output.find("Compiling the train step") < output.find("step 5 |"), output[-3000:]
     assert "step 44 | epoch 2.00 | train loss" in result.stdout + result.stderr
     assert "Finished at step 66; last validation: top-1 error" in result.stdout + result.stderr
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -265,7 +269,7 @@ def test_divergence_stops_with_a_clear_message(cache_dir, tmp_path):
     directory = os.path.join(workdir, "checkpoints")
     for step in (os.listdir(directory) if os.path.isdir(directory) else []):
         if step.isdigit():
-            params, _ = checkpoint.load_variables(workdir, int(step))
+            params, _, _ = run_checkpoint.load_checkpoint(workdir, int(step))
             assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
 
 
@@ -336,7 +340,7 @@ def test_broken_checkpoints_are_moved_aside_and_the_newest_intact_step_resumes(
 
     # Step 66 without orbax's commit metadata (a copy cut short): orbax counted the step,
     # so the run resumed from 65 and then failed for ever to save 66 again.
-    os.remove(os.path.join(checkpoints, "66", checkpoint.COMPLETE_MARKER))
+    os.remove(os.path.join(checkpoints, "66", run_checkpoint.COMPLETE_MARKER))
     result = _run(_command(workdir, cache_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Checkpoint step 66 was never finished" in result.stderr

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from vgg_jax.training import checkpoint
+from vgg_jax.weights import run_checkpoint
 
 # How long a process that must stop at once may take (start-up included).
 _PROMPT_EXIT_S = 25
@@ -93,8 +93,8 @@ def test_two_processes_train_like_one(single_run):
     root, cache = single_run
     _launch_pair(RUN + [cache, f"--workdir={root / 'multi'}"])
 
-    single_vars, _ = checkpoint.load_variables(str(root / "single"), "latest")
-    multi_vars, _ = checkpoint.load_variables(str(root / "multi"), "latest")
+    single_vars, _, _ = run_checkpoint.load_checkpoint(str(root / "single"), "latest")
+    multi_vars, _, _ = run_checkpoint.load_checkpoint(str(root / "multi"), "latest")
     for a, b in zip(jax.tree.leaves(single_vars["params"]), jax.tree.leaves(multi_vars["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # Only process 0 writes metrics; the same losses, and every validation image once.

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from vgg_jax import metric_names as names
 from vgg_jax import plot
-from vgg_jax.training import metric_names as names
 from vgg_jax.training import writers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

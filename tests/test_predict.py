@@ -18,7 +18,7 @@ from vgg_jax import predict
 from vgg_jax.data import imagenet_classes, testing, transforms
 from vgg_jax.evaluation.protocols import class_probabilities
 from vgg_jax.models import create_model
-from vgg_jax.training import checkpoint
+from vgg_jax.weights import run_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def workdir(tmp_path_factory):
         lambda s: (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32),
         shapes)
     path = str(tmp_path_factory.mktemp("predict") / "run")
-    checkpoint.save_variables(path, {"params": params}, config)
+    run_checkpoint.save_variables(path, {"params": params}, config)
     return path, model, params
 
 
@@ -106,7 +106,7 @@ def test_predict_honours_the_checkpoints_flip_setting(workdir, images, tmp_path,
     config.data = small_data.data_config(mean_rgb=MEAN, std_rgb=STD)
     config.eval.flip = False
     path = str(tmp_path / "no_flip")
-    checkpoint.save_variables(path, {"params": params}, config)
+    run_checkpoint.save_variables(path, {"params": params}, config)
     image_path = images[0][0]  # 48 x 64: not mirror-symmetric
     with open(image_path, "rb") as f:
         data = f.read()

@@ -19,8 +19,7 @@ import torchvision_reference as reference
 from configs import base
 from vgg_jax import pretrained
 from vgg_jax.data import imagenet_classes
-from vgg_jax.training import checkpoint
-from vgg_jax.weights import torchvision_format, weight_files
+from vgg_jax.weights import run_checkpoint, torchvision_format, weight_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHVISION_MEAN, TORCHVISION_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -146,7 +145,7 @@ def _save_run(path, sd, version="A"):
     config.data = small_data.data_config(mean_rgb=(120.0, 115.0, 100.0),
                                          std_rgb=(60.0, 55.0, 50.0), image_size=64)
     variables = torchvision_format.from_torchvision(sd, version)
-    checkpoint.save_variables(path, variables, config, step=7)
+    run_checkpoint.save_variables(path, variables, config, step=7)
     return config
 
 

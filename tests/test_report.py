@@ -14,7 +14,7 @@ from vgg_jax.data import testing
 from vgg_jax.evaluation import paper, report, results
 from vgg_jax.evaluation.run import run_evaluation
 from vgg_jax.models import create_model
-from vgg_jax.training import checkpoint
+from vgg_jax.weights import run_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JITTERED = (256, 512)
@@ -75,7 +75,7 @@ def test_report_gathers_the_newest_evaluations_of_a_run(tmp_path):
     model = create_model("D", num_classes=4, image_size=32, width_divisor=32, fc_features=16)
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     workdir = str(tmp_path / "run")
-    checkpoint.save_variables(workdir, {"params": params}, config, step=7)
+    run_checkpoint.save_variables(workdir, {"params": params}, config, step=7)
 
     config.eval.protocol = "dense"
     run_evaluation(config, workdir)

@@ -24,6 +24,7 @@ from vgg_jax.runtime import parallel, profiling
 from vgg_jax.training import checkpoint, loop, optim, progress, run_state, writers
 from vgg_jax.training.state import create_train_state
 from vgg_jax.training.step import jit_train_step
+from vgg_jax.weights import run_checkpoint
 
 NUM_CLASSES = 10
 # How long a released thread may take to finish the read it was in (grain's reader stops
@@ -204,10 +205,10 @@ def test_the_run_state_round_trips_through_a_checkpoint(tmp_path):
     fresh_iterator = _grain_iterator()
     fresh_iterator.set_state(json.loads(restored.data_position))
     assert [next(fresh_iterator) for _ in range(3)] == expected_next
-    assert consumed and checkpoint.read_meta(manager, 1)["validation"]["val/top1_error"] == 0.5
+    assert consumed and run_checkpoint.read_meta(manager, 1)["validation"]["val/top1_error"] == 0.5
     assert restored.train.batch_stats == {}  # a net without batch norm saves none
 
-    variables, loaded_config = checkpoint.load_variables(str(tmp_path))
+    variables, loaded_config, _ = run_checkpoint.load_checkpoint(str(tmp_path))
     for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, b)
     assert loaded_config.model.width_divisor == 16
@@ -221,11 +222,11 @@ def test_retention_keeps_the_newest_and_the_best(tmp_path):
     for step in range(1, 9):
         metrics = {"val/top1_error": errors[step]} if step in errors else {}
         checkpoint.save(manager, step, params=params,
-                        meta={"config": {}, checkpoint.VALIDATION: metrics}, metrics=metrics)
+                        meta={"config": {}, run_checkpoint.VALIDATION: metrics}, metrics=metrics)
         manager.wait_until_finished()
     assert sorted(manager.all_steps()) == [4, 7, 8]
-    assert checkpoint.best_step(manager) == 4
-    assert checkpoint.resolve_step(manager, "latest") == 8
+    assert run_checkpoint.best_step(manager) == 4
+    assert run_checkpoint.resolve_step(manager, "latest") == 8
     manager.close()
 
 
@@ -253,9 +254,9 @@ def test_best_is_a_validated_step_whose_single_crop_evaluation_reproduces_its_va
     assert validation["step"] == 2
     manager = checkpoint.create_manager(workdir)
     assert manager.all_steps() == [1, 2, 3]
-    assert [checkpoint.VALIDATION in checkpoint.read_meta(manager, step)
+    assert [run_checkpoint.VALIDATION in run_checkpoint.read_meta(manager, step)
             for step in (1, 2, 3)] == [False, True, False]
-    assert checkpoint.resolve_step(manager, "best") == checkpoint.resolve_step(manager, None) == 2
+    assert run_checkpoint.resolve_step(manager, "best") == run_checkpoint.resolve_step(manager, None) == 2
     manager.close()
     config.eval.protocol = "single_crop"
     (row,) = evaluation.run_evaluation(config, workdir)
@@ -274,7 +275,7 @@ def test_an_incomplete_step_directory_is_ignored_on_resume(tmp_path):
     # A step-named directory without orbax's completion marker, as a cut-short copy leaves.
     os.makedirs(tmp_path / "checkpoints" / "7" / "params")
     reopened = checkpoint.create_manager(str(tmp_path))
-    assert checkpoint.latest_complete_step(reopened) == 3
+    assert run_checkpoint.complete_steps(reopened)[-1] == 3
     reopened.close()
 
 
@@ -309,7 +310,7 @@ def test_training_loop_on_a_tfds_data_set(tmp_path):
         shutil.copytree(tmp_path / "run", tmp_path / "resumed")
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "10")
         resumed_metrics = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-        variables, loaded_config = checkpoint.load_variables(str(tmp_path / "run"), "latest")
+        variables, loaded_config, _ = run_checkpoint.load_checkpoint(str(tmp_path / "run"), "latest")
         validate = loop.validation_fn(models.create_model_from_config(loaded_config), config,
                                        parallel.create_mesh())
         revalidated = validate(variables)
@@ -319,7 +320,7 @@ def test_training_loop_on_a_tfds_data_set(tmp_path):
     assert metrics["val/count"] == 12
     assert np.isfinite(metrics["val/loss"])
     assert loaded_config.data.name == "cifar10" and loaded_config.model.batch_norm
-    resumed, _ = checkpoint.load_variables(str(tmp_path / "resumed"), 10)
+    resumed, _, _ = run_checkpoint.load_checkpoint(str(tmp_path / "resumed"), 10)
     assert set(variables) == {"params", "batch_stats"}
     jax.tree.map(np.testing.assert_array_equal, resumed, variables)
     assert resumed_metrics == metrics
@@ -431,7 +432,7 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
 
     def run(accum, name):
         loop.train_and_evaluate(config_for(accum), str(tmp_path / name))
-        variables, _ = checkpoint.load_variables(str(tmp_path / name), "latest")
+        variables, _, _ = run_checkpoint.load_checkpoint(str(tmp_path / name), "latest")
         return variables
 
     def records(name, metric):
@@ -450,7 +451,7 @@ def test_accumulation_counts_optimiser_steps_trains_as_the_whole_batch_and_resum
     sender.join()
     manager = checkpoint.create_manager(str(tmp_path / "resumed"))
     assert manager.all_steps() == [1]
-    assert checkpoint.read_meta(manager, 1)[run_state.RUN]["validation_pending"]
+    assert run_checkpoint.read_meta(manager, 1)[run_state.RUN]["validation_pending"]
     manager.close()
     assert [r["step"] for r in records("resumed", "train/loss")] == [1]
     assert records("resumed", "val/loss") == []  # saved, not validated

@@ -19,9 +19,10 @@ from vgg_jax import convert, models
 from vgg_jax.config_checks import ConfigError
 from vgg_jax.data import testing
 from vgg_jax.runtime import parallel
-from vgg_jax.training import checkpoint, loop, optim, warm_start
+from vgg_jax.training import loop, optim, warm_start
 from vgg_jax.training.state import create_train_state
 from vgg_jax.training.step import jit_train_step
+from vgg_jax.weights import run_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = np.zeros((1, 32, 32, 3), np.float32)
@@ -46,7 +47,7 @@ def test_from_net_a_into_a_deeper_net_the_papers_layers_by_default():
     source = _params(config, 1)["params"]
     config.model.version = "D"
     target = _params(config, 2)["params"]
-    new, copied, skipped = warm_start.transfer_parameters(
+    new, copied, skipped = warm_start.copy_layers(
         target, source, (), source_version="A", version="D")
     assert tuple(copied) == warm_start.PAPER_LAYERS
     # conv4_1 has equal shapes in A and D, but the paper did not copy it.
@@ -58,17 +59,17 @@ def test_from_net_a_into_a_deeper_net_the_papers_layers_by_default():
         jax.tree.map(np.testing.assert_array_equal, new[name], expected)
 
     # The same net (another scale, another head): every layer of equal shape.
-    _, copied, skipped = warm_start.transfer_parameters(
+    _, copied, skipped = warm_start.copy_layers(
         source, _params(_small(quickstart.get_config(), num_classes=3), 3)["params"], (),
         source_version="A", version="A")
     assert "fc8" not in copied and skipped == {"fc8": "new head: 3 classes in the source, "
                                                         "10 here"}
     # An explicit choice wins, and must exist in both nets.
-    _, copied, skipped = warm_start.transfer_parameters(target, source, ["conv1_1"],
+    _, copied, skipped = warm_start.copy_layers(target, source, ["conv1_1"],
                                                        source_version="A", version="D")
     assert copied == ["conv1_1"] and skipped["fc6"] == "not in config.init_from_layers"
     with pytest.raises(ConfigError, match="conv1_2"):
-        warm_start.transfer_parameters(target, source, ("conv1_2",))
+        warm_start.copy_layers(target, source, ("conv1_2",))
 
 
 def test_batch_norm_follows_its_conv_and_the_other_family_is_refused():
@@ -77,18 +78,18 @@ def test_batch_norm_follows_its_conv_and_the_other_family_is_refused():
                             jax.random.key(0), IMAGES)["params"]
     source = jax.tree.map(lambda s: np.full(s.shape, 7.0, np.float32), shapes)
     target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
-    new, copied, _ = warm_start.transfer_parameters(target, source, ("conv1_1", "fc8"))
+    new, copied, _ = warm_start.copy_layers(target, source, ("conv1_1", "fc8"))
     assert copied == ["conv1_1", "conv1_1_bn", "fc8"]
     assert float(new["conv1_1_bn"]["scale"][0]) == 7 and float(new["conv2_1_bn"]["scale"][0]) == 0
     plain = _params(_small(quickstart.get_config()), 0)["params"]
     with pytest.raises(ConfigError, match="with batch norm and this one is not; pass "
                        "--config.model.batch_norm=True"):
-        warm_start.transfer_parameters(plain, source, ())
+        warm_start.copy_layers(plain, source, ())
 
 
-def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
+def test_a_warm_start_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
     wide = _small(quickstart.get_config())
-    checkpoint.save_variables(str(tmp_path / "wide"), _params(wide, 0), wide)
+    run_checkpoint.save_variables(str(tmp_path / "wide"), _params(wide, 0), wide)
     config = _small(quickstart.get_config())
     # Another width and FC size (the converted vgg11 into the quickstart's net):
     # no layer has the same shapes.
@@ -102,7 +103,7 @@ def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
     # The same, from the shapes alone, before any work: a training run stops before its
     # net and optimiser state are built.
     with pytest.raises(ConfigError, match=nothing):
-        warm_start.check_transfer(config)
+        warm_start.check_warm_start(config)
     testing.write_folder(str(tmp_path / "data"), {"train": 2, "val": 1}, size=(40, 40))
     config.data.source, config.data.data_dir = "folder", str(tmp_path / "data")
     config.train.batch_size, config.wandb.mode = 4, "disabled"
@@ -114,7 +115,7 @@ def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=nothing):
         loop.train_and_evaluate(config, str(tmp_path / "run"))
     config.model.width_divisor, config.model.fc_features = 16, 32
-    warm_start.check_transfer(config)
+    warm_start.check_warm_start(config)
     _, _, lines = warm_start.initialise(config, _params(config, 1)["params"], {})
     assert lines[0].startswith(f"Initialised from {tmp_path / 'wide'} (step 0): copied conv1_1")
     # Freezing a layer the source does not provide (here a new head) is refused too.
@@ -125,7 +126,7 @@ def test_a_transfer_that_copies_nothing_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=unprovided):
         warm_start.initialise(config, _params(config, 1)["params"], {})
     with pytest.raises(ConfigError, match=unprovided):
-        warm_start.check_transfer(config)
+        warm_start.check_warm_start(config)
     # And so is freezing without a source at all.
     config.init_from = ""
     with pytest.raises(ConfigError, match="frozen_layers is set without config.init_from"):
@@ -147,7 +148,7 @@ def test_init_from_takes_a_weight_file_as_it_is(tmp_path):
         "A", 16, 32, False, 10)
     assert (d.image_size, d.train_scale_min, d.train_scale_max) == (32, 256, 256)
     assert tuple(d.mean_rgb) == TORCHVISION_MEAN and "inherited from" in lines[-2]
-    warm_start.check_transfer(config)
+    warm_start.check_warm_start(config)
     params, _, lines = warm_start.initialise(config, _params(config, 0)["params"], {})
     expected = convert.from_torchvision(state_dict, "vgg11")["params"]
     for name in ("conv1_1", "conv5_2", "fc6", "fc7"):
@@ -163,14 +164,14 @@ def test_init_from_takes_a_weight_file_as_it_is(tmp_path):
     config.init_from = str(tmp_path / "broken.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"not really")
     with pytest.raises(ConfigError, match="broken.safetensors is not a readable safetensors"):
-        warm_start.check_transfer(config)
+        warm_start.check_warm_start(config)
 
 
 def test_resolve_takes_the_net_and_preprocessing_from_the_source(tmp_path):
     source = _small(base.get_config(), version="B", batch_norm=True)
     source.data.image_size = 64
     source.data.mean_rgb, source.data.std_rgb = TORCHVISION_MEAN, (58.4, 57.1, 57.4)
-    checkpoint.save_variables(str(tmp_path / "src"), {"params": {}}, source)
+    run_checkpoint.save_variables(str(tmp_path / "src"), {"params": {}}, source)
 
     config = finetune.get_config()
     with pytest.raises(ConfigError, match="config.model.version is unset.*--config.init_from"):
@@ -270,7 +271,7 @@ def test_finetune_command_from_a_converted_state_dict(tmp_path):
     assert result.returncode == 0, log[-3000:]
     assert "inherited from" in log and "std_rgb=(58.395, 57.12, 57.375)" in log
     assert "Not copied: fc8, new head: 100 classes in the source, 10 here." in log
-    variables, config = checkpoint.load_variables(workdir, "latest")
+    variables, config, _ = run_checkpoint.load_checkpoint(workdir, "latest")
     assert config.model.num_classes == 10 and tuple(config.data.mean_rgb) == TORCHVISION_MEAN
     source = convert.from_torchvision(state_dict, "A")["params"]
     for name, group in variables["params"].items():

@@ -19,7 +19,7 @@ import pytest
 from absl import logging as absl_logging
 
 from configs import base
-from vgg_jax.training import metric_names as names
+from vgg_jax import metric_names as names
 from vgg_jax.training import writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,7 +24,7 @@ from vgg_jax.evaluation import protocols
 from vgg_jax.localisation import training as localisation_training
 from vgg_jax.models import check_config as check_model_config
 from vgg_jax.models import check_frozen_layers
-from vgg_jax.training import checkpoint, loop, optim, task, writers
+from vgg_jax.training import checkpoint, optim, progress, task, writers
 
 __all__ = ["ConfigError", "command_line_mistake", "validate_config"]
 
@@ -37,7 +37,7 @@ def validate_config(
     Args:
       config: the full run config.
       device_count: devices over all processes (the batch is split over them); None
-        leaves `loop.check_batch_split` for later (main.py runs it once jax.distributed has
+        leaves `progress.check_batch_split` for later (main.py runs it once jax.distributed has
         joined the processes, which it need not wait for to find other mistakes).
       process_count: number of processes (each reads its share of every batch).
       check_data: also check that the data set exists (cheap; no image is decoded).
@@ -49,9 +49,9 @@ def validate_config(
     check_frozen_layers(config.train.get("frozen_layers", ()), config.model.version)
     pipeline.check_config(config.data)
     preprocess.check_config(config.data)
-    loop.check_config(config.train)
+    progress.check_config(config.train)
     if device_count is not None:
-        loop.check_batch_split(config.train, device_count, process_count)
+        progress.check_batch_split(config.train, device_count, process_count)
     optim.check_config(config.train)
     checkpoint.check_config(config.checkpoint)
     writers.check_config(config.wandb)

@@ -39,8 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vgg_jax.runtime import console
-from vgg_jax.training import checkpoint
-from vgg_jax.weights import specs, timm_format, weight_files
+from vgg_jax.weights import run_checkpoint, specs, timm_format, weight_files
 from vgg_jax.weights.torchvision_format import (  # noqa: F401  (this module's Python API)
     TORCHVISION_NAMES,
     feature_indices,
@@ -105,7 +104,7 @@ def convert_file(spec: str, out: str, base_config: ml_collections.ConfigDict,
       version: the net the weights must be ("A", "vgg16_bn", ...); None: whatever they are.
 
     Returns:
-      The workdir written (what `checkpoint.save_variables` returns).
+      The workdir written (what `run_checkpoint.save_variables` returns).
 
     Raises:
       ValueError: for weights that cannot be loaded, or are not `version`.
@@ -114,7 +113,7 @@ def convert_file(spec: str, out: str, base_config: ml_collections.ConfigDict,
     if version:
         _check_version(spec, loaded.config, version)
     config = converted_config(loaded.config, base_config)
-    return checkpoint.save_variables(out, loaded.variables, config)
+    return run_checkpoint.save_variables(out, loaded.variables, config)
 
 
 def _check_version(spec: str, config: ml_collections.ConfigDict, version: str) -> None:
@@ -156,7 +155,7 @@ def export_file(path: str, out: str, step: int | str | None = None) -> str:
     Raises:
       ValueError: if the path holds no checkpoint, or a net torchvision does not have.
     """
-    variables, config, chosen = checkpoint.load_checkpoint(path, step)
+    variables, config, chosen = run_checkpoint.load_checkpoint(path, step)
     batch_norm = bool(config.model.get("batch_norm", False))
     name = torchvision_name(config.model.version, batch_norm)
     state_dict = to_torchvision(variables, name)
@@ -165,7 +164,7 @@ def export_file(path: str, out: str, step: int | str | None = None) -> str:
         last_channels = int(np.shape(variables["params"]["fc6"]["kernel"])[2])
         state_dict = timm_format.to_timm(state_dict, last_channels)
     records = out.endswith((weight_files.SAFETENSORS_SUFFIX, weight_files.NPZ_SUFFIX))
-    weight_files.write(state_dict, out, checkpoint.config_to_json(config) if records else None)
+    weight_files.write(state_dict, out, run_checkpoint.config_to_json(config) if records else None)
     return _usage(name, out, config, chosen, timm, records)
 
 
@@ -231,7 +230,7 @@ def main(argv: Sequence[str]) -> None:
         sys.exit("Pass the weights to import (a file, vgg16, hf-hub:ORG/NAME), or --workdir "
                  "to export a checkpoint.")
     weights = positional[0]
-    existing = checkpoint.checkpoint_dir(f.out)
+    existing = run_checkpoint.checkpoint_dir(f.out)
     if os.path.isdir(existing) and os.listdir(existing):
         sys.exit(f"{existing} already holds checkpoints; pass a new --out directory "
                  "(converted weights would mix with that run's steps).")
@@ -242,7 +241,7 @@ def main(argv: Sequence[str]) -> None:
         out = convert_file(weights, f.out, f.config, f.version)
     except ValueError as e:
         sys.exit(f"Conversion failed: {e}")
-    for line in next_steps(out, checkpoint.load_checkpoint(out, shapes_only=True).config):
+    for line in next_steps(out, run_checkpoint.load_checkpoint(out, shapes_only=True).config):
         print(line)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure
 
-from vgg_jax.training import metric_names as names
+from vgg_jax import metric_names as names
 from vgg_jax.training import writers
 
 # (panel title, train metric, validation metric); None = not drawn for that split.

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from absl import app, flags
 
 from benchmarks.speed import compiles, json_out, settings, step
+from vgg_jax.runtime import parallel
 
 _OUT = flags.DEFINE_string("out", None, "The JSON file written.", required=True)
 _NETS = flags.DEFINE_list(
@@ -63,7 +64,6 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from vgg_jax.runtime import parallel
 
     mesh = parallel.create_mesh()
     record = compiles.CompileRecord()

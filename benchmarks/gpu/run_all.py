@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from absl import app, flags
 
 from benchmarks.gpu import header, train_run
-from benchmarks.speed import json_out
+from benchmarks.speed import json_out, photos, report
 
 _OUT = flags.DEFINE_string("out", None, "Folder the JSON files are written into.",
                            required=True)
@@ -192,7 +192,6 @@ def train_settings(tiny: bool, workers: int) -> train_run.TrainRunSettings:
 
 def write_folder(root: str, tiny: bool) -> None:
     """Writes the photo-like JPEG folder (train/ and val/); runs in a child process."""
-    from benchmarks.speed import photos
 
     train, val, classes, size = FOLDER_TINY if tiny else FOLDER_GPU
     photos.write_photo_folder(root, {"train": train, "val": val}, num_classes=classes,
@@ -217,7 +216,6 @@ def merge_torch(out: str) -> None:
     Args:
       out: the output folder; its torch.json is removed.
     """
-    from benchmarks.speed import report
 
     torch_path, d_path = os.path.join(out, TORCH_JSON), os.path.join(out, "d_bf16.json")
     if not os.path.exists(torch_path):

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vgg_jax.training import metric_names as names
+from vgg_jax import metric_names as names
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _METRICS = "metrics.jsonl"

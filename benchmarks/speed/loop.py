@@ -24,6 +24,8 @@ from typing import Any
 
 from benchmarks.speed import photos, shared_memory
 from benchmarks.speed.settings import LoopSettings
+from vgg_jax.data import pipeline
+from vgg_jax.runtime import device_prefetch, parallel
 
 # The loop reaches the synthetic rate "enough" above this fraction: the step bounds it.
 STEP_BOUND_FRACTION = 0.9
@@ -85,7 +87,6 @@ class _Timing:
 
 
 def _feeder(name: str, dataset, mesh, depth: int):
-    from vgg_jax.runtime import device_prefetch, parallel
 
     if name == "grain":
         import grain
@@ -213,7 +214,6 @@ def measure_loop(config, mesh, compiled, state, batch_per_call: int, synthetic_r
     """
     import jax
 
-    from vgg_jax.data import pipeline
 
     data = config.data
     timed = loop_steps(settings, steps, int(data.num_workers), int(data.prefetch_buffer_size))

@@ -15,7 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.speed import step
 from benchmarks.speed.settings import MaxBatchSettings
+from vgg_jax import models
+from vgg_jax.runtime import parallel
+from vgg_jax.training import optim
+from vgg_jax.training.state import create_train_state
+from vgg_jax.training.step import jit_train_step
 
 # What JAX takes of a GPU's memory when XLA_PYTHON_CLIENT_MEM_FRACTION is unset.
 _DEFAULT_MEM_FRACTION = "unset (0.75)"
@@ -105,12 +111,6 @@ def step_plan(config, mesh) -> Callable[[int], int]:
     """
     import jax
 
-    from benchmarks.speed import step
-    from vgg_jax import models
-    from vgg_jax.runtime import parallel
-    from vgg_jax.training import optim
-    from vgg_jax.training.state import create_train_state
-    from vgg_jax.training.step import jit_train_step
 
     model = models.create_model_from_config(config)
     tx = optim.create_optimizer(config.train)
@@ -184,7 +184,6 @@ def step_fits(config, mesh, per_device: int) -> bool:
     """
     import jax
 
-    from benchmarks.speed import step
 
     built = None
     try:

@@ -17,6 +17,12 @@ from typing import Any
 
 from benchmarks.speed import peaks
 from benchmarks.speed.settings import StepSettings
+from vgg_jax import models
+from vgg_jax.models import flops
+from vgg_jax.runtime import parallel
+from vgg_jax.training import optim
+from vgg_jax.training.state import create_train_state
+from vgg_jax.training.step import jit_train_step
 
 # Standard deviation (0-255 units) of the synthetic batch's per-image colour offset, about
 # the size of the recipe's PCA colour shift (std 0.1 x eigenvalue 0.2175 x 255 = 5.5 along
@@ -83,7 +89,6 @@ def abstract_batch(config, mesh, batch_per_call: int) -> dict[str, Any]:
     """
     import jax
 
-    from vgg_jax.runtime import parallel
 
     sharding = parallel.batch_sharded(mesh)
     one = synthetic_batch(config, 1)
@@ -105,11 +110,6 @@ def build_step(config, mesh, batch_per_call: int) -> BuiltStep:
     """
     import jax
 
-    from vgg_jax import models
-    from vgg_jax.runtime import parallel
-    from vgg_jax.training import optim
-    from vgg_jax.training.state import create_train_state
-    from vgg_jax.training.step import jit_train_step
 
     model = models.create_model_from_config(config)
     tx = optim.create_optimizer(config.train)
@@ -213,7 +213,6 @@ def step_figures(built: BuiltStep, times: list[float], back_to_back: float,
     """
     import jax
 
-    from vgg_jax.models import flops
 
     median = statistics.median(times)
     device = jax.devices()[0]

@@ -12,6 +12,8 @@ import multiprocessing
 from typing import Any
 
 from benchmarks import torch_reference
+from vgg_jax.convert import TORCHVISION_NAMES
+from vgg_jax.models import TOTAL_STRIDE, canonical_version
 
 
 def torch_spec(config, steps: int, warmup: int, compile_model: bool,
@@ -28,8 +30,6 @@ def torch_spec(config, steps: int, warmup: int, compile_model: bool,
     Returns:
       The spec `torch_reference.torch_train_step_benchmark` takes.
     """
-    from vgg_jax.convert import TORCHVISION_NAMES
-    from vgg_jax.models import TOTAL_STRIDE, canonical_version
 
     m, d, t = config.model, config.data, config.train
     version = canonical_version(m.version)
@@ -63,8 +63,6 @@ def run_torch(config, steps: int, warmup: int, compile_model: bool,
       when torchvision has no such net (C, A-LRN), torch cannot be imported, or
       `require_cuda` is set and torch sees no CUDA device.
     """
-    from vgg_jax.convert import TORCHVISION_NAMES
-    from vgg_jax.models import canonical_version
 
     version = canonical_version(config.model.version)
     if version not in TORCHVISION_NAMES:

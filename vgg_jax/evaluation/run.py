@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 from vgg_jax.config_values import string_list
+from vgg_jax.data import sources
 from vgg_jax.evaluation import results
 from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
 from vgg_jax.evaluation.protocols import Protocol, scales_for
@@ -86,8 +87,6 @@ def run_evaluation(
     Returns:
       The result rows (also printed, and written as eval_results.json / .md).
     """
-    from vgg_jax.data import sources
-
     ev = config.eval
     nets = _load_ensemble(config, weights or workdir, step)
     scales = scales_for(nets[0].train_scale, bool(ev.multi_scale), ev.scales)

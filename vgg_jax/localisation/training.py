@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vgg_jax import metric_names as names
 from vgg_jax.config_values import ConfigError, require
 from vgg_jax.data import sources, transforms
 from vgg_jax.evaluation.evaluator import EvalNet
@@ -27,7 +28,6 @@ from vgg_jax.localisation import annotations, canvas, protocols, regression
 from vgg_jax.localisation.evaluator import BoxNet, LocalisationEvaluator
 from vgg_jax.localisation.source import LocalisationSource, class_synsets, image_index, join
 from vgg_jax.models import BOX_COORDINATES, VGG, is_box_regressor
-from vgg_jax.training import metric_names as names
 
 # The entries a localisation training example adds to classification's.
 BOX_KEY, BOX_WEIGHT_KEY = "box", "box_weight"

@@ -11,6 +11,5 @@
   checkpoint.py           orbax checkpoints: save, restore, best (validated) and latest
   checkpoint_recovery.py  unfinished or damaged steps moved aside; the newest that restores
   warm_start.py           starting from another net's checkpoint: layers copied or skipped
-  metric_names.py         the names of the logged metrics
   writers/                console, JSON lines and wandb behind one interface
 """

@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vgg_jax.config_values import ConfigError, require
+from vgg_jax import metric_names as names
+from vgg_jax.config_values import ConfigError
 from vgg_jax.data import pipeline, sources, transforms
 from vgg_jax.evaluation.evaluator import EvalNet, Evaluator
 from vgg_jax.evaluation.protocols import SINGLE_CROP, Protocol
@@ -38,62 +39,15 @@ from vgg_jax.training import (
     warm_start,
     writers,
 )
-from vgg_jax.training import metric_names as names
 from vgg_jax.training import task as tasks
 from vgg_jax.training.progress import StepCounts
 from vgg_jax.training.run_state import RunState, Validation
 from vgg_jax.training.state import TrainState, create_train_state
 from vgg_jax.training.step import jit_train_step
+from vgg_jax.weights import run_checkpoint
 
 # Guards the images/s division when a log interval measured no time.
 _TINY_SECONDS = 1e-9
-
-
-def check_config(train_config: ml_collections.ConfigDict) -> None:
-    """The rules of config.train's batch, length, cadence and profile fields (the
-    optimiser's own: `optim.check_config`).
-
-    Args:
-      train_config: config.train.
-
-    Raises:
-      ConfigError: one sentence naming the first bad field and the fix.
-    """
-    t = train_config
-    require(t.batch_size >= 1, f"config.train.batch_size={t.batch_size} must be positive.")
-    require(t.grad_accum_steps >= 1,
-            f"config.train.grad_accum_steps={t.grad_accum_steps} must be at least 1 (1 means "
-            "no accumulation).")
-    require(t.batch_size % t.grad_accum_steps == 0,
-            f"config.train.batch_size={t.batch_size} is not divisible by "
-            f"config.train.grad_accum_steps={t.grad_accum_steps}; pick an accumulation count "
-            "that divides the batch.")
-    require(t.num_epochs >= 1, f"config.train.num_epochs={t.num_epochs} must be at least 1.")
-    require(t.profile_num_steps >= 1,
-            f"config.train.profile_num_steps={t.profile_num_steps} must be at least 1 "
-            "(profiling is off while config.train.profile_first_step is -1).")
-    for field in ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps"):
-        require(t[field] >= 1, f"config.train.{field}={t[field]} must be at least 1.")
-
-
-def check_batch_split(train_config: ml_collections.ConfigDict, device_count: int,
-                      process_count: int = 1) -> None:
-    """Checks that the training batch splits evenly over the devices (validation pads its
-    batches to whole multiples of the devices itself).
-
-    Args:
-      train_config: config.train (already through `check_config`).
-      device_count: devices over all processes.
-      process_count: number of processes.
-
-    Raises:
-      ConfigError: naming the batch field and a size that divides.
-    """
-    t = train_config
-    micro_batch = t.batch_size // t.grad_accum_steps
-    require(micro_batch % device_count == 0 and micro_batch % process_count == 0,
-            f"config.train.batch_size={t.batch_size} (per accumulation step {micro_batch}) is "
-            f"not divisible by the {device_count} devices; use a multiple of {device_count}.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -159,9 +113,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     model = create_model_from_config(config)
     tx = optim.create_optimizer(tc, frozen=model.frozen_parameters)
     fresh_state = functools.partial(create_train_state, model, tx, config.seed, mesh)
-    resuming = bool(checkpoint.complete_steps(manager))
+    resuming = bool(run_checkpoint.complete_steps(manager))
     if not resuming and config.init_from:
-        warm_start.check_transfer(config)  # from shapes, before the net is built
+        warm_start.check_warm_start(config)  # from shapes, before the net is built
     # The run state's layout, from shapes alone (nothing compiled), to check the newest
     # checkpoint against this config before any work.
     run = RunState(train=jax.eval_shape(fresh_state), step=0, plateau=optim.plateau_init(tc),
@@ -251,7 +205,7 @@ def _newest_if_finished(manager, like: RunState, config: ml_collections.ConfigDi
     finished, read whole into the arrays' shapes alone (nothing compiled, no worker
     started), so that a damaged last step is left to the restore's walk, which moves it
     aside and redoes it from the step before."""
-    step, found, mismatch = checkpoint.complete_steps(manager)[-1], None, ""
+    step, found, mismatch = run_checkpoint.complete_steps(manager)[-1], None, ""
     # Around the attempts: a failing read closes orbax's event loop before it raises.
     with checkpoint_recovery.LateReadsOfFailedRestoresIgnored() as late_reads:
         try:
@@ -378,6 +332,11 @@ class _Loop:
             # before the next step, gives the plateau rule what the uninterrupted run had.
             self._validate_and_adjust()
             self.interval = _LogInterval()
+        if not progress.finished(self.run_state, counts):
+            # XLA compiles the step on its first call: seconds on a CPU, up to a minute for
+            # VGG-16 on a GPU, which would otherwise pass in silence.
+            logging.info("Compiling the train step (%d images per call); the first step "
+                         "waits for it.", counts.micro_batch)
         while not progress.finished(self.run_state, counts):
             self._train_step()
             step = self.run_state.step

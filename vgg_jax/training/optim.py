@@ -42,8 +42,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from vgg_jax import metric_names
 from vgg_jax.config_values import require
-from vgg_jax.training import metric_names
 
 # Name of the hyperparameter that `optax.inject_hyperparams` keeps in the optimiser state.
 _LEARNING_RATE = "learning_rate"

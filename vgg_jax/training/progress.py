@@ -12,13 +12,60 @@ from absl import logging
 
 from vgg_jax.config_values import require
 from vgg_jax.data import pipeline
-from vgg_jax.training import checkpoint
 from vgg_jax.training.run_state import RunState
+from vgg_jax.weights import run_checkpoint
 
 # Fewer optimiser steps than this between two validations, and the plateau rule judges
 # progress on a handful of updates (SGD's momentum alone averages over ~10 at 0.9): the
 # run is warned that it may cut and stop early.
 _FEW_STEPS_PER_VALIDATION = 10
+
+
+def check_config(train_config: ml_collections.ConfigDict) -> None:
+    """The rules of config.train's batch, length, cadence and profile fields (the
+    optimiser's own: `optim.check_config`).
+
+    Args:
+      train_config: config.train.
+
+    Raises:
+      ConfigError: one sentence naming the first bad field and the fix.
+    """
+    t = train_config
+    require(t.batch_size >= 1, f"config.train.batch_size={t.batch_size} must be positive.")
+    require(t.grad_accum_steps >= 1,
+            f"config.train.grad_accum_steps={t.grad_accum_steps} must be at least 1 (1 means "
+            "no accumulation).")
+    require(t.batch_size % t.grad_accum_steps == 0,
+            f"config.train.batch_size={t.batch_size} is not divisible by "
+            f"config.train.grad_accum_steps={t.grad_accum_steps}; pick an accumulation count "
+            "that divides the batch.")
+    require(t.num_epochs >= 1, f"config.train.num_epochs={t.num_epochs} must be at least 1.")
+    require(t.profile_num_steps >= 1,
+            f"config.train.profile_num_steps={t.profile_num_steps} must be at least 1 "
+            "(profiling is off while config.train.profile_first_step is -1).")
+    for field in ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps"):
+        require(t[field] >= 1, f"config.train.{field}={t[field]} must be at least 1.")
+
+
+def check_batch_split(train_config: ml_collections.ConfigDict, device_count: int,
+                      process_count: int = 1) -> None:
+    """Checks that the training batch splits evenly over the devices (validation pads its
+    batches to whole multiples of the devices itself).
+
+    Args:
+      train_config: config.train (already through `check_config`).
+      device_count: devices over all processes.
+      process_count: number of processes.
+
+    Raises:
+      ConfigError: naming the batch field and a size that divides.
+    """
+    t = train_config
+    micro_batch = t.batch_size // t.grad_accum_steps
+    require(micro_batch % device_count == 0 and micro_batch % process_count == 0,
+            f"config.train.batch_size={t.batch_size} (per accumulation step {micro_batch}) is "
+            f"not divisible by the {device_count} devices; use a multiple of {device_count}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +178,7 @@ def outcome(run: RunState, counts: StepCounts, workdir: str,
         lines.append(f"This run went to step {run.step}, beyond the {counts.total_steps} that "
                      f"config.train.num_epochs={config.train.num_epochs} asks for.")
     status = "Finished" if finished(run, counts) else "Stopped"
-    checkpoints = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_SUBDIR)
+    checkpoints = os.path.join(os.path.abspath(workdir), run_checkpoint.CHECKPOINT_SUBDIR)
     v = run.last_validation
     if v is None:
         lines.append(f"{status} at step {run.step}, not validated yet. Checkpoints: {checkpoints}")

@@ -39,6 +39,7 @@ from vgg_jax.config_values import ConfigError, require
 from vgg_jax.models import canonical_version
 from vgg_jax.training import checkpoint, optim
 from vgg_jax.training.state import TrainState
+from vgg_jax.weights import run_checkpoint
 
 # Fields a resumed run must share with the run that saved the checkpoint: they fix the
 # shapes of the saved state, what a step means, and the data iterator's saved position.
@@ -139,11 +140,11 @@ def save(manager: ocp.CheckpointManager, run: RunState, config: ml_collections.C
       config: the run's config (saved with it).
       epoch: the epoch `run.step` ends or lies in.
     """
-    meta = {"config": checkpoint.config_to_json(config), "epoch": epoch,
+    meta = {"config": run_checkpoint.config_to_json(config), "epoch": epoch,
             RUN: run.host_json()}
     validated = run.validated_now
     if validated is not None:
-        meta[checkpoint.VALIDATION] = validated
+        meta[run_checkpoint.VALIDATION] = validated
     checkpoint.save(manager, run.step, params=run.train.params,
                     batch_stats=run.train.batch_stats, train=_train_item(run.train),
                     data_iterator=_Position(run.data_position), meta=meta,
@@ -172,7 +173,7 @@ def read(manager: ocp.CheckpointManager, step: int, like: RunState,
         not damage: nothing is wrong with its files).
       Exception: anything else means the step's files are damaged.
     """
-    meta = checkpoint.read_meta(manager, step)
+    meta = run_checkpoint.read_meta(manager, step)
     check_resumable(meta.get("config") or {}, config, workdir)
     require(RUN in meta, f"{workdir} holds checkpoints without a run state (weights only, or "
             "saved by an older version of vgg_jax), which training cannot continue; pass a "
@@ -261,8 +262,8 @@ def _check_layout(manager: ocp.CheckpointManager, step: int, train: TrainState,
     this config builds; orbax would otherwise fail deep inside, or worse restore the saved
     shapes into the new net."""
     metadata = manager.item_metadata(step)
-    for item, built in ((checkpoint.PARAMS, train.params),
-                        (checkpoint.BATCH_STATS, train.batch_stats),
+    for item, built in ((run_checkpoint.PARAMS, train.params),
+                        (run_checkpoint.BATCH_STATS, train.batch_stats),
                         (checkpoint.TRAIN, _train_item(train))):
         saved_tree = metadata.get(item)
         saved = _layout(getattr(saved_tree, "tree", saved_tree) or {}, saved=True)

@@ -17,12 +17,12 @@ from typing import Any
 import jax
 import ml_collections
 
+from vgg_jax import metric_names as names
 from vgg_jax.config_values import require
 from vgg_jax.data import sources, transforms
 from vgg_jax.evaluation.metrics import summarize
 from vgg_jax.localisation import training as localisation_training
 from vgg_jax.models import is_box_regressor
-from vgg_jax.training import metric_names as names
 from vgg_jax.training.step import StepSums, classification_step_sums
 
 

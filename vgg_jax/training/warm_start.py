@@ -12,7 +12,7 @@ Three uses, one mechanism:
   file, a run's DIR[@STEP].
 
 What it promises: the layers copied and every layer skipped, with its reason, are logged;
-a transfer that copies nothing stops the run; the source's preprocessing (mean and std)
+a warm start that copies nothing stops the run; the source's preprocessing (mean and std)
 is inherited unless the command line sets it; fields a config leaves unset (None) are
 taken from the source's run (or the weights' description), so configs/finetune.py needs
 no architecture flags.
@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from vgg_jax.config_values import ConfigError, string_list
+from vgg_jax.data import sources
 from vgg_jax.models import (
     BN_SUFFIX,
     canonical_version,
@@ -40,7 +41,7 @@ from vgg_jax.weights import specs
 # The paper's initialisation of the deeper nets from net A (3.1): A's first four conv
 # layers and its three FC layers, named as in the deeper net.
 PAPER_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
-# The nets the paper transferred from, and those it transferred into.
+# The nets the paper started deeper nets from, and those it started from net A.
 _PAPER_SOURCES = frozenset({"A", "A_LRN"})
 _PAPER_TARGETS = frozenset({"B", "C", "D", "E"})
 # Fields a config may leave None: taken from the source's run config.
@@ -52,8 +53,8 @@ INHERITABLE_FIELDS = (
 PREPROCESSING_FIELDS = ("data.mean_rgb", "data.std_rgb")
 
 
-class Transfer(NamedTuple):
-    """What `transfer_parameters` did.
+class LayerCopy(NamedTuple):
+    """What `copy_layers` did.
 
     Attributes:
       params: the new parameters.
@@ -162,8 +163,6 @@ def resolve_config(config: ml_collections.ConfigDict, command_line: Collection[s
             "config.train.frozen_layers is set without config.init_from, so the frozen layers "
             "would keep their random initialisation; pass --config.init_from=<workdir>.")
     if config.model.get("num_classes") is None:
-        from vgg_jax.data import sources
-
         try:
             config.model.num_classes = sources.num_classes(config.data)
         except ValueError as error:
@@ -220,8 +219,8 @@ def _mismatch(name: str, source_group, group) -> str:
     return f"shapes differ: {_shapes(source_group)} in the source, {_shapes(group)} here"
 
 
-def transfer_parameters(params, source_params, layers: Iterable[str] = (), *,
-                        source_version: str = "", version: str = "") -> Transfer:
+def copy_layers(params, source_params, layers: Iterable[str] = (), *,
+                        source_version: str = "", version: str = "") -> LayerCopy:
     """Copies layers from another net's parameters; says why each other layer is not copied.
 
     A conv layer's batch norm ("conv1_1_bn") goes with it.
@@ -235,37 +234,37 @@ def transfer_parameters(params, source_params, layers: Iterable[str] = (), *,
       source_version, version: the two nets' configurations (for the default).
 
     Returns:
-      A Transfer: new params, the groups copied, and layer -> reason for every layer of
+      A LayerCopy: new params, the groups copied, and layer -> reason for every layer of
       this net not copied.
 
     Raises:
       ConfigError: if one net has batch norm and the other not, or a named layer is
         missing from either net or its shapes differ.
     """
-    copied, skipped = plan_transfer(params, source_params, layers,
+    copied, skipped = plan_copy(params, source_params, layers,
                                     source_version=source_version, version=version)
     new_params = dict(params)
     for group in copied:
         new_params[group] = jax.tree.map(lambda new, old: jnp.asarray(old, new.dtype),
                                          params[group], source_params[group])
-    return Transfer(new_params, copied, skipped)
+    return LayerCopy(new_params, copied, skipped)
 
 
-def plan_transfer(params, source_params, layers: Iterable[str] = (), *,
+def plan_copy(params, source_params, layers: Iterable[str] = (), *,
                   source_version: str = "", version: str = ""
                   ) -> tuple[list[str], dict[str, str]]:
-    """What `transfer_parameters` would copy, from the two nets' shapes alone.
+    """What `copy_layers` would copy, from the two nets' shapes alone.
 
     Args:
       params: this net's parameters, or only their shapes (anything with .shape leaves).
       source_params: the source net's, the same.
-      layers, source_version, version: as for `transfer_parameters`.
+      layers, source_version, version: as for `copy_layers`.
 
     Returns:
       (the groups to copy, layer -> why it is not copied, for every other layer).
 
     Raises:
-      ConfigError: as `transfer_parameters`.
+      ConfigError: as `copy_layers`.
     """
     with_bn = lambda tree: any(name.endswith(BN_SUFFIX) for name in tree)
     if with_bn(source_params) != with_bn(params):
@@ -319,23 +318,23 @@ def initialise(config: ml_collections.ConfigDict, params, batch_stats
 
     Raises:
       ConfigError: for an unreadable source, a layer choice that cannot work, or a
-        transfer that would copy nothing.
+        warm start that would copy nothing.
     """
     loaded = _load(config.init_from)
     source, source_run = loaded.variables, loaded.config
-    transfer = transfer_parameters(
+    copy = copy_layers(
         params, source["params"], string_list(config.init_from_layers),
         source_version=source_run.model.version, version=config.model.version)
-    _require_useful_transfer(config, source_run, transfer.copied, transfer.skipped)
-    new_stats = {name: source["batch_stats"][name] if name in transfer.copied else value
+    _require_useful_copy(config, source_run, copy.copied, copy.skipped)
+    new_stats = {name: source["batch_stats"][name] if name in copy.copied else value
                  for name, value in batch_stats.items()}
     lines = [f"Initialised from {config.init_from} (step {loaded.step}): copied "
-             f"{', '.join(transfer.copied)}."]
-    lines += [f"Not copied: {name}, {reason}." for name, reason in transfer.skipped.items()]
-    return transfer.params, new_stats, lines
+             f"{', '.join(copy.copied)}."]
+    lines += [f"Not copied: {name}, {reason}." for name, reason in copy.skipped.items()]
+    return copy.params, new_stats, lines
 
 
-def check_transfer(config: ml_collections.ConfigDict) -> None:
+def check_warm_start(config: ml_collections.ConfigDict) -> None:
     """Refuses, before any work, what `initialise` would refuse: it compares this net's
     parameter shapes (traced, not computed) with the source's (its checkpoint's metadata;
     no weight is read).
@@ -350,15 +349,15 @@ def check_transfer(config: ml_collections.ConfigDict) -> None:
     model = create_model_from_config(config)
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-    copied, skipped = plan_transfer(
+    copied, skipped = plan_copy(
         shapes["params"], source.variables["params"], string_list(config.init_from_layers),
         source_version=source.config.model.version, version=config.model.version)
-    _require_useful_transfer(config, source.config, copied, skipped)
+    _require_useful_copy(config, source.config, copied, skipped)
 
 
-def _require_useful_transfer(config, source_run, copied: list[str],
+def _require_useful_copy(config, source_run, copied: list[str],
                              skipped: Mapping[str, str]) -> None:
-    """A transfer must copy something, and every frozen layer."""
+    """A warm start must copy something, and every frozen layer."""
     if not copied:
         raise ConfigError(
             f"config.init_from={config.init_from!r} ({_describe(source_run)}) shares no layer "

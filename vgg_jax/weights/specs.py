@@ -12,7 +12,7 @@
 Every foreign format is read into torchvision's key layout, turned into our variables by
 `torchvision_format.from_torchvision`, and described by a run config carrying its
 preprocessing (`net_config`); a file exported from one of our runs brings its run's own
-config back. The result has the shape of `checkpoint.load_checkpoint`'s, so evaluation,
+config back. The result has the shape of `run_checkpoint.load_checkpoint`'s, so evaluation,
 prediction and fine-tuning take any spec where they took a workdir. A shorthand wins over
 a directory of the same name: write ./vgg16 for the directory.
 """
@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from vgg_jax.models import canonical_version, create_model_from_config
-from vgg_jax.training import checkpoint
 from vgg_jax.weights import (
     caffe_format,
     hub,
     net_config,
+    run_checkpoint,
     timm_format,
     torchvision_format,
     weight_files,
@@ -134,7 +134,7 @@ def short_name(spec: str) -> str:
 
 
 def load(spec: str, step: int | str | None = None, *,
-         shapes_only: bool = False) -> checkpoint.LoadedCheckpoint:
+         shapes_only: bool = False) -> run_checkpoint.LoadedCheckpoint:
     """Loads the net a spec names.
 
     Args:
@@ -145,7 +145,7 @@ def load(spec: str, step: int | str | None = None, *,
         safetensors header; nothing else is read that can be skipped).
 
     Returns:
-      checkpoint.LoadedCheckpoint(variables, run config, step): for weights other than a
+      run_checkpoint.LoadedCheckpoint(variables, run config, step): for weights other than a
       run, the config of `net_config.describe` (or the run config an export recorded) and
       step 0.
 
@@ -174,10 +174,10 @@ def load_config(spec: str, step: int | str | None = None) -> ml_collections.Conf
     return _load(spec, step, _CONFIG).config
 
 
-def _load(spec: str, step: int | str | None, what: str) -> checkpoint.LoadedCheckpoint:
+def _load(spec: str, step: int | str | None, what: str) -> run_checkpoint.LoadedCheckpoint:
     parsed = parse(spec, step)
     if parsed.kind == RUN:
-        return checkpoint.load_checkpoint(parsed.location, parsed.step,
+        return run_checkpoint.load_checkpoint(parsed.location, parsed.step,
                                           shapes_only=what == _SHAPES,
                                           config_only=what == _CONFIG)
     if parsed.kind == HUB:
@@ -193,7 +193,7 @@ def _load(spec: str, step: int | str | None, what: str) -> checkpoint.LoadedChec
                            what=what, origin=parsed.location)
 
 
-def _load_caffe(path: str, what: str) -> checkpoint.LoadedCheckpoint:
+def _load_caffe(path: str, what: str) -> run_checkpoint.LoadedCheckpoint:
     weights = caffe_format.read_caffemodel(path)
     preprocessing = net_config.Preprocessing(
         tuple(weights.mean_rgb), tuple(weights.std_rgb), CAFFE_TRAIN_SCALES,
@@ -205,7 +205,7 @@ def _load_caffe(path: str, what: str) -> checkpoint.LoadedCheckpoint:
 def from_state_dict(state_dict: Mapping[str, Any], preprocessing: net_config.Preprocessing,
                     run_config: Mapping[str, Any] | None = None, *, what: str = _VALUES,
                     origin: str = "the state dict",
-                    version: str | None = None) -> checkpoint.LoadedCheckpoint:
+                    version: str | None = None) -> run_checkpoint.LoadedCheckpoint:
     """Our variables and run config from a state dict in timm's or torchvision's layout.
 
     Args:
@@ -218,7 +218,7 @@ def from_state_dict(state_dict: Mapping[str, Any], preprocessing: net_config.Pre
       version: the net's configuration; None: from the conv count.
 
     Returns:
-      checkpoint.LoadedCheckpoint(variables, config, 0).
+      run_checkpoint.LoadedCheckpoint(variables, config, 0).
 
     Raises:
       ValueError: for keys of no VGG, or a recorded config the keys contradict.
@@ -238,7 +238,7 @@ def from_state_dict(state_dict: Mapping[str, Any], preprocessing: net_config.Pre
     else:
         variables = torchvision_format.from_torchvision(
             sd, version, batch_norm=options["batch_norm"])
-    return checkpoint.LoadedCheckpoint(variables, config, 0)
+    return run_checkpoint.LoadedCheckpoint(variables, config, 0)
 
 
 def _recorded(run_config: Mapping[str, Any], described: ml_collections.ConfigDict,

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 
 import tqdm
 
+from vgg_jax.metric_names import EPOCH, LEARNING_RATE, TRAIN_IMAGES_PER_SEC, TRAIN_LOSS
 from vgg_jax.runtime.console import LogRecordsAboveBar, is_terminal
-from vgg_jax.training.metric_names import EPOCH, LEARNING_RATE, TRAIN_IMAGES_PER_SEC, TRAIN_LOSS
 from vgg_jax.training.writers.base import MetricWriter
 
 # Which metrics the end-of-evaluation console line shows, and how it labels them.

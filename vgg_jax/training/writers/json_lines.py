@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from vgg_jax.training.metric_names import STEP
+from vgg_jax.metric_names import STEP
 from vgg_jax.training.writers.base import MetricWriter
 
 METRICS_FILENAME = "metrics.jsonl"

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from vgg_jax.config_values import require
-from vgg_jax.training.metric_names import STEP
+from vgg_jax.metric_names import STEP
 from vgg_jax.training.writers.base import MetricWriter
 
 # Remembers the wandb run id, so a restarted job resumes the same run.
