@@ -25,7 +25,8 @@ photo-like the timed files are.
    the range over the rounds.
 2. The grain pipeline (`pipeline.train_dataset`, folder source) with N workers: images/s
    (wall) and its efficiency, N workers against N x the single-process transform rate
-   of the same run (its best round); CPU efficiency (transform CPU per image over the
+   of the same run (its best round; meaningful on an idle machine only, and flagged when
+   above 100%); CPU efficiency (transform CPU per image over the
    CPU per image of the pipeline's processes, consumer included), which other programs
    on a shared machine disturb far less; and where the rest goes, per image: reading the
    file, the rest of building a batch (epoch order, per-example generators, labels), the
@@ -444,6 +445,10 @@ def run_all(root: str, images: list[bytes], undecodable: list[str]) -> dict[str,
     ours_wall = {name: fig["ours_wall"] for name, fig in figures.items()}
     ours_cpu = {name: fig["ours"] for name, fig in figures.items()}
     runs = pipeline_section(root, ours_wall, ours_cpu)
+    if any(max(run["efficiency"]) > 1 for run in runs):
+        print("A wall efficiency above 100% means the single-process transform's wall rate "
+              "was measured while other programs held its core: on a shared machine read "
+              "the CPU efficiency instead.")
     extrapolation = print_extrapolation(runs, ours_cpu)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     return {"num_images": len(images), "undecodable": undecodable, "files": stats,

@@ -9,14 +9,13 @@ records the settings the folder was written with; a folder with other settings i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from vgg_jax.data import written_once
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +63,6 @@ def _write_digits(out_dir: str, settings: dict[str, Any]) -> None:
             image = Image.fromarray(images[i], mode="L").resize(size, Image.Resampling.BICUBIC)
             path = os.path.join(out_dir, split_dir, str(digits.target[i]), f"{i:04d}.jpg")
             image.convert("RGB").save(path, "JPEG", quality=settings["jpeg_quality"])
-    with open(os.path.join(out_dir, DIGITS_MANIFEST), "w") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
-
-
-def _read_manifest(root: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(root, DIGITS_MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def prepare_digits(data_config: Any) -> str:
@@ -94,25 +83,6 @@ def prepare_digits(data_config: Any) -> str:
     settings = _digits_settings(data_config)
     cache_dir = os.path.expanduser(str(data_config.cache_dir))
     root = os.path.join(cache_dir, DIGITS_DIRNAME)
-    if _read_manifest(root) == settings:
-        return root
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{DIGITS_DIRNAME}-tmp-", dir=cache_dir)
-    try:
-        _write_digits(tmp, settings)
-        if os.path.exists(root):
-            # Stale settings (or a folder not written by us): move it aside first, since
-            # rename cannot replace a non-empty directory.
-            old = tempfile.mkdtemp(prefix=f".{DIGITS_DIRNAME}-old-", dir=cache_dir)
-            os.rename(root, os.path.join(old, DIGITS_DIRNAME))
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another process won the race; use its folder if it has our settings.
-            if _read_manifest(root) != settings:
-                raise
+    if written_once.write_once(root, settings, _write_digits, DIGITS_MANIFEST):
         logger.info("Wrote the digits image folder %s.", root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -16,16 +16,14 @@ folder written with other settings is rebuilt.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vgg_jax.data import written_once
 from vgg_jax.localisation.annotations import CSV_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -144,16 +142,6 @@ def _write(out_dir: str, settings: dict[str, Any]) -> None:
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
             writer.writerows(rows)
-    with open(os.path.join(out_dir, MANIFEST), "w") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
-
-
-def _read_manifest(root: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(root, MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def prepare_canvas(data_config: Any, canvas_config: Any) -> str:
@@ -172,23 +160,6 @@ def prepare_canvas(data_config: Any, canvas_config: Any) -> str:
     """
     settings = canvas_settings(data_config, canvas_config)
     root = os.path.abspath(os.path.expanduser(str(data_config.data_dir)))
-    if _read_manifest(root) == settings:
-        return root
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".canvas-tmp-", dir=parent)
-    try:
-        _write(tmp, settings)
-        if os.path.exists(root):
-            old = tempfile.mkdtemp(prefix=".canvas-old-", dir=parent)
-            os.rename(root, os.path.join(old, "canvas"))
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if _read_manifest(root) != settings:  # another process won the race
-                raise
+    if written_once.write_once(root, settings, _write, MANIFEST):
         logger.info("Wrote the digits canvas folder %s.", root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -97,10 +97,7 @@ def jit_train_step(model: VGG, data_config: ml_collections.ConfigDict,
     old state is dead after the step, so XLA updates parameters in place).
 
     Args:
-      model: the net.
-      data_config: config.data (mean/std for the on-device normalisation).
-      sums_fn: the task's loss and metric sums (default: classification's).
-      grad_accum_steps: micro-batches per optimiser step (config.train.grad_accum_steps).
+      model, data_config, sums_fn, grad_accum_steps: as for `make_train_step`.
 
     Returns:
       A jitted (state, batch) -> (new state, metric sums).
