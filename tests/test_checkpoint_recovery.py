@@ -66,6 +66,9 @@ def test_the_late_read_filter_stays_once_a_restore_failed(tmp_path, monkeypatch)
         _asyncio_record("Task exception was never retrieved\nfuture: <Task>", read_error))
     assert not asyncio_logger.filter(
         _asyncio_record("Future exception was never retrieved", read_error))
+    wrapped = Exception("Encountered error while reading array index: (slice(0, 3, 1),)")
+    assert not asyncio_logger.filter(
+        _asyncio_record("Task exception was never retrieved\nfuture: <Task>", wrapped))
     assert asyncio_logger.filter(
         _asyncio_record("Task exception was never retrieved", KeyError("x")))
     assert asyncio_logger.filter(_asyncio_record("Unclosed event loop", read_error))

@@ -26,6 +26,7 @@ import logging as logging_lib
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -123,11 +124,21 @@ def _is_late_read_of_a_failed_restore(unraisable) -> bool:
     return inspect.iscoroutine(source) and code is not None and "orbax" in code.co_filename
 
 
-# How asyncio reports a task or future whose error nobody took, and how tensorstore words
-# a failed read (its only mark: such a future carries no traceback).
+# How asyncio reports a task or future whose error nobody took.
 _NEVER_RETRIEVED = ("Task exception was never retrieved",
                     "Future exception was never retrieved")
-_TENSORSTORE_READ_ERROR = "Error reading"
+# How a failed read is worded: tensorstore's own error (a future without a traceback) and
+# orbax's wrapping of it (a task whose traceback runs through orbax's files).
+_READ_ERROR_WORDS = ("error reading", "error while reading")
+_READER_PACKAGES = ("orbax", "tensorstore")
+
+
+def _is_read_error(error: BaseException) -> bool:
+    text = str(error).lower()
+    if any(words in text for words in _READ_ERROR_WORDS):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(package in frame.filename for frame in frames for package in _READER_PACKAGES)
 
 
 class _AbandonedReadRecordsDropped(logging_lib.Filter):
@@ -136,7 +147,7 @@ class _AbandonedReadRecordsDropped(logging_lib.Filter):
     def filter(self, record: logging_lib.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         abandoned_read = (str(record.msg).startswith(_NEVER_RETRIEVED) and error is not None
-                          and _TENSORSTORE_READ_ERROR in str(error))
+                          and _is_read_error(error))
         return not abandoned_read
 
 
