@@ -253,6 +253,8 @@ def test_sigterm_or_ctrl_c_saves_and_exits_cleanly(cache_dir, tmp_path, signal_n
     assert "Traceback" not in stderr and "leaked shared_memory" not in stderr, stderr[-3000:]
     stopped_at = _latest_step(workdir)
     assert 0 < stopped_at < 66 and stopped_at not in (22, 44), stopped_at
+    if signal_name == "SIGINT":
+        return  # the resume from a signal's save is the same for both: checked once
     result = _run(command)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from step {stopped_at}" in result.stderr
