@@ -1,4 +1,4 @@
-"""Tests of the metrics writers (vgg_jax/training/writers.py): real files, wandb in offline mode."""
+"""Tests of the metrics writers (vgg_jax/training/writers/): real files, wandb in offline mode."""
 
 import fcntl
 import glob

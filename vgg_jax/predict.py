@@ -200,8 +200,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("scale", None, "Test scale Q, the rescaled shorter side "
                          "(default: the paper's single test scale of the net's training scale S).")
     flags.DEFINE_string("json", None, "Also write the predictions to this JSON file.")
-    flags.DEFINE_string("draw_boxes", None, "A box net's workdir (localisation): draw each "
-                        "image's top --top_k guesses (class, box) into DIR/<image>_boxes.png.")
+    flags.DEFINE_string("draw_boxes", None, "Output folder DIR: with a box net (localisation) "
+                        "as --weights or --workdir, draw each image's top --top_k guesses "
+                        "(class, box) into DIR/<image>_boxes.png.")
 
 
 def main(argv: Sequence[str]) -> None:

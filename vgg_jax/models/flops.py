@@ -2,7 +2,7 @@
 
 The count comes from the model's own layer shapes, not from a table: `jax.eval_shape`
 traces one forward pass (nothing is allocated or computed) and captures, for every
-convolution (FC6-FC8 are convolutions too, see models.py), its kernel shape
+convolution (FC6-FC8 are convolutions too, see models/vgg.py), its kernel shape
 [kh, kw, in, out] and its output shape [1, h, w, out]. One output value of a layer costs
 kh * kw * in multiply-accumulates (MACs), so the layer costs h * w * kh * kw * in * out.
 Bias adds, ReLUs, max-pools, dropout and the loss are not counted: they are a fraction of

@@ -1,7 +1,7 @@
 """Appendix B's image descriptor, computed with the dense evaluation's plan.
 
 For each test scale Q the image is rescaled isotropically to shorter side Q and the net
-runs fully convolutionally over all of it (the head is already convolutional, models.py);
+runs fully convolutionally over all of it (the head is already convolutional, models/vgg.py);
 the penultimate layer's map (fc7, after its ReLU: the 4096-D features of the paper's nets)
 is averaged over its positions, and over the horizontally flipped image. The per-scale
 descriptors are kept unnormalised, [images, scales, features], so that averaging and
