@@ -4,11 +4,13 @@ computed densely at several scales, classified by a linear SVM on another data s
   python -m vgg_jax.transfer --workdir=runs/vgg_d --config=configs/transfer.py:caltech101 \
       --config.data.data_dir=~/tensorflow_datasets
   python -m vgg_jax.transfer --workdir=runs/quickstart --config=configs/transfer.py:digits
+  python -m vgg_jax.transfer --weights=vgg16 --config=configs/transfer.py:caltech101 ...
   (variants: caltech101, voc2007, digits; any folder: --config.data.source=folder
    --config.data.data_dir=/path with train/<class>/* and test/<class>/* and
    --config.data.eval_split=test)
 
-Descriptors are cached under <workdir>/transfer/ (config.transfer.cache_dir), so a second
+Descriptors are cached under <workdir>/transfer/ (for a weight file or a hub name:
+<config.data.cache_dir>/transfer/<its name>/; config.transfer.cache_dir overrides), so a second
 run with other SVM settings or aggregations takes seconds.
 """
 
@@ -62,8 +64,8 @@ def get_config(name: str = "caltech101") -> ml_collections.ConfigDict:
     config.transfer.aggregations = ("average", "stack")
     # The layer whose map is pooled: the penultimate (the paper's 4096-D features).
     config.transfer.layer = "fc7"
-    # Other workdirs whose descriptors are stacked with this net's (the paper's best
-    # results combine Net-D and Net-E this way).
+    # Other nets (any weights specs) whose descriptors are stacked with this one's (the
+    # paper's best results combine Net-D and Net-E this way).
     config.transfer.combine = ()
     # The linear SVM's regularisation constant C (scikit-learn LinearSVC).
     config.transfer.svm_c = 1.0
@@ -72,7 +74,8 @@ def get_config(name: str = "caltech101") -> ml_collections.ConfigDict:
     # Dense views are cropped to multiples of this many pixels (fewer compilations).
     config.transfer.dense_size_step = 32
     config.transfer.num_threads = 4
-    # Where descriptors are cached; "" = <workdir>/transfer.
+    # Where descriptors are cached; "" = <workdir>/transfer, or for a weight file or a hub
+    # name <config.data.cache_dir>/transfer/<its name>.
     config.transfer.cache_dir = ""
     config.seed = 0
     return config

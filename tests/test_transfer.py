@@ -14,7 +14,7 @@ from sklearn.preprocessing import normalize
 from sklearn.svm import LinearSVC
 
 from configs import quickstart
-from vgg_jax import models
+from vgg_jax import convert, models
 from vgg_jax.data.testing import ArrayImages, png_bytes
 from vgg_jax.evaluation.evaluator import EvalNet
 from vgg_jax.preprocess import normalize_images
@@ -148,6 +148,21 @@ def test_command_on_the_digits_then_from_the_cache(tmp_path):
     assert second.stderr.count("(cached ") == 4  # two nets x two splits, nothing recomputed
     assert "Descriptors at Q=" not in second.stderr
     assert "A (run) & A (run)" in second.stdout
+
+    # The same net as a weight file (any weights spec works): its own cache under
+    # data.cache_dir, and the very rows of the run's directory.
+    weights = str(tmp_path / "exported.safetensors")
+    convert.export_file(workdir, weights)
+    from_file = [arg for arg in command if not arg.startswith("--workdir=")]
+    third = subprocess.run(from_file + [f"--weights={weights}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=_env())
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    assert os.path.isdir(tmp_path / "cache" / "transfer" / "exported")
+    file_rows = json.load(open(tmp_path / "rows.json"))
+    assert [r["value"] for r in file_rows] == pytest.approx([r["value"] for r in rows], abs=1e-6)
+    both = subprocess.run(command + [f"--weights={weights}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=_env())
+    assert both.returncode != 0 and "one of the two" in both.stderr
 
 
 def test_multi_label_tfds_split_through_mock_data():

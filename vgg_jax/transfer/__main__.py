@@ -3,6 +3,10 @@
   python -m vgg_jax.transfer --workdir=runs/vgg_d --config=configs/transfer.py:caltech101 \
       --config.data.data_dir=~/tensorflow_datasets
   python -m vgg_jax.transfer --workdir=runs/quickstart --config=configs/transfer.py:digits
+  python -m vgg_jax.transfer --weights=vgg16 --config=configs/transfer.py:voc2007 ...
+
+The net comes from any weights spec (docs/weights.md): a run's directory, a weight file,
+hf-hub:ORG/NAME or a shorthand such as vgg16.
 
 Prints one row per aggregation (average, stack) with the data set's metric, the paper's
 Net-D & Net-E figure beside it; --json also writes them.
@@ -26,6 +30,7 @@ from vgg_jax.evaluation.run import load_net
 from vgg_jax.runtime import console
 from vgg_jax.transfer import classify, descriptors, paper
 from vgg_jax.transfer.multilabel import MultiLabelTfds
+from vgg_jax.weights import specs
 
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "transfer.py")
@@ -35,7 +40,10 @@ def define_flags() -> None:
     """The command's flags (defined when run, so that importing this module defines none)."""
     config_flags.DEFINE_config_file("config", _CONFIG, "Transfer config (configs/transfer.py"
                                     ":caltech101, :voc2007, :digits).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run or converted-weights directory to take the net from.")
+    flags.DEFINE_string("weights", None, "The net: any weights spec (vgg16 ... vgg19_bn, "
+                        "hf-hub:ORG/NAME[@REVISION], a .safetensors, .npz, .pth or .caffemodel "
+                        "file, a run's DIR[@STEP]).")
+    flags.DEFINE_string("workdir", None, "A run or weight directory (the same as --weights).")
     flags.DEFINE_string("step", None, "Checkpoint step: a number, 'best' or 'latest'.")
     flags.DEFINE_string("json", None, "Also write the result rows to this JSON file.")
 
@@ -64,16 +72,51 @@ def check_config(config) -> None:
                          "config.data.source='tfds'.")
 
 
-def split_descriptors(config, net, workdir: str, step: int, split: str):
+def cache_dir_of(config, spec: str) -> str:
+    """Where a net's descriptors are cached: config.transfer.cache_dir if set, else
+    <DIR>/transfer for a run's (or weights') directory, else
+    <config.data.cache_dir>/transfer/<the spec's short name>.
+
+    Args:
+      config: the transfer config.
+      spec: the net's weights spec.
+
+    Returns:
+      The directory (user-expanded).
+    """
+    if config.transfer.cache_dir:
+        return os.path.expanduser(config.transfer.cache_dir)
+    path = _path_of(spec)
+    if os.path.isdir(path):
+        return os.path.join(path, "transfer")
+    return os.path.join(os.path.expanduser(config.data.cache_dir), "transfer",
+                        specs.short_name(spec))
+
+
+def _path_of(spec: str) -> str:
+    """The file or directory a spec names (DIR@STEP without its step), user-expanded; for a
+    hub name, a path that does not exist."""
+    path = os.path.expanduser(spec)
+    if not os.path.exists(path) and "@" in path:
+        path = path.rpartition("@")[0]
+    return path
+
+
+def _identity(spec: str) -> str:
+    """The spec as the cache key holds it: a path on disk absolute, a hub name as given."""
+    path = _path_of(spec)
+    return os.path.abspath(path) if os.path.exists(path) else spec
+
+
+def split_descriptors(config, net, spec: str, step: int, split: str):
     """The cached (or new) descriptors, labels and decoded mask of one split."""
     d, t = config.data, config.transfer
     multi = d.label_key != "label"
-    key = {"checkpoint": os.path.abspath(workdir), "step": step, "source": d.source,
+    key = {"checkpoint": _identity(spec), "step": step, "source": d.source,
            "name": d.name, "data_dir": d.data_dir, "split": split, "label_key": d.label_key,
            "scales": [int(q) for q in t.scales], "flip": bool(t.flip), "layer": t.layer,
            "dense_size_step": int(t.dense_size_step)}
-    cache_dir = os.path.expanduser(t.cache_dir or os.path.join(workdir, "transfer"))
-    path = descriptors.cache_path(cache_dir, split, key)
+    path = descriptors.cache_path(cache_dir_of(config, spec), split, key)
 
     def compute():
         source = (MultiLabelTfds(d.name, split, d.data_dir, d.label_key) if multi
@@ -101,7 +144,7 @@ def _descriptors_of_nets(config, nets, split: str):
     return x[decoded], parts[0][1][decoded]
 
 
-def run(config, workdir: str, step=None) -> list[dict]:
+def run(config, spec: str, step=None) -> list[dict]:
     """Descriptors of both splits, an SVM per aggregation, rows with the paper's figure.
 
     With config.transfer.combine, the other nets' descriptors are stacked with this one's
@@ -109,13 +152,13 @@ def run(config, workdir: str, step=None) -> list[dict]:
 
     Args:
       config: the transfer config.
-      workdir: the checkpoint's directory.
-      step: the checkpoint step (None: best if any, else latest).
+      spec: the net's weights spec (a run's directory, a weight file, a hub name).
+      step: a run's checkpoint step (None: best if any, else latest).
 
     Returns:
       One dict per aggregation: metric, value (%), images, SVM seconds, the paper's figure.
     """
-    nets = [(workdir, load_net(workdir, step)[0])]
+    nets = [(spec, load_net(spec, step)[0])]
     for path in string_list(config.transfer.combine):
         try:
             nets.append((path, load_net(os.path.expanduser(path))[0]))
@@ -164,13 +207,13 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
     console.quiet_library_logs()
     f = flags.FLAGS
-    if not f.workdir or not os.path.isdir(os.path.expanduser(f.workdir)):
-        sys.exit(f"--workdir={f.workdir} is not a directory; pass a trained or converted "
-                 "checkpoint's workdir.")
+    if bool(f.weights) == bool(f.workdir):
+        sys.exit("Pass the net as --weights=SPEC (a run's directory, a weight file, vgg16, "
+                 "hf-hub:ORG/NAME) or --workdir=DIR, one of the two.")
     try:
         config = f.config
         check_config(config)
-        rows = run(config, os.path.expanduser(f.workdir), f.step)
+        rows = run(config, os.path.expanduser(f.weights or f.workdir), f.step)
     except ValueError as error:
         sys.exit(f"Transfer failed: {error}")
     print(format_rows(rows, str(config.data.name)))
