@@ -86,26 +86,18 @@ def cache_dir_of(config, spec: str) -> str:
     """
     if config.transfer.cache_dir:
         return os.path.expanduser(config.transfer.cache_dir)
-    path = _path_of(spec)
-    if os.path.isdir(path):
-        return os.path.join(path, "transfer")
+    parsed = specs.parse(spec)
+    if parsed.kind == specs.RUN:
+        return os.path.join(parsed.location, "transfer")
     return os.path.join(os.path.expanduser(config.data.cache_dir), "transfer",
                         specs.short_name(spec))
 
 
-def _path_of(spec: str) -> str:
-    """The file or directory a spec names (DIR@STEP without its step), user-expanded; for a
-    hub name, a path that does not exist."""
-    path = os.path.expanduser(spec)
-    if not os.path.exists(path) and "@" in path:
-        path = path.rpartition("@")[0]
-    return path
-
-
 def _identity(spec: str) -> str:
-    """The spec as the cache key holds it: a path on disk absolute, a hub name as given."""
-    path = _path_of(spec)
-    return os.path.abspath(path) if os.path.exists(path) else spec
+    """The spec as the cache key holds it: a run's directory or a file as an absolute path,
+    a hub name as given."""
+    parsed = specs.parse(spec)
+    return spec if parsed.kind == specs.HUB else os.path.abspath(parsed.location)
 
 
 def split_descriptors(config, net, spec: str, step: int, split: str):
