@@ -95,9 +95,9 @@ def cache_dir_of(config, spec: str) -> str:
 
 def _identity(spec: str) -> str:
     """The spec as the cache key holds it: a run's directory or a file as an absolute path,
-    a hub name as given."""
+    a hub net as its repository (vgg16 and hf-hub:timm/vgg16.tv_in1k share descriptors)."""
     parsed = specs.parse(spec)
-    return spec if parsed.kind == specs.HUB else os.path.abspath(parsed.location)
+    return parsed.location if parsed.kind == specs.HUB else os.path.abspath(parsed.location)
 
 
 def split_descriptors(config, net, spec: str, step: int, split: str):
