@@ -108,18 +108,19 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return restored[META]
 
 
-def best_step(manager: ocp.CheckpointManager) -> int | None:
+def best_step(manager: ocp.CheckpointManager, steps: list[int] | None = None) -> int | None:
     """The complete, validated step with the lowest validation error (`ranking_metric`; the
     later one of equals).
 
     Args:
       manager: the run's checkpoint manager.
+      steps: its complete steps, when the caller has listed them already.
 
     Returns:
       A step number, or None if no complete step was validated.
     """
     scored = []
-    for step in complete_steps(manager):
+    for step in complete_steps(manager) if steps is None else steps:
         metrics = read_meta(manager, step).get(VALIDATION) or {}
         if ranking_metric(metrics) is not None:
             scored.append((ranking_metric(metrics), -step))
@@ -145,7 +146,7 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | str | None) -> int:
         raise ValueError(
             f"No checkpoint found in {manager.directory}; train first or check the path.")
     if step in (None, "best"):
-        found = best_step(manager)
+        found = best_step(manager, steps)
         if found is not None:
             return found
         if step == "best":
