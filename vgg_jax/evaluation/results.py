@@ -18,12 +18,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from vgg_jax.evaluation import metrics, paper
 from vgg_jax.evaluation.protocols import Protocol
+from vgg_jax.runtime import parallel
 
 RESULTS_BASENAME = "eval_results"
 HISTORY_FILENAME = "eval_history.jsonl"
@@ -227,7 +226,7 @@ class Accumulator:
 
     def undecodable(self) -> int:
         """Undecodable images over all processes."""
-        return int(_sum_over_processes(np.array([np.sum(~self.decoded)], np.int64))[0])
+        return int(parallel.sum_over_processes(np.array([np.sum(~self.decoded)], np.int64))[0])
 
     def final_probabilities(self) -> np.ndarray:
         """The softmax averaged over nets, components and scales, [local images, classes]."""
@@ -267,7 +266,7 @@ class Accumulator:
         local = np.array([[metrics.host_sums(specs[i][3][valid], self.labels[valid])[key]
                            for key in ("top1_errors", "top5_errors", "count")]
                           for i in combined], np.float64).reshape(-1, 3)
-        global_counts = dict(zip(combined, _sum_over_processes(local)))
+        global_counts = dict(zip(combined, parallel.sum_over_processes(local)))
         rows = []
         for i, (members, name, scales, totals) in enumerate(specs):
             if i in global_counts:  # gathered through jax: float32 (exact below 2^24 images)
@@ -284,12 +283,6 @@ class Accumulator:
 
 def _percent(errors: float, count: float) -> float:
     return 100.0 * errors / count if count else float("nan")
-
-
-def _sum_over_processes(local: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return local
-    return np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
 
 
 def write_results(

@@ -115,13 +115,6 @@ class _ViewMaker:
         return self._example(np.ascontiguousarray(views), True, row, record["label"], size)
 
 
-def _sum_over_processes(values: Sequence[float]) -> np.ndarray:
-    local = np.asarray(values, np.float64)
-    if jax.process_count() == 1:
-        return local
-    return np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
-
-
 class LocalisationEvaluator:
     """Runs the localisation protocols on one split.
 
@@ -223,7 +216,8 @@ class LocalisationEvaluator:
                 sums += (metric.best_overlap(box, truth) >= metric.IOU_THRESHOLD, 1,
                          weight * 0.5 * np.sum(np.square(predicted[i] - target)), weight,
                          clipped, 0)
-        return CropOutcome(*(float(v) for v in _sum_over_processes(sums)))
+        totals = parallel.sum_over_processes(np.asarray(sums, np.float64))
+        return CropOutcome(*(float(v) for v in totals))
 
     def dense(self, box_nets: Sequence[BoxNet], classifier: EvalNet, scales: Sequence[int],
               classifier_flip: bool) -> DenseOutcome:
@@ -282,7 +276,8 @@ class LocalisationEvaluator:
                 top[row], np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]), self.min_iou)
             sums += (metric.is_correct(classes, boxes, label, truth), 1, clipped, 0)
-        correct, counted, clipped, bad = (float(v) for v in _sum_over_processes(sums))
+        totals = parallel.sum_over_processes(np.asarray(sums, np.float64))
+        correct, counted, clipped, bad = (float(v) for v in totals)
         return DenseOutcome(correct, counted, clipped, bad, ranking.rows)
 
     def _dense_function(self, box_nets: Sequence[BoxNet], classifier: EvalNet):

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import multihost as ocp_multihost
 
@@ -144,6 +145,21 @@ def first_failure(step: str, failure: str) -> str:
         if outcome:
             return outcome
     return ""
+
+
+def sum_over_processes(local: np.ndarray) -> np.ndarray:
+    """Element-wise sum of an array over every process of the job (the array itself in a
+    single process); every process must call it with the same shape.
+
+    Args:
+      local: this process's values.
+
+    Returns:
+      The job's sums, the same on every process.
+    """
+    if jax.process_count() == 1:
+        return local
+    return np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
 
 
 def create_mesh(devices=None) -> Mesh:
