@@ -135,6 +135,10 @@ def localise(workdir: str, image_paths: Sequence[str], out_dir: str, top_k: int 
     """
     box_net, run_config = load_box_net(workdir, step)
     classifier, classifier_run = load_net(classifier_path(run_config, run_config))
+    # On the device once, not with every image's calls (the nets load as host arrays).
+    box_net = dataclasses.replace(box_net, net=dataclasses.replace(
+        box_net.net, variables=jax.device_put(box_net.net.variables)))
+    classifier = dataclasses.replace(classifier, variables=jax.device_put(classifier.variables))
     scales = ((int(scale),) if scale else tuple(int(q) for q in run_config.eval.get("scales", ()))
               or (transforms.single_test_scale(*box_net.net.train_scale),))
     names = class_names_for(classifier_run, classifier.model.num_classes)
