@@ -399,9 +399,11 @@ class _Loop:
 
     def _log(self) -> None:
         """Writes the training metrics since the last log (after the finiteness check)."""
-        self._check_finite()
+        # One fetch for the check and the log; it waits for the steps, so time after it.
+        host = jax.device_get(self.interval.pending)
         elapsed = time.perf_counter() - self.interval.start
-        scalars = _train_scalars(self.interval.pending, self.res.counts.micro_batch, elapsed,
+        _check_finite(host, self.run_state.step, self.res.manager.latest_step())
+        scalars = _train_scalars(host, self.res.counts.micro_batch, elapsed,
                                  self.res.task.train_metrics)
         scalars[names.LEARNING_RATE] = float(optim.get_learning_rate(
             self.run_state.train.opt_state))
@@ -439,7 +441,8 @@ class _Loop:
 
 
 def _check_finite(pending, step: int, last_saved: int | None) -> None:
-    """Stops training on a non-finite loss or gradient, before anything bad is saved."""
+    """Stops training on a non-finite loss or gradient, before anything bad is saved
+    (`pending`: the steps' metrics, on the device or fetched)."""
     if pending and not all(bool(m) for m in jax.device_get([p["finite"] for p in pending])):
         saved = (f"The last good checkpoint is step {last_saved}" if last_saved is not None
                  else "No checkpoint was saved yet")
@@ -449,12 +452,12 @@ def _check_finite(pending, step: int, last_saved: int | None) -> None:
         )
 
 
-def _train_scalars(pending, micro_batch: int, elapsed: float,
+def _train_scalars(host, micro_batch: int, elapsed: float,
                    task_metrics: Callable) -> dict[str, float]:
-    host = jax.device_get(pending)
+    """The log's scalars from the interval's metrics, fetched to the host."""
     return {
         **task_metrics(host),
         names.TRAIN_GRAD_NORM: float(np.mean([m["grad_norm"] for m in host])),
         names.TRAIN_SKIPPED_IMAGES: float(np.sum([m["skipped"] for m in host])),
-        names.TRAIN_IMAGES_PER_SEC: len(pending) * micro_batch / max(elapsed, _TINY_SECONDS),
+        names.TRAIN_IMAGES_PER_SEC: len(host) * micro_batch / max(elapsed, _TINY_SECONDS),
     }
