@@ -137,11 +137,11 @@ def save(
 
 
 class RestoredTraining(NamedTuple):
-    """What `restore_training` read; batch_stats is {} for nets without batch norm."""
+    """What `restore_training` read; batch_stats is {} for nets without batch norm. (The
+    step's metadata is read before, with `run_checkpoint.read_meta`.)"""
 
     params: Any
     train: Any
-    meta: dict[str, Any]
     batch_stats: Any
 
 
@@ -166,19 +166,18 @@ def restore_training(
         without batch norm.
 
     Returns:
-      RestoredTraining(params, train, meta, batch_stats).
+      RestoredTraining(params, train, batch_stats).
     """
     abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
     items = {
         PARAMS: ocp.args.StandardRestore(abstract(params_target)),
         TRAIN: ocp.args.StandardRestore(abstract(train_target)),
         DATA: grain.checkpoint.CheckpointRestore(data_iterator),
-        META: ocp.args.JsonRestore(),
     }
     if batch_stats_target:
         items[BATCH_STATS] = ocp.args.StandardRestore(abstract(batch_stats_target))
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return RestoredTraining(restored[PARAMS], restored[TRAIN], restored[META],
+    return RestoredTraining(restored[PARAMS], restored[TRAIN],
                             restored[BATCH_STATS] if batch_stats_target else {})
 
 

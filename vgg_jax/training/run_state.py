@@ -183,7 +183,7 @@ def read(manager: ocp.CheckpointManager, step: int, like: RunState,
     if not arrays:
         return saved
     position = _Position()
-    params, train, _, batch_stats = checkpoint.restore_training(
+    params, train, batch_stats = checkpoint.restore_training(
         manager, step, params_target=like.train.params, train_target=_train_item(like.train),
         data_iterator=position, batch_stats_target=like.train.batch_stats)
     state = like.train.replace(params=params, step=train["step"], opt_state=train["opt_state"],
