@@ -19,6 +19,9 @@ import numpy as np
 
 from vgg_jax.localisation.metric import iou
 
+# The overlap of a box with itself or with one merged away: below any min_iou in (0, 1].
+_NO_PAIR = -1.0
+
 
 def greedy_merge(boxes: np.ndarray, scores: np.ndarray, min_iou: float
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -38,8 +41,11 @@ def greedy_merge(boxes: np.ndarray, scores: np.ndarray, min_iou: float
     if len(boxes) != len(scores):
         raise ValueError(f"{len(boxes)} boxes but {len(scores)} scores.")
     overlaps = iou(boxes[:, None], boxes[None])
-    np.fill_diagonal(overlaps, -1.0)
-    while len(boxes) > 1:
+    np.fill_diagonal(overlaps, _NO_PAIR)
+    # A merged-away box stays in place, its row and column out of reach: no copy of the
+    # N x N matrix per merge, and the first pair found is the same as in the compacted one.
+    alive = np.ones(len(boxes), bool)
+    for _ in range(len(boxes) - 1):
         i, j = np.unravel_index(np.argmax(overlaps), overlaps.shape)
         if overlaps[i, j] < min_iou:
             break
@@ -49,12 +55,13 @@ def greedy_merge(boxes: np.ndarray, scores: np.ndarray, min_iou: float
                    else np.array([0.5, 0.5]))
         boxes[i] = weights @ boxes[[i, j]]
         scores[i] = total
-        boxes, scores = np.delete(boxes, j, axis=0), np.delete(scores, j)
-        overlaps = np.delete(np.delete(overlaps, j, axis=0), j, axis=1)
+        alive[j] = False
+        overlaps[j] = overlaps[:, j] = _NO_PAIR
         # Only the merged box's overlaps changed.
-        overlaps[i] = overlaps[:, i] = iou(boxes[i][None], boxes)
-        overlaps[i, i] = -1.0
-    order = np.argsort(-scores, kind="stable")
+        overlaps[i] = overlaps[:, i] = np.where(alive, iou(boxes[i][None], boxes), _NO_PAIR)
+        overlaps[i, i] = _NO_PAIR
+    kept = np.flatnonzero(alive)
+    order = kept[np.argsort(-scores[kept], kind="stable")]
     return boxes[order], scores[order]
 
 
