@@ -75,10 +75,6 @@ class Annotations:
         else:
             self.names[key], self.boxes[key] = list(names), array
 
-    @property
-    def num_boxes(self) -> int:
-        return sum(len(b) for b in self.boxes.values())
-
 
 def image_key(path: str) -> str:
     """The key joining an image to its boxes: its file name without directory or extension.
